@@ -1,0 +1,19 @@
+"""eureka_fast.ops: Mixture-of-Experts and audio-downsampling ops.
+
+Each op runs on the compiled kernels in ``eureka_fast._C`` (``torch.ops.eureka_fast.*``) when they are built and
+on the pure-PyTorch references in ``eureka_fast.ops.reference`` otherwise (with a one-time warning).
+``backend()`` says which. Pass ``use_reference=True`` to force the reference path.
+"""
+from .api import (  # noqa: F401
+    MoEPlan,
+    backend,
+    combine,
+    fused_experts,
+    grouped_mm,
+    moe_aux_loss,
+    moe_plan,
+    permute,
+    route_topk,
+    stack_norm_project,
+)
+from . import reference  # noqa: F401
