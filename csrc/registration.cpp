@@ -1,7 +1,57 @@
 // The one registration file: op schemas for the eureka_fast namespace and the Python module entry point.
-// Kernels register their implementations per dispatch key (CPU, CUDA) next to their code.
+// Kernels register their implementations per dispatch key (CPU in csrc/cpu/, CUDA in csrc/cuda/) next to their
+// code with TORCH_LIBRARY_IMPL(eureka_fast, <Key>, m). Autograd formulas and fake (meta) implementations live in
+// Python (eureka_fast/ops/api.py) so they are shared by every backend.
+//
+// Conventions shared by all kernels:
+//   * a routed "row" is token * top_k + slot; every index tensor produced here is int64, ids are int32;
+//   * activation strings: "none" | "silu_mul" | "gelu_mul" for grouped_mm, "silu" | "gelu" for fused_experts,
+//     "none" | "silu" | "gelu" | "swiglu" for stack_norm_project; norm: "none" | "layer" | "rms";
+//   * compute in float32 (float64 stays float64), outputs in the input dtype, routing weights float32.
+#include <torch/library.h>
+
+#ifndef EUREKA_FAST_NO_PYTHON
 #include <torch/extension.h>
+#endif
 
-TORCH_LIBRARY(eureka_fast, m) {}
+TORCH_LIBRARY(eureka_fast, m) {
+  // ---- routing ----
+  // (weights f32 [T,k] (f64 for f64 logits), ids int32 [T,k]); ties go to the lower expert id.
+  m.def(
+      "route_topk(Tensor logits, int k, str scoring, bool renormalize, Tensor? correction_bias, int n_group, "
+      "int topk_group, float routed_scaling) -> (Tensor, Tensor)");
+  // E * sum_e mean_t(router_probs[t,e]) * fraction of rows routed to e; a 0-dim tensor.
+  m.def("moe_aux_loss(Tensor router_probs, Tensor ids) -> Tensor");
 
+  // ---- plan / permute / combine ----
+  // (counts [E], offsets [E+1], padded_offsets [E+1], sorted_rows [T*k], inverse_rows [T*k]), all int64.
+  m.def("moe_plan(Tensor ids, int num_experts, int block) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x_sorted[i] = x[sorted_rows[i] // top_k]
+  m.def("permute(Tensor x, Tensor sorted_rows, int top_k) -> Tensor");
+  // out[t] = sum_j weights[t,j] * y_sorted[inverse_rows[t*k+j]], summed in slot order (deterministic).
+  m.def("combine(Tensor y_sorted, Tensor inverse_rows, Tensor weights) -> Tensor");
+  // (grad_y_sorted [S,H] (rows past T*k are zero), grad_weights f32 [T,k])
+  m.def(
+      "combine_backward(Tensor grad_out, Tensor y_sorted, Tensor inverse_rows, Tensor weights) -> (Tensor, Tensor)");
+
+  // ---- grouped GEMM ----
+  // rows offsets[e]:offsets[e+1] of a [S,K] times w[e]^T (w [E,N,K], any strides), gated activation fused;
+  // rows not covered by offsets are zero.
+  m.def("grouped_mm(Tensor a, Tensor w, Tensor offsets, str activation) -> Tensor");
+  // (grad_a [S,K], grad_w [E,N,K]); recomputes the pre-activation when activation != "none".
+  m.def("grouped_mm_backward(Tensor grad_out, Tensor a, Tensor w, Tensor offsets, str activation) -> (Tensor, Tensor)");
+
+  // ---- the whole routed-expert layer (transformers 5 layouts) ----
+  m.def(
+      "fused_experts(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor weights, Tensor ids, str activation) "
+      "-> Tensor");
+
+  // ---- audio downsampling: stack k frames -> norm -> Linear -> activation -> Linear ----
+  m.def(
+      "stack_norm_project(Tensor x, int k, Tensor? lengths, str norm, Tensor? norm_weight, Tensor? norm_bias, "
+      "Tensor? w1, Tensor? b1, str activation, Tensor? w2, Tensor? b2, float eps, str pool) -> Tensor");
+}
+
+#ifndef EUREKA_FAST_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
+#endif
