@@ -334,8 +334,6 @@ class EurekaAudioProcessor:
     def from_pretrained(cls, directory: str, **overrides) -> "EurekaAudioProcessor":
         """Tokenizer from ``directory`` (any transformers tokenizer files); n_mels etc. from processor_config.json,
         else from config.json's audio_config (128 mels when neither says)."""
-        from transformers import AutoTokenizer
-
         settings: dict = {}
         path = os.path.join(directory, PROCESSOR_CONFIG)
         if os.path.exists(path):
@@ -353,8 +351,7 @@ class EurekaAudioProcessor:
                 if config.get("text_vocab_size"):
                     settings["text_vocab_size"] = config["text_vocab_size"]
         settings.update(overrides)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(tokenizer, **settings)
+        return cls(_load_tokenizer(directory), **settings)
 
     # --- text rendering --------------------------------------------------------------------------------------------
     def apply_chat_template(self, conversation, *, add_generation_prompt: bool | None = None, tokenize: bool = False,
@@ -527,6 +524,20 @@ class EurekaAudioProcessor:
             ids = ids.tolist()
         kept = [int(i) for i in ids if 0 <= int(i) < self.text_vocab_size]
         return self.tokenizer.decode(kept, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _load_tokenizer(directory: str):
+    """A tokenizer saved as a bare tokenizers model loads directly (AutoTokenizer would first try to read our
+    config.json as a known architecture and warn); anything else goes through AutoTokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer_config = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(tokenizer_config) and os.path.exists(os.path.join(directory, "tokenizer.json")):
+        with open(tokenizer_config) as fh:
+            cls_name = json.load(fh).get("tokenizer_class")
+        if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            return PreTrainedTokenizerFast.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def _is_array_rate_pair(item) -> bool:
