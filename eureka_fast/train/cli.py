@@ -1,0 +1,74 @@
+"""`eureka-audio train` and `eureka-audio eval` (also `torchrun -m eureka_fast.train`, see __main__.py)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see eureka_fast/train/configs/); a bare name like "
+                                          "'tiny_cpu' picks the bundled example")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 --set train.stage=align (repeatable)")
+    p.add_argument("--output-dir", "-o", help="same as --set output.dir=DIR")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the latest checkpoint of the output dir (no value), or from DIR")
+    p.add_argument("--cache-frozen-encoder", action="store_true",
+                   help="memoise the audio encoder's outputs; only allowed when the stage/freeze list keeps the "
+                        "encoder frozen (training is unchanged, it only skips recomputation)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    if not name or os.path.exists(name):
+        return name
+    bundled = os.path.join(os.path.dirname(__file__), "configs", name if name.endswith(".yaml") else f"{name}.yaml")
+    if os.path.exists(bundled):
+        return bundled
+    raise FileNotFoundError(f"config {name!r} not found (neither a file nor a bundled config in {os.path.dirname(bundled)})")
+
+
+def run_train(args) -> int:
+    import yaml
+
+    from .config import load_config
+    from .trainer import run_training
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output.dir={args.output_dir}")
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    run_training(cfg, resume=args.resume, cache_frozen_encoder=args.cache_frozen_encoder)
+    return 0
+
+
+def run_eval_command(args) -> int:
+    from .evaluate import run_eval
+
+    run_eval(args.model, args.data, output=args.output, max_new_tokens=args.max_new_tokens,
+             batch_size=args.batch_size, limit=args.limit, repetition_penalty=args.repetition_penalty,
+             device=args.device)
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train a stage (align | joint | sft) from a YAML config",
+                                  description="Train Eureka-Audio. Multi-process: torchrun --nproc_per_node N "
+                                              "-m eureka_fast.train --config ... (distributed.strategy ddp|fsdp).")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    ev = subparsers.add_parser("eval", help="score a model on a JSONL manifest (WER, multiple choice, exact match)")
+    ev.add_argument("--model", required=True, help="save_pretrained directory (e.g. <run>/final)")
+    ev.add_argument("--data", required=True, help="JSONL manifest of conversation records")
+    ev.add_argument("--output", help="write the report JSON here (+ .predictions.jsonl next to it)")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    ev.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="1.0 = plain greedy (the official CLI uses greedy with 1.05)")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=run_eval_command)

@@ -1,0 +1,138 @@
+"""Process-group setup and model wrapping (DistributedDataParallel or FSDP2 `fully_shard`) for torchrun launches."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import DistributedConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # what the model is actually wrapped with
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: DistributedConfig, device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a plain launch runs single-process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    strategy = cfg.strategy if cfg.strategy != "none" else "none"
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, strategy=strategy)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, cfg: DistributedConfig, device: torch.device):
+    """DDP: one full replica per process, gradients all-reduced (averaged). FSDP2: every block of the language model,
+    the adapter and the encoder layers are sharded with `fully_shard`, then the root; gradients are
+    reduce-scattered (averaged). Both average over processes, so the trainer's loss scaling is the same."""
+    if not info.enabled or info.strategy == "none":
+        return model
+    if info.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+    if info.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _shardable_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown distributed strategy {info.strategy!r}")
+
+
+def _shardable_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Repeated transformer layers (any nn.ModuleList of >1 same-type modules whose params all train together),
+    plus the adapter as one unit. Sharding units must not mix trainable and frozen parameters."""
+    blocks: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            types = {type(m) for m in module}
+            if len(types) == 1 and any(True for _ in module[0].parameters()):
+                for m in module:
+                    flags = {p.requires_grad for p in m.parameters()}
+                    if len(flags) == 1 and id(m) not in seen:
+                        blocks.append(m)
+                        seen.add(id(m))
+    adapter = getattr(model, "adapter", None)
+    if adapter is not None and id(adapter) not in seen:
+        flags = {p.requires_grad for p in adapter.parameters()}
+        inner = {id(p) for b in blocks for p in b.parameters()}
+        if len(flags) == 1 and not any(id(p) in inner for p in adapter.parameters()):
+            blocks.append(adapter)
+    return blocks
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def no_grad_sync(model: torch.nn.Module, info: DistInfo, last_micro_batch: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation step."""
+    if last_micro_batch or not info.enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if info.strategy == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+
+        @contextlib.contextmanager
+        def resync():
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return resync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
