@@ -157,10 +157,10 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
     device = str(waveform.device)
     spectrum = torch.stft(waveform, N_FFT, HOP_LENGTH, window=_hann_window(device), center=True,
                           pad_mode="reflect", return_complex=True)
-    # |z|^2 directly from the real and imaginary parts: no sqrt-then-square, and the dropped last frame is never
-    # copied out on its own.
-    parts = torch.view_as_real(spectrum[:, :-1])
-    power = parts.square().sum(-1)
+    # |z|^2 as re*re + im*im on strided views of the complex output (dropping the last frame is a view too): no
+    # sqrt-then-square as abs()**2 does, and no reduction over a size-2 axis (both several times slower on CPU).
+    real, imag = spectrum.real[:, :-1], spectrum.imag[:, :-1]
+    power = torch.addcmul(real * real, imag, imag)
     mel = mel_filters(n_mels, device) @ power
     return mel.clamp_(min=LOG_FLOOR).log10_()
 
