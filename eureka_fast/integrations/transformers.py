@@ -66,6 +66,11 @@ def experts_unsupported_reasons(module: nn.Module) -> List[str]:
         if isinstance(module, nn.ModuleList) or isinstance(getattr(module, "experts", None), nn.ModuleList):
             return ["per-expert nn.Linear ModuleList layout (transformers 4 style), not the 3-D gate_up_proj/down_proj"]
         return ["no 3-D gate_up_proj / down_proj expert weights"]
+    float_dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if gate_up.dtype not in float_dtypes or down.dtype not in float_dtypes or any(
+            "scale" in name for name, _ in module.named_parameters(recurse=False)):
+        # FP8 / quantized experts carry scales next to the weights; fused_experts would read raw codes as values.
+        reasons.append(f"quantized expert weights ({gate_up.dtype}, {down.dtype})")
     if not getattr(module, "has_gate", True):
         reasons.append("ungated experts (up_proj only)")
     if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:

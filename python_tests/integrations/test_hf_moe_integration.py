@@ -343,3 +343,31 @@ def test_router_rule_groups_are_copies_of_one_implementation():
         first_name, first_src = members[0]
         for name, src in members[1:]:
             assert src == first_src, f"{name} differs from {first_name}: its rule in ROUTER_RULES no longer applies"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Expert variants: activations, quantized weights
+# --------------------------------------------------------------------------------------------------------------
+def test_exact_gelu_experts_run_fused_and_match():
+    reference, fast, report = _pair("qwen3_moe", hidden_act="gelu")
+    assert {e.detail for e in report.patched_experts} == {"experts: fused_experts (gelu)"}
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x).logits, reference(x).logits, **FP32)
+
+
+def test_tanh_gelu_experts_are_left_untouched_with_their_router():
+    _, fast, report = _pair("olmoe", hidden_act="gelu_pytorch_tanh")
+    assert report.patched == []
+    assert all("GELUTanh" in e.detail or "unsupported experts" in e.detail for e in report.untouched)
+    assert len(report.untouched) == 4
+
+
+def test_quantized_expert_weights_are_refused():
+    from eureka_fast.integrations.transformers import experts_unsupported_reasons
+
+    model = tiny_model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    assert experts_unsupported_reasons(experts) == []
+    experts.gate_up_proj_scale_inv = torch.nn.Parameter(torch.ones(8, 1, 1))
+    assert any("quantized" in r for r in experts_unsupported_reasons(experts))
