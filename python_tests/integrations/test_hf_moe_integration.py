@@ -285,20 +285,63 @@ def _fused_experts_is_a_compiled_op() -> bool:
         return False
 
 
+_STAND_IN = None
+
+
+def _opaque_reference_fused_experts():
+    """The reference fused_experts wrapped as a custom op with a fake implementation: what the compiled op gives
+    dynamo, so that the integration's own code (routers, casts, block plumbing) is checked for graph breaks before
+    the compiled kernels land."""
+    global _STAND_IN
+    if _STAND_IN is None:
+        from eureka_fast.ops import reference
+
+        @torch.library.custom_op("eureka_fast_tests::fused_experts", mutates_args=())
+        def stand_in(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+                     ids: torch.Tensor, activation: str) -> torch.Tensor:
+            return reference.fused_experts(x, w_gate_up, w_down, weights, ids, activation)
+
+        @stand_in.register_fake
+        def _(x, w_gate_up, w_down, weights, ids, activation):
+            return torch.empty_like(x)
+
+        _STAND_IN = lambda x, wgu, wd, w, i, *, activation="silu", use_reference=False: stand_in(  # noqa: E731
+            x, wgu, wd, w, i, activation)
+    return _STAND_IN
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_torch_compile_has_no_graph_breaks_in_moe_blocks(family):
+def test_torch_compile_has_no_graph_breaks_in_moe_blocks(family, monkeypatch):
+    from eureka_fast import ops
+
     if not _fused_experts_is_a_compiled_op():
-        pytest.xfail("fused_experts runs the Python reference (a data-dependent per-expert loop); the compiled op "
-                     "with its fake implementation is what makes the block one graph")
+        monkeypatch.setattr(ops, "fused_experts", _opaque_reference_fused_experts())
     reference, fast, _ = _pair(family)
     name, block = moe_blocks(fast)[0]
     hidden = torch.randn(2, 9, reference.config.hidden_size, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(block)(hidden)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.no_grad():
+        explanation = torch._dynamo.explain(block)(hidden)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(hidden), reference.get_submodule(name)(hidden), **FP32)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_whole_patched_model_is_one_graph(monkeypatch):
+    from eureka_fast import ops
+
+    if not _fused_experts_is_a_compiled_op():
+        monkeypatch.setattr(ops, "fused_experts", _opaque_reference_fused_experts())
+    reference, fast, _ = _pair("qwen3_moe")
+    x = _tokens()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        # fullgraph=True raises on the first graph break anywhere in the model, MoE layers included.
+        compiled = torch.compile(fast, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x).logits, reference(x).logits, **FP32)
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------------------------------------------
