@@ -271,7 +271,8 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.get_input_embeddings()(input_ids)
             audio_mask = self.audio_positions(input_ids, token_type_ids)
-            if input_features is not None:
+            # An empty [0, n_mels, F] input_features (the processor's output for a text-only batch) means no audio.
+            if input_features is not None and (input_features.shape[0] > 0 or bool(audio_mask.any())):
                 tokens_per_request = audio_mask.sum(1).tolist()
                 adapted = self.encode_audio(input_features, tokens_per_request, windows_per_request,
                                             audio_token_counts)
