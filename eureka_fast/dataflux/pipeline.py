@@ -1,0 +1,204 @@
+"""The closed loop for one clip: caption -> per category: generate -> dedupe -> answer x2 -> judge -> regenerate.
+
+`process_clip` returns a ClipResult holding everything the clip produced (caption record, kept training records,
+rejected records with reasons, fault counters). Nothing is written here: the driver commits whole clips atomically,
+which is what makes runs resumable without loss or duplication.
+
+Accounting: every question a generator produced ends in exactly one place: a kept record (data/), or a rejected
+record with `reason` (judge discard, near-duplicate, answerer/judge failure, over quota). Every (clip, category)
+unit that produced no questions leaves one rejected unit record (category mismatch, generator failure).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import re
+import time
+
+from .http_backend import BackendError
+from .schemas import FormatError, near_duplicate, parse_question, parse_trace
+
+SYSTEM_PROMPT = "You are a helpful audio assistant. Listen to the audio and answer the question."
+
+
+@dataclasses.dataclass
+class Settings:
+    rounds: int = 3
+    questions_per_category: int = 5
+    seed: int = 0
+    categories: tuple | None = None  # restrict to these category ids
+
+
+@dataclasses.dataclass
+class ClipResult:
+    clip_id: str
+    path: str
+    status: str  # ok | failed
+    reason: str | None
+    caption_record: dict | None
+    kept: list
+    rejected: list
+    events: dict
+    seconds: float
+
+
+def clip_id_for(path: str, root: str) -> str:
+    """Stable, readable, collision-free id from the path relative to the audio root."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", os.path.splitext(rel)[0]).strip("_")[-60:] or "clip"
+    digest = hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Settings) -> ClipResult:
+    from .audio_io import ClipReadError, load_clip
+    from .roles import ClipContext
+
+    t0 = time.perf_counter()
+    abspath = os.path.abspath(path)
+    try:
+        audio = await asyncio.to_thread(load_clip, abspath)
+    except ClipReadError as exc:
+        return _failed(clip_id, abspath, "unreadable_audio", str(exc), {}, t0)
+    ctx = ClipContext(clip_id=clip_id, path=abspath, audio=audio, seed=settings.seed)
+    try:
+        caption, facts = await roles.captioner.caption(ctx)
+    except BackendError as exc:
+        return _failed(clip_id, abspath, f"captioner_{exc.kind}", str(exc), ctx.events, t0)
+    except Exception as exc:  # a signal-analysis bug on one odd clip must not stop the run
+        return _failed(clip_id, abspath, "captioner_error", f"{type(exc).__name__}: {exc}", ctx.events, t0)
+    names = roles.names()
+    caption_record = {"id": clip_id, "audio": abspath, "caption": caption, "facts": facts,
+                      "provenance": {"captioner": names["captioner"]}}
+    cats = [c for c in taxonomy if not settings.categories or c.id in settings.categories]
+    results = await asyncio.gather(*(_run_category(ctx, c, caption, facts, roles, settings, names) for c in cats))
+    kept, rejected = [], []
+    for k, r in results:
+        kept += k
+        rejected += r
+    return ClipResult(clip_id, abspath, "ok", None, caption_record, kept, rejected, dict(ctx.events),
+                      time.perf_counter() - t0)
+
+
+def _failed(clip_id, path, reason, detail, events, t0):
+    rec = {"id": clip_id, "clip_id": clip_id, "audio": path, "stage": "clip", "reason": reason, "detail": detail}
+    return ClipResult(clip_id, path, "failed", reason, None, [], [rec], dict(events), time.perf_counter() - t0)
+
+
+async def _run_category(ctx, category, caption, facts, roles, settings, names):
+    target = settings.questions_per_category
+    kept, rejected = [], []
+    kept_stems: list[str] = []
+    feedback: list[str] = []
+    unit = f"{ctx.clip_id}-{category.id}"
+    base_meta = {"clip_id": ctx.clip_id, "category_id": category.id, "category": list(category.path),
+                 "backends": names}
+    serial = 0
+    for round_idx in range(1, settings.rounds + 1):
+        need = target - len(kept)
+        if need <= 0:
+            break
+        try:
+            reply, intended = await roles.query_generator.generate(
+                ctx, category, caption, facts, need, round_idx=round_idx, previous=list(kept_stems),
+                feedback=feedback[-5:])
+        except (BackendError, FormatError) as exc:
+            kind = exc.kind if isinstance(exc, BackendError) else "malformed"
+            feedback.append(f"generator failed: {kind}")
+            rejected.append({"id": f"{unit}-r{round_idx}", **base_meta, "stage": "generate", "round": round_idx,
+                             "reason": f"generator_{kind}", "detail": str(exc)})
+            continue
+        if not reply["is_success"]:
+            rejected.append({"id": f"{unit}-r{round_idx}", **base_meta, "stage": "generate", "round": round_idx,
+                             "reason": "category_mismatch", "detail": "generator: the clip does not fit the category"})
+            break  # the clip does not fit; asking again would not change that
+        questions = reply["questions"]
+        intended = intended or [None] * len(questions)
+        # near-duplicate removal before spending answerer calls
+        fresh = []
+        for q, gold in zip(questions, intended):
+            serial += 1
+            qid = f"{unit}-g{serial}"
+            stem, _ = parse_question(q)
+            if any(near_duplicate(stem, s) for s in kept_stems + [parse_question(f[1])[0] for f in fresh]):
+                rejected.append({"id": qid, **base_meta, "stage": "dedupe", "round": round_idx, "question": q,
+                                 "reason": "near_duplicate"})
+                continue
+            fresh.append((qid, q, gold))
+        outcomes = await asyncio.gather(*(_answer_and_judge(ctx, category, caption, facts, q, roles)
+                                          for _, q, _ in fresh))
+        for (qid, q, gold), (verdict, traces, error) in zip(fresh, outcomes):
+            meta = {**base_meta, "round": round_idx, "intended_answer": gold}
+            if error is not None:
+                feedback.append(error)
+                rejected.append({"id": qid, **meta, "stage": "answer_judge", "question": q,
+                                 "reason": error.split(":")[0], "detail": error, "traces": traces})
+                continue
+            if verdict["final_action"] != "KEEP_USING_WINNER":
+                feedback.append(f"discarded: {verdict['reasoning'][:200]}")
+                rejected.append({"id": qid, **meta, "stage": "judge", "question": q,
+                                 "reason": f"judge_discard_{verdict['consistency_with_caption'].lower()}",
+                                 "verdict": verdict, "traces": traces})
+                continue
+            if len(kept) >= target:  # concurrent answers may overshoot the quota; keep order deterministic
+                rejected.append({"id": qid, **meta, "stage": "quota", "question": q, "reason": "over_quota"})
+                continue
+            kept.append(_training_record(f"{unit}-q{len(kept) + 1}", ctx.path, category, q, verdict, traces, meta))
+            kept_stems.append(parse_question(q)[0])
+    return kept, rejected
+
+
+async def _answer_and_judge(ctx, category, caption, facts, question, roles):
+    """-> (verdict, traces, error string or None)."""
+    traces = {}
+    answers = await asyncio.gather(roles.answerer_a.answer(ctx, question), roles.answerer_b.answer(ctx, question),
+                                   return_exceptions=True)
+    for name, ans in zip(("A", "B"), answers):
+        if isinstance(ans, BackendError):
+            traces[name] = None
+            ctx.events[f"answerer_{name.lower()}.failed_item"] += 1
+        elif isinstance(ans, BaseException):
+            raise ans
+        else:
+            traces[name] = ans
+    if traces["A"] is None and traces["B"] is None:
+        return None, traces, f"answerers_failed: {answers[0]}; {answers[1]}"
+    try:
+        verdict = await roles.judge.judge(ctx, category, caption, facts, question,
+                                          traces["A"] or "(no answer: backend failed)",
+                                          traces["B"] or "(no answer: backend failed)")
+    except BackendError as exc:
+        return None, traces, f"judge_{exc.kind}: {exc}"
+    winner = verdict["winner"]
+    if verdict["final_action"] == "KEEP_USING_WINNER":
+        pick = "A" if winner in ("MODEL_A", "TIE") else "B"
+        if traces.get(pick) is None:  # a judge may name a side that has no answer; that is not keepable
+            return None, traces, f"judge_inconsistent: winner {winner} has no answer"
+    return verdict, traces, None
+
+
+def _training_record(rid, audio_path, category, question, verdict, traces, meta):
+    winner = verdict["winner"]
+    pick = "A" if winner in ("MODEL_A", "TIE") else "B"
+    _, letter = parse_trace(traces[pick])
+    letters = {}
+    for name in ("A", "B"):
+        try:
+            letters[name] = parse_trace(traces[name])[1] if traces.get(name) else None
+        except ValueError:
+            letters[name] = None
+    return {
+        "id": rid,
+        "task": category.task,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": audio_path}},
+                                         {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": traces[pick]}]},
+        ],
+        "answer": letter,
+        "meta": {**meta, "hard": not verdict["consensus"], "winner": winner, "answers": letters,
+                 "target_from": f"answerer_{pick.lower()}", "verdict": verdict},
+    }

@@ -1,0 +1,292 @@
+"""The five DataFlux roles behind one async interface, each either built-in (offline) or an OpenAI-compatible model.
+
+  captioner.caption(ctx)                                       -> (caption, facts)
+  generator.generate(ctx, category, caption, facts, n, ...)    -> (reply dict, intended letters or None)
+  answerer.answer(ctx, question)                               -> trace "<THINK>..</THINK><RESPONSE>X</RESPONSE>"
+  judge.judge(ctx, category, caption, facts, question, a, b)   -> verdict dict (JUDGE_SCHEMA)
+Model outputs that violate their strict format are re-requested up to the role's max_retries ("<role>.malformed"
+events); after that the role raises BackendError(kind="malformed") so the pipeline records the item with a reason.
+Built-in roles run their CPU work in a worker thread so HTTP roles of other clips keep flowing.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections import Counter
+
+import numpy as np
+
+from .http_backend import BackendError, OpenAIChatClient, audio_part
+from .schemas import (CAPTION_SCHEMA, GENERATOR_SCHEMA, JUDGE_SCHEMA, FormatError, parse_json_object, parse_trace,
+                      validate_generator_output)
+
+ROLE_NAMES = ("captioner", "query_generator", "answerer_a", "answerer_b", "judge")
+ANSWER_SYSTEM = ("You are an expert audio analyst. Listen to the audio and answer the multiple-choice question. "
+                 "Think step by step about what you hear, then reply exactly as "
+                 "<THINK>your reasoning</THINK><RESPONSE>the option letter</RESPONSE>.")
+
+
+@dataclasses.dataclass
+class ClipContext:
+    """Everything the roles may need about one clip, plus per-clip caches and fault counters."""
+
+    clip_id: str
+    path: str
+    audio: np.ndarray
+    seed: int = 0
+    cache: dict = dataclasses.field(default_factory=dict)
+    events: Counter = dataclasses.field(default_factory=Counter)
+
+    def wav_b64(self) -> str:
+        if "wav_b64" not in self.cache:
+            from .audio_io import wav_base64
+
+            self.cache["wav_b64"] = wav_base64(self.audio)
+        return self.cache["wav_b64"]
+
+
+async def _strict(client: OpenAIChatClient, ctx: ClipContext, messages, parse, json_mode: bool):
+    """Ask until the reply parses (parse raises FormatError), at most 1 + max_retries times."""
+    last = None
+    for _ in range(client.max_retries + 1):
+        text = await client.chat(messages, ctx.events, json_mode=json_mode)
+        try:
+            return parse(text)
+        except FormatError as exc:
+            last = exc
+            ctx.events[f"{client.role}.malformed"] += 1
+    raise BackendError(client.role, "malformed", str(last), client.max_retries + 1)
+
+
+# ================================================================================================== captioner
+
+class BuiltinCaptionerRole:
+    def __init__(self, asr="auto", **unknown):
+        if unknown:
+            raise ValueError(f"captioner: unknown builtin option(s) {sorted(unknown)}")
+        from .asr import get_asr
+        from .captioner import BuiltinCaptioner
+
+        self.asr = get_asr(asr)
+        self._impl = BuiltinCaptioner(self.asr)
+        self.name = self._impl.name
+
+    async def caption(self, ctx):
+        def work():
+            transcript = ctx.cache.get(f"asr:{self.asr.name}")
+            if transcript is None:
+                transcript = ctx.cache[f"asr:{self.asr.name}"] = self.asr.transcribe(ctx.audio)
+            from .captioner import analyse, caption_from_facts
+
+            facts = analyse(ctx.audio, transcript)
+            return caption_from_facts(facts), facts
+
+        return await asyncio.to_thread(work)
+
+
+class HTTPCaptionerRole:
+    PROMPT = ("Write a dense caption of this audio clip: sound events, environment and background, and for speech the "
+              "speaker's voice (gender, pitch), pace, emotion and what is said. Reply with strict JSON "
+              '{"caption": "<caption>"}.')
+
+    def __init__(self, builtin_facts=True, asr="auto", **client_opts):
+        self.client = OpenAIChatClient("captioner", json_mode=True, **client_opts)
+        self.builtin = BuiltinCaptionerRole(asr=asr) if builtin_facts else None
+        self.name = self.client.name + ("+builtin-facts" if builtin_facts else "")
+
+    async def caption(self, ctx):
+        messages = [{"role": "user", "content": [audio_part(ctx.wav_b64()), {"type": "text", "text": self.PROMPT}]}]
+        obj = await _strict(self.client, ctx, messages, lambda t: parse_json_object(t, CAPTION_SCHEMA, "caption"),
+                            True)
+        facts = dict(obj.get("facts") or {})
+        if self.builtin is not None:
+            _, measured = await self.builtin.caption(ctx)
+            facts = {**facts, **measured}  # measured facts win: the judge treats facts as ground truth
+        return obj["caption"], facts
+
+
+# ================================================================================================== generator
+
+class BuiltinGeneratorRole:
+    def __init__(self, **unknown):
+        if unknown:
+            raise ValueError(f"query_generator: unknown builtin option(s) {sorted(unknown)}")
+        from .builtin_roles import TemplateQueryGenerator
+
+        self._impl = TemplateQueryGenerator()
+        self.name = self._impl.name
+
+    async def generate(self, ctx, category, caption, facts, n, *, round_idx, previous, feedback):
+        reply, intended = self._impl.generate(category, facts, n, round_idx=round_idx, avoid_stems=previous,
+                                              seed=ctx.seed, clip_id=ctx.clip_id)
+        validate_generator_output(reply, n) if reply["is_success"] else None
+        return reply, intended
+
+
+class HTTPGeneratorRole:
+    def __init__(self, include_facts=True, **client_opts):
+        self.client = OpenAIChatClient("query_generator", json_mode=True, **client_opts)
+        self.include_facts = include_facts
+        self.name = self.client.name
+
+    def prompt(self, category, caption, facts, n, previous, feedback):
+        lines = [
+            "You write multiple-choice questions that train audio-language models.",
+            f"Category (L0 > L1 > L2 > L3): {category.path_str}",
+            f"Ground-truth caption of the clip (never mention or quote it in the questions): {caption}",
+        ]
+        if self.include_facts and facts:
+            lines.append("Measured facts: " + json.dumps({k: v for k, v in facts.items() if not isinstance(v, list)}))
+        if category.examples:
+            lines.append("Example questions for this category:\n" + "\n".join(f"- {e}" for e in category.examples))
+        if previous:
+            lines.append("Questions already kept for this clip (do not repeat them):\n" +
+                         "\n".join(f"- {p}" for p in previous))
+        if feedback:
+            lines.append("Earlier questions were rejected for these reasons; avoid them:\n" +
+                         "\n".join(f"- {f}" for f in feedback))
+        lines.append(
+            "First decide whether the clip fits the category. If it does not, reply "
+            '{"is_success": false, "questions": []}. Otherwise write exactly ' + str(n) + " distinct questions that "
+            "can be answered only by listening, each with four plausible options on their own lines, formatted "
+            '"Question?\\nA. ...\\nB. ...\\nC. ...\\nD. ...", with the correct option at a random position. Never '
+            "reveal the answer and never mention the caption. Reply with strict JSON only: "
+            '{"is_success": true, "questions": ["...", ...]}.')
+        return "\n\n".join(lines)
+
+    async def generate(self, ctx, category, caption, facts, n, *, round_idx, previous, feedback):
+        messages = [{"role": "user", "content": self.prompt(category, caption, facts, n, previous, feedback)}]
+
+        def parse(text):
+            obj = parse_json_object(text, GENERATOR_SCHEMA, "generator")
+            validate_generator_output(obj, n)
+            return obj
+
+        return await _strict(self.client, ctx, messages, parse, True), None
+
+
+# ================================================================================================== answerers
+
+class BuiltinAnswererRole:
+    def __init__(self, role, taxonomy, method=None, asr="auto", **unknown):
+        if unknown:
+            raise ValueError(f"{role}: unknown builtin option(s) {sorted(unknown)}")
+        from .asr import get_asr
+        from .builtin_roles import MeasuringAnswerer
+
+        method = method or ("a" if role == "answerer_a" else "b")
+        self._impl = MeasuringAnswerer(method, get_asr(asr), taxonomy)
+        self.name = self._impl.name
+
+    async def answer(self, ctx, question):
+        return await asyncio.to_thread(self._impl.answer, ctx, question)
+
+
+class HTTPAnswererRole:
+    def __init__(self, role, system_prompt=ANSWER_SYSTEM, **client_opts):
+        self.client = OpenAIChatClient(role, **client_opts)
+        self.system = system_prompt
+        self.name = self.client.name
+
+    async def answer(self, ctx, question):
+        messages = [{"role": "system", "content": self.system},
+                    {"role": "user", "content": [audio_part(ctx.wav_b64()), {"type": "text", "text": question}]}]
+
+        def parse(text):
+            parse_trace(text)
+            return text.strip()
+
+        return await _strict(self.client, ctx, messages, parse, False)
+
+
+# ================================================================================================== judge
+
+class BuiltinJudgeRole:
+    def __init__(self, **unknown):
+        if unknown:
+            raise ValueError(f"judge: unknown builtin option(s) {sorted(unknown)}")
+        from .builtin_roles import RuleJudge
+
+        self._impl = RuleJudge()
+        self.name = self._impl.name
+
+    async def judge(self, ctx, category, caption, facts, question, trace_a, trace_b):
+        return self._impl.judge(category, caption, facts, question, trace_a, trace_b)
+
+
+class HTTPJudgeRole:
+    def __init__(self, **client_opts):
+        self.client = OpenAIChatClient("judge", json_mode=True, **client_opts)
+        self.name = self.client.name
+
+    @staticmethod
+    def prompt(category, caption, facts, question, trace_a, trace_b):
+        return "\n\n".join([
+            "You judge answers of two audio models to a multiple-choice question about an audio clip.",
+            f"Category: {category.path_str}",
+            f"Caption (ground truth): {caption}",
+            "Measured facts (ground truth): " + json.dumps({k: v for k, v in facts.items() if not isinstance(v, list)}),
+            f"Question:\n{question}",
+            f"Model A:\n{trace_a}",
+            f"Model B:\n{trace_b}",
+            "Check consensus, the internal logic of each reasoning trace, domain rules, and consistency with the "
+            "caption. One winner or both right: keep (the winner's trace becomes the training target); both wrong: "
+            "discard. Reply with strict JSON only: {\"consensus\": bool, \"consistency_with_caption\": "
+            "\"STRONG_MATCH\"|\"WEAK_MATCH\"|\"CONFLICT\", \"winner\": \"MODEL_A\"|\"MODEL_B\"|\"TIE\"|\"NONE\", "
+            "\"reasoning\": str, \"final_action\": \"KEEP_USING_WINNER\"|\"DISCARD\"}"])
+
+    async def judge(self, ctx, category, caption, facts, question, trace_a, trace_b):
+        messages = [{"role": "user", "content": self.prompt(category, caption, facts, question, trace_a, trace_b)}]
+
+        def parse(text):
+            v = parse_json_object(text, JUDGE_SCHEMA, "judge")
+            if v["final_action"] == "KEEP_USING_WINNER" and v["winner"] == "NONE":
+                raise FormatError("judge: KEEP_USING_WINNER with winner NONE")
+            return v
+
+        return await _strict(self.client, ctx, messages, parse, True)
+
+
+# ================================================================================================== assembly
+
+@dataclasses.dataclass
+class Roles:
+    captioner: object
+    query_generator: object
+    answerer_a: object
+    answerer_b: object
+    judge: object
+
+    def names(self) -> dict:
+        return {r: getattr(self, r).name for r in ROLE_NAMES}
+
+    async def aclose(self):
+        for r in ROLE_NAMES:
+            client = getattr(getattr(self, r), "client", None)
+            if client is not None:
+                await client.aclose()
+
+
+def build_roles(role_config: dict | None, taxonomy) -> Roles:
+    """Roles from the `roles:` section of a config ({} -> all built-in)."""
+    cfg = dict(role_config or {})
+    unknown = set(cfg) - set(ROLE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {list(ROLE_NAMES)}")
+    built = {}
+    for role in ROLE_NAMES:
+        opts = dict(cfg.get(role) or {})
+        backend = opts.pop("backend", "builtin")
+        if backend not in ("builtin", "openai"):
+            raise ValueError(f"{role}: backend must be 'builtin' or 'openai', got {backend!r}")
+        http = backend == "openai"
+        if role == "captioner":
+            built[role] = HTTPCaptionerRole(**opts) if http else BuiltinCaptionerRole(**opts)
+        elif role == "query_generator":
+            built[role] = HTTPGeneratorRole(**opts) if http else BuiltinGeneratorRole(**opts)
+        elif role.startswith("answerer"):
+            built[role] = HTTPAnswererRole(role, **opts) if http else BuiltinAnswererRole(role, taxonomy, **opts)
+        else:
+            built[role] = HTTPJudgeRole(**opts) if http else BuiltinJudgeRole(**opts)
+    return Roles(**built)
