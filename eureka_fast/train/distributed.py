@@ -66,25 +66,18 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, cfg: DistributedConfig, d
 
 
 def _shardable_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Repeated transformer layers (any nn.ModuleList of >1 same-type modules whose params all train together),
-    plus the adapter as one unit. Sharding units must not mix trainable and frozen parameters."""
+    """The repeated transformer layers of the encoder and the language model (any nn.ModuleList of >1 modules of one
+    type). Each becomes its own FSDP2 unit, gathered in its forward pre-hook. Everything else (embeddings, the small
+    adapter, norms) stays in the root unit, gathered when the model's forward starts; the adapter is not a unit of
+    its own because the model calls its `fuse`/`mix` methods, which FSDP's forward hooks do not see."""
     blocks: list[torch.nn.Module] = []
-    seen: set[int] = set()
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
-            types = {type(m) for m in module}
-            if len(types) == 1 and any(True for _ in module[0].parameters()):
-                for m in module:
-                    flags = {p.requires_grad for p in m.parameters()}
-                    if len(flags) == 1 and id(m) not in seen:
-                        blocks.append(m)
-                        seen.add(id(m))
-    adapter = getattr(model, "adapter", None)
-    if adapter is not None and id(adapter) not in seen:
-        flags = {p.requires_grad for p in adapter.parameters()}
-        inner = {id(p) for b in blocks for p in b.parameters()}
-        if len(flags) == 1 and not any(id(p) in inner for p in adapter.parameters()):
-            blocks.append(adapter)
+    for name in ("audio_encoder", "language_model"):
+        owner = getattr(model, name, None)
+        if owner is None:
+            continue
+        for _, module in owner.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+                blocks.extend(m for m in module if any(True for _ in m.parameters()))
     return blocks
 
 

@@ -16,16 +16,19 @@ def build_model_and_processor(cfg: ModelConfig):
 
     if cfg.pretrained:
         model = EurekaAudioForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float32)
-        processor = EurekaAudioProcessor.from_pretrained(cfg.processor or cfg.pretrained)
     else:
         config = EurekaAudioConfig.preset(cfg.preset, **dict(cfg.overrides or {}))
         model = EurekaAudioForCausalLM(config)
-        name = cfg.processor or cfg.preset
-        processor = (EurekaAudioProcessor.preset(name) if not _is_dir(name)
-                     else EurekaAudioProcessor.from_pretrained(name))
     if cfg.encoder_weights:
         load_encoder_weights(model, cfg.encoder_weights)
-    return model, processor
+    return model, build_processor(cfg)
+
+
+def build_processor(cfg: ModelConfig):
+    from eureka_fast.models import EurekaAudioProcessor
+
+    name = cfg.processor or cfg.pretrained or cfg.preset
+    return EurekaAudioProcessor.from_pretrained(name) if _is_dir(name) else EurekaAudioProcessor.preset(name)
 
 
 def _is_dir(path) -> bool:

@@ -29,7 +29,7 @@ from .data import (IGNORE_INDEX, BucketBatchSampler, ConversationCollator, SkipC
 from .distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, no_grad_sync, unwrap,
                           wrap_model)
 from .metrics import MetricsWriter, Progress
-from .modeling import build_model_and_processor, forward_kwargs, install_encoder_cache
+from .modeling import build_model_and_processor, build_processor, forward_kwargs, install_encoder_cache
 from .optim import Schedule, apply_stage, build_optimizer, frozen_modules
 
 
@@ -106,7 +106,7 @@ class Trainer:
             model, built_processor = build_model_and_processor(cfg.model)
             processor = processor or built_processor
         if processor is None:
-            raise ValueError("a processor is needed (pass one or configure model.*)")
+            processor = build_processor(cfg.model)
         self.processor = processor
         self.param_counts = apply_stage(model, cfg.train.stage, tuple(cfg.train.freeze))
         if cache_frozen_encoder:

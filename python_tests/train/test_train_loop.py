@@ -80,8 +80,8 @@ class _Interrupt(Exception):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_manifest, tmp_path, processor):
-    # 6 steps, 2 micro-batches per step; 12 records / global batch 2 = 6 batches per epoch, so it crosses epochs
-    common = dict(max_steps=6, grad_accum=2)
+    # 4 steps, 2 micro-batches per step; 12 records / global batch 2 = 6 batches per epoch, so it crosses epochs
+    common = dict(max_steps=4, grad_accum=2)
     full = _trainer(base_config(train_manifest, str(tmp_path / "full"), **common), processor=processor).train()
 
     def stop_after_3(trainer, step, record):
@@ -96,9 +96,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_manifest, tm
     resumed_trainer = _trainer(cfg, processor=processor)
     resumed = resumed_trainer.train(resume="auto")
     assert resumed.losses == full.losses  # bit-identical on CPU: same data order, RNG, optimizer state
-    assert len(full.losses) == 6 and full.losses[-1] < full.losses[0]
-    full_final = torch.load(os.path.join(tmp_path / "full", "checkpoints", "step-00000006", "model.pt"))
-    cut_final = torch.load(os.path.join(tmp_path / "cut", "checkpoints", "step-00000006", "model.pt"))
+    assert len(full.losses) == 4 and full.losses[-1] < full.losses[0]
+    full_final = torch.load(os.path.join(tmp_path / "full", "checkpoints", "step-00000004", "model.pt"))
+    cut_final = torch.load(os.path.join(tmp_path / "cut", "checkpoints", "step-00000004", "model.pt"))
     assert all(torch.equal(full_final[k], cut_final[k]) for k in full_final)
 
 
