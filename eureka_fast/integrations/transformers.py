@@ -291,18 +291,19 @@ class FastMoEReport:
         return "\n".join(lines)
 
 
-def _is_experts_like(module: nn.Module) -> bool:
-    return (hasattr(module, "gate_up_proj") or hasattr(module, "has_gate")
-            or (type(module).__name__.endswith("Experts") and not isinstance(module, nn.ModuleList)))
+def _is_experts_like(name: str, module: nn.Module) -> bool:
+    if isinstance(module, nn.ModuleList):  # transformers 4 style: a list of per-expert MLPs
+        return name == "experts"
+    return (hasattr(module, "gate_up_proj") or hasattr(module, "has_gate") or name == "experts"
+            or type(module).__name__.endswith("Experts"))
 
 
 def _is_router_like(name: str, module: nn.Module) -> bool:
-    if type(module).__name__ in ROUTER_RULES:
+    if type(module).__name__ in ROUTER_RULES or name in ("gate", "router"):
         return True
     if isinstance(module, nn.Linear):  # e.g. Qwen2-MoE's shared_expert_gate: a dense scalar gate, not a router
         return False
-    cls = type(module).__name__.lower()
-    return hasattr(module, "top_k") or "router" in cls or name in ("gate", "router")
+    return hasattr(module, "top_k") or "router" in type(module).__name__.lower()
 
 
 def apply_fast_moe(model: nn.Module, *, routers: bool = True, experts: bool = True) -> FastMoEReport:
@@ -317,7 +318,7 @@ def apply_fast_moe(model: nn.Module, *, routers: bool = True, experts: bool = Tr
     report = FastMoEReport()
     for parent_name, parent in model.named_modules():
         children = dict(parent.named_children())
-        expert_children = {n: m for n, m in children.items() if _is_experts_like(m)}
+        expert_children = {n: m for n, m in children.items() if _is_experts_like(n, m)}
         if not expert_children:
             continue
         prefix = f"{parent_name}." if parent_name else ""

@@ -414,3 +414,24 @@ def test_quantized_expert_weights_are_refused():
     assert experts_unsupported_reasons(experts) == []
     experts.gate_up_proj_scale_inv = torch.nn.Parameter(torch.ones(8, 1, 1))
     assert any("quantized" in r for r in experts_unsupported_reasons(experts))
+
+
+def test_transformers4_style_block_is_reported_not_patched():
+    class ExpertMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+
+    class LegacySparseMoeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 4, bias=False)
+            self.experts = torch.nn.ModuleList(ExpertMLP() for _ in range(4))
+
+    model = torch.nn.Sequential(LegacySparseMoeBlock())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = apply_fast_moe(model)
+    assert report.patched == []
+    assert [(e.name, e.class_name) for e in report.untouched] == [("0.experts", "ModuleList"), ("0.gate", "Linear")]
+    assert "ModuleList layout" in report.untouched[0].detail
+    assert type(model[0].gate) is torch.nn.Linear and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
