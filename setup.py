@@ -39,12 +39,18 @@ def _extension():
     if os.environ.get("EUREKA_FAST_ASAN") == "1":
         cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g"]
     if _want_cuda():
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-        if not arch:
+        # --- CUDA branch (owned by the CUDA kernels work, csrc/cuda/) ---
+        # torch >= 2.14 headers need C++20 (nvcc 12.x/13.x and g++ >= 10 accept it; older torch builds fine too).
+        cxx_flags = [f for f in cxx_flags if not f.startswith("-std=")] + ["-std=c++20"]
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        if os.environ.get("EUREKA_FAST_PTXAS_VERBOSE") == "1":
+            nvcc_flags += ["-Xptxas", "-v"]  # registers / spills / shared memory per kernel in the build log
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # Ampere + Hopper; explicit -gencode flags stop torch from guessing the arch list
             nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
         for extra in filter(None, os.environ.get("EUREKA_FAST_CUDA_INCLUDE", "").split(os.pathsep)):
-            nvcc_flags += ["-idirafter", extra]
+            # nvcc has no -idirafter of its own: hand it to the host compiler (searched after the toolkit's headers)
+            nvcc_flags += [f"-Xcompiler=-idirafter,{extra}"]
             cxx_flags += ["-idirafter", extra]
         return CUDAExtension(
             "eureka_fast._C",
