@@ -10,6 +10,7 @@ it is a per-batch statistic).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -57,15 +58,27 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits predict a target (position t predicts the token at t + 1), over the batch.
+    Asking the model for logits only there (transformers' `logits_to_keep` with an index tensor) keeps the
+    vocabulary projection off the audio and prompt positions, which dominate the sequence."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over target positions of -log p(label), with the usual shift (logits at t predict the token at t+1).
-    Only target rows are gathered before the fp32 log-softmax, so memory grows with targets, not sequence length."""
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
+    `positions`: the logits hold only these sequence positions (see `logit_positions`). Only target rows are
+    gathered before the fp32 log-softmax, so memory grows with targets, not sequence length."""
+    if positions is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = labels[:, positions.to(labels.device) + 1]
+    mask = targets != IGNORE_INDEX
     if not bool(mask.any()):
         return logits.sum() * 0.0
-    rows = logits[:, :-1][mask].float()
-    return F.cross_entropy(rows, shift_labels[mask], reduction="sum")
+    rows = logits[mask].float()
+    return F.cross_entropy(rows, targets[mask], reduction="sum")
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -118,6 +131,7 @@ class Trainer:
         self.base_model = model.to(self.device)
         self.model = wrap_model(self.base_model, self.info, cfg.distributed, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
         self.schedule = Schedule(self.optimizer, cfg.train.max_steps, cfg.optim)
         seed_everything(cfg.train.seed + self.info.rank)
 
@@ -255,10 +269,14 @@ class Trainer:
         for i, (batch, weight) in enumerate(prepared):
             inputs = forward_kwargs(self.model, batch, self.device)
             labels = batch["labels"].to(self.device)
+            positions = None
+            if self._logits_to_keep:
+                positions = logit_positions(labels)
+                inputs["logits_to_keep"] = positions
             with no_grad_sync(self.model, self.info, last_micro_batch=i == n_micro - 1):
                 with autocast_context(cfg.train.precision, self.device):
                     out = self.model(**inputs)
-                ce_sum = token_cross_entropy_sum(out.logits, labels)
+                ce_sum = token_cross_entropy_sum(out.logits, labels, positions)
                 aux = getattr(out, "aux_loss", None)
                 loss = ce_sum * (world / denom)
                 if aux is not None:

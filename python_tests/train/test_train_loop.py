@@ -142,3 +142,24 @@ def test_frozen_encoder_cache_trains_identically(train_manifest, tmp_path, proce
     assert cached == pytest.approx(plain, rel=1e-5)
     with pytest.raises(ValueError, match="frozen"):
         _trainer(base_config(train_manifest, str(tmp_path / "c")), processor=processor, cache_frozen_encoder=True)
+
+
+def test_logits_only_at_target_positions_give_the_same_loss(train_manifest, processor):
+    from eureka_fast.train.data import ConversationCollator, load_sources
+    from eureka_fast.train.trainer import logit_positions, token_cross_entropy_sum
+
+    ds, _ = load_sources([train_manifest])
+    batch = ConversationCollator(processor)([ds[i] for i in (0, 5, 9)])
+    model = tiny_model().eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "input_features",
+                                    "audio_token_counts", "windows_per_request")}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        positions = logit_positions(batch["labels"])
+        kept = model(**inputs, logits_to_keep=positions).logits
+    assert kept.shape[1] == len(positions) < full.shape[1]
+    torch.testing.assert_close(kept, full[:, positions])
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]),
+                                            batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(token_cross_entropy_sum(kept, batch["labels"], positions), ref)
+    torch.testing.assert_close(token_cross_entropy_sum(full, batch["labels"]), ref)
