@@ -29,10 +29,10 @@ def _has_cuda_kernels() -> bool:
         return False
 
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not _has_cuda_kernels(), reason="needs a CUDA device and eureka_fast built with CUDA kernels"),
-]
+if not _has_cuda_kernels():  # skip at module level: no 1600-case collection on machines without a GPU
+    pytest.skip("needs a CUDA device and eureka_fast built with CUDA kernels", allow_module_level=True)
+
+pytestmark = [pytest.mark.cuda]
 
 ops = torch.ops.eureka_fast
 DEV = "cuda"
