@@ -145,6 +145,28 @@ class FusedSelfAttention(nn.Module):
         return self.merge_heads(attended)
 
 
+_FUSED_LINEAR_GELU = {"ok": None}  # None: untried; True/False once probed
+
+
+def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """gelu(x W^T + b) for 2-D x. Uses oneDNN's linear with the exact-erf GELU fused into the GEMM epilogue (one
+    pass less over the widest activation) where this torch build has it; else linear then in-place GELU."""
+    if _FUSED_LINEAR_GELU["ok"] is not False and x.device.type == "cpu":
+        try:
+            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+            _FUSED_LINEAR_GELU["ok"] = True
+            return out
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _FUSED_LINEAR_GELU["ok"] = False
+    return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+
+
+def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
+    """True when autograd records this call (training, or gradients wanted w.r.t. the input): in-place updates of
+    the residual stream are then not allowed. A frozen encoder on plain features takes the in-place path."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, d: int, n_head: int):
         super().__init__()
@@ -155,8 +177,24 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(4 * d, d)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), attn_mask)
-        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+        if _needs_autograd(x, self.fc1.weight):
+            x = x + self.attn(self.attn_norm(x), attn_mask)
+            return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+        return self._forward_inplace(x, attn_mask)
+
+    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """Same math without autograd: the residual stream `x` (contiguous, owned by the encoder) is updated in
+        place, each residual add folded into its GEMM as C += A B^T (`addmm_`), GELU fused into fc1."""
+        batch, length, d = x.shape
+        flat = x.view(batch * length, d)
+        q, k, v = self.attn.project_qkv(self.attn_norm(x))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # SDPA's CPU kernels return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
+        attended = attended.transpose(1, 2).reshape(batch * length, d)
+        flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())
+        hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias)
+        flat.add_(self.fc2.bias).addmm_(hidden, self.fc2.weight.t())
+        return x
 
 
 class WhisperEncoder(nn.Module):
@@ -212,7 +250,13 @@ class WhisperEncoder(nn.Module):
         else:
             x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.positional_embedding[:out_frames].to(x.dtype)
+        # Make the residual stream [B, T, d] contiguous once: adding the positions to the transposed conv output
+        # directly would keep its [B, d, T] memory layout and make every later LayerNorm / GEMM copy it.
+        position = self.positional_embedding[:out_frames].to(x.dtype)
+        if _needs_autograd(x, self.conv2.weight):
+            x = x.contiguous() + position
+        else:
+            x = x.contiguous().add_(position)
         for layer in self.layers:
             x = layer(x, attn_mask)
         return self.final_norm(x)

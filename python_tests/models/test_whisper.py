@@ -276,3 +276,20 @@ def test_tiny_en_transcribes_like_faster_whisper(tiny_model, espeak_sentence):
     reference = " ".join(segment.text.strip() for segment in segments)
     assert normalise(ours) == normalise(reference)
     assert "bring these things" in normalise(ours) and "store" in normalise(ours)
+
+
+def test_inplace_inference_path_equals_autograd_path_and_gradients_flow(openai_checkpoint):
+    _, path = openai_checkpoint
+    encoder = load_whisper_encoder(path)
+    mel = mel_batch(frames=400)
+    with torch.no_grad():
+        fast = encoder(mel)
+    mel_grad = mel.clone().requires_grad_(True)
+    slow = encoder(mel_grad)  # parameters require grad: the autograd path
+    assert (fast - slow.detach()).abs().max().item() < 1e-5
+    slow.square().mean().backward()
+    assert mel_grad.grad is not None and torch.isfinite(mel_grad.grad).all()
+    attn = encoder.layers[0].attn
+    assert attn.qkv_weight.grad is not None and attn.q_bias.grad is not None
+    # The key projection has no bias in Whisper: the fused bias keeps a constant zero block for it.
+    assert torch.all(attn.qkv_bias()[64:128] == 0)
