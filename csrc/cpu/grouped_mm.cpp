@@ -1,0 +1,326 @@
+// Grouped GEMM over expert row blocks (forward with a fused gated activation, and backward) and the whole routed
+// expert layer (fused_experts) built from the plan, a contiguous gather, two grouped GEMMs and a deterministic
+// combine.
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "cpu/common.h"
+#include "cpu/moe_cpu.h"
+
+namespace eureka_fast {
+namespace cpu {
+
+GatedActivation parse_gated_activation(const std::string& name, bool fused_names) {
+  if (fused_names) {
+    if (name == "silu") return GatedActivation::SiluMul;
+    if (name == "gelu") return GatedActivation::GeluMul;
+    TORCH_CHECK(false, "activation must be 'silu' or 'gelu', got '", name, "'");
+  }
+  if (name == "none") return GatedActivation::None;
+  if (name == "silu_mul") return GatedActivation::SiluMul;
+  if (name == "gelu_mul") return GatedActivation::GeluMul;
+  TORCH_CHECK(false, "activation must be 'none', 'silu_mul' or 'gelu_mul', got '", name, "'");
+}
+
+namespace {
+
+// One unit of parallel work: rows [row0, row0 + rows) of expert `expert`, output columns [col0, col0 + cols).
+struct Tile {
+  int64_t expert, row0, rows, col0, cols;
+};
+
+// Rows per tile: large enough for an efficient GEMM, small enough that several tiles exist per expert in prefill.
+constexpr int64_t kRowBlock = 256;
+
+std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  struct Block {
+    int64_t expert, row0, rows;
+  };
+  std::vector<Block> blocks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows <= 0) continue;
+    const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+    const int64_t per = (rows + n_blocks - 1) / n_blocks;  // even split: no tiny trailing block
+    for (int64_t r = 0; r < rows; r += per) blocks.push_back({e, offsets[e] + r, std::min(per, rows - r)});
+  }
+  std::vector<Tile> tiles;
+  if (blocks.empty() || n_out == 0) return tiles;
+  // Enough tiles to keep every thread busy until the end (the scheduler is dynamic), but columns per tile stay
+  // wide enough that each BLAS call is efficient: weight-streaming tiles (few rows) may be narrow, GEMM tiles not.
+  const int64_t target = 8 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, (target + static_cast<int64_t>(blocks.size()) - 1) /
+                                                  static_cast<int64_t>(blocks.size()));
+  for (const Block& b : blocks) {
+    const int64_t min_cols = b.rows >= 64 ? 128 : 32;
+    int64_t cols = std::max(min_cols, (n_out + chunks - 1) / chunks);
+    cols = std::min(n_out, (cols + 15) / 16 * 16);
+    for (int64_t c = 0; c < n_out; c += cols) tiles.push_back({b.expert, b.row0, b.rows, c, std::min(cols, n_out - c)});
+  }
+  // Most expensive first, so the dynamic scheduler ends balanced (stable: same order on every run).
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& x, const Tile& y) { return x.rows * x.cols > y.rows * y.cols; });
+  return tiles;
+}
+
+template <typename scalar_t>
+scalar_t* thread_scratch(int64_t elements) {
+  thread_local std::vector<char> buffer;
+  const size_t bytes = static_cast<size_t>(elements) * sizeof(scalar_t);
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return reinterpret_cast<scalar_t*>(buffer.data());
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scalar_t* w, int64_t w_expert_stride,
+                          int64_t w_row_stride, int64_t w_col_stride, int64_t N, const std::vector<int64_t>& offsets,
+                          GatedActivation act, scalar_t* out, int64_t ldo) {
+  const bool gated = act != GatedActivation::None;
+  const int64_t n_out = gated ? N / 2 : N;
+  const std::vector<Tile> tiles = plan_tiles(offsets, n_out);
+  run_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
+    const Tile& t = tiles[i];
+    const scalar_t* a_rows = a + t.row0 * lda;
+    const scalar_t* w_e = w + t.expert * w_expert_stride;
+    scalar_t* o = out + t.row0 * ldo + t.col0;
+    if (!gated) {
+      gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, o,
+                         ldo);
+      return;
+    }
+    // Gate and up columns of this chunk side by side in a per-thread buffer, then the activation epilogue while
+    // they are still in cache.
+    scalar_t* buf = thread_scratch<scalar_t>(t.rows * 2 * t.cols);
+    const int64_t ldb = 2 * t.cols;
+    gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, buf,
+                       ldb);
+    gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + (n_out + t.col0) * w_row_stride, w_row_stride,
+                       w_col_stride, buf + t.cols, ldb);
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const scalar_t* g = buf + r * ldb;
+      if (act == GatedActivation::SiluMul)
+        silu_mul(g, g + t.cols, o + r * ldo, t.cols);
+      else
+        gelu_mul(g, g + t.cols, o + r * ldo, t.cols);
+    }
+  });
+}
+template void grouped_gemm_forward<float>(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                                          int64_t, const std::vector<int64_t>&, GatedActivation, float*, int64_t);
+template void grouped_gemm_forward<double>(const double*, int64_t, int64_t, const double*, int64_t, int64_t, int64_t,
+                                           int64_t, const std::vector<int64_t>&, GatedActivation, double*, int64_t);
+
+namespace {
+
+// w [E, N, K] in the compute dtype with strides the BLAS can take directly (one unit inner stride, the other at
+// least the matrix extent); anything else (expanded, overlapping, both strides non-unit) is copied.
+at::Tensor blas_ready_weight(const at::Tensor& w, at::ScalarType cd) {
+  at::Tensor r = w.scalar_type() == cd ? w : w.to(cd);
+  const int64_t N = r.size(1), K = r.size(2), sN = r.stride(1), sK = r.stride(2);
+  const bool row_major = (sK == 1 || K <= 1) && (sN >= K || N <= 1);
+  const bool col_major = (sN == 1 || N <= 1) && (sK >= N || K <= 1);
+  if (!(row_major || col_major) || (r.size(0) > 1 && r.stride(0) == 0)) r = r.contiguous();
+  return r;
+}
+
+// Inner strides as gemm_abt wants them (it needs one of the two equal to 1).
+std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
+  const int64_t N = w.size(1), K = w.size(2);
+  int64_t sN = w.stride(1), sK = w.stride(2);
+  if (K <= 1) sK = 1;
+  if (sK != 1 && N <= 1) sN = 1;
+  return {sN, sK};
+}
+
+void check_grouped_args(const at::Tensor& a, const at::Tensor& w, GatedActivation act) {
+  check_cpu(a, "a");
+  check_dim(a, 2, "a");
+  check_floating(a, "a");
+  check_cpu(w, "w");
+  check_dim(w, 3, "w");
+  check_floating(w, "w");
+  TORCH_CHECK(w.size(2) == a.size(1), "w must have shape [E, N, K] with K = a.size(1) = ", a.size(1), ", got ",
+              w.sizes());
+  TORCH_CHECK(act == GatedActivation::None || w.size(1) % 2 == 0,
+              "a gated activation needs an even N (gate and up halves), got w of shape ", w.sizes());
+}
+
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& w, const at::Tensor& offsets,
+                          c10::string_view activation) {
+  const GatedActivation act = parse_gated_activation(std::string(activation), false);
+  check_grouped_args(a, w, act);
+  const int64_t S = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  const std::vector<int64_t> offs = checked_offsets(offsets, E, S, "offsets");
+  const int64_t n_out = act == GatedActivation::None ? N : N / 2;
+  const at::ScalarType cd = compute_dtype(a.scalar_type());
+  const bool covers_all = offs[0] == 0 && offs[E] == S;
+  at::Tensor out = covers_all ? at::empty({S, n_out}, a.options().dtype(cd)) : at::zeros({S, n_out}, a.options().dtype(cd));
+  if (S == 0 || n_out == 0) return out.to(a.scalar_type());
+  at::Tensor ac = rows_contiguous(a, cd);
+  at::Tensor wc = blas_ready_weight(w, cd);
+  auto [sN, sK] = inner_strides(wc);
+  if (K == 0) {
+    // Empty reduction: the product is zero, the activation of zero gates times zero is zero.
+    out.zero_();
+    return out.to(a.scalar_type());
+  }
+  AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm", [&] {
+    grouped_gemm_forward<scalar_t>(ac.data_ptr<scalar_t>(), ac.stride(0), K, wc.data_ptr<scalar_t>(), wc.stride(0),
+                                   sN, sK, N, offs, act, out.data_ptr<scalar_t>(), n_out);
+  });
+  return out.scalar_type() == a.scalar_type() ? out : out.to(a.scalar_type());
+}
+
+// d/dgate and d/dup of act(gate) * up, given the upstream gradient of the product.
+template <typename scalar_t>
+void gated_backward(const scalar_t* h, int64_t half, const scalar_t* grad, scalar_t* dh, GatedActivation act) {
+  for (int64_t j = 0; j < half; ++j) {
+    const double g = h[j], u = h[half + j], go = grad[j];
+    double f, df;
+    if (act == GatedActivation::SiluMul) {
+      const double s = 1.0 / (1.0 + std::exp(-g));
+      f = g * s;
+      df = s * (1.0 + g * (1.0 - s));
+    } else {
+      const double cdf = 0.5 * (1.0 + std::erf(g * 0.70710678118654752));
+      f = g * cdf;
+      df = cdf + g * std::exp(-0.5 * g * g) * 0.39894228040143268;
+    }
+    dh[j] = static_cast<scalar_t>(go * u * df);
+    dh[half + j] = static_cast<scalar_t>(go * f);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& a,
+                                                           const at::Tensor& w, const at::Tensor& offsets,
+                                                           c10::string_view activation) {
+  const GatedActivation act = parse_gated_activation(std::string(activation), false);
+  check_grouped_args(a, w, act);
+  const int64_t S = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  const int64_t n_out = act == GatedActivation::None ? N : N / 2;
+  check_cpu(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == S && grad_out.size(1) == n_out, "grad_out must have shape [",
+              S, ", ", n_out, "], got ", grad_out.sizes());
+  const std::vector<int64_t> offs = checked_offsets(offsets, E, S, "offsets");
+  const at::ScalarType cd = compute_dtype(a.scalar_type());
+  at::Tensor g = grad_out.to(cd).contiguous(), ac = a.to(cd).contiguous(), wc = w.to(cd).contiguous();
+  at::Tensor grad_a = at::zeros({S, K}, ac.options());
+  at::Tensor grad_w = at::zeros({E, N, K}, ac.options());  // experts with no rows get exactly zero
+  if (S == 0 || K == 0 || N == 0) return {grad_a.to(a.scalar_type()), grad_w.to(w.scalar_type())};
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (offs[e + 1] > offs[e]) active.push_back(e);
+  std::stable_sort(active.begin(), active.end(),
+                   [&](int64_t x, int64_t y) { return offs[x + 1] - offs[x] > offs[y + 1] - offs[y]; });
+  AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* ap = ac.data_ptr<scalar_t>();
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    scalar_t* gap = grad_a.data_ptr<scalar_t>();
+    scalar_t* gwp = grad_w.data_ptr<scalar_t>();
+    auto expert_backward = [&](int64_t idx) {
+      const int64_t e = active[idx], r0 = offs[e], rows = offs[e + 1] - r0;
+      const scalar_t* w_e = wp + e * N * K;
+      const scalar_t* a_e = ap + r0 * K;
+      const scalar_t* dh = gp + r0 * n_out;
+      std::vector<scalar_t> dh_buf;
+      if (act != GatedActivation::None) {
+        // Recompute the pre-activation h = a_e w_e^T, then turn it into dL/dh row by row.
+        std::vector<scalar_t> h(static_cast<size_t>(rows) * N);
+        gemm_abt<scalar_t>(rows, N, K, a_e, K, w_e, K, 1, h.data(), N);
+        dh_buf.resize(static_cast<size_t>(rows) * N);
+        for (int64_t r = 0; r < rows; ++r) gated_backward<scalar_t>(h.data() + r * N, n_out, dh + r * n_out, dh_buf.data() + r * N, act);
+        dh = dh_buf.data();
+      }
+      gemm_ab<scalar_t>(rows, K, N, dh, N, w_e, K, gap + r0 * K, K);           // grad_a = dh @ w_e
+      gemm_atb<scalar_t>(N, K, rows, dh, N, a_e, K, gwp + e * N * K, K);       // grad_w = dh^T @ a_e
+    };
+    const int64_t n_active = static_cast<int64_t>(active.size());
+    if (n_active >= 2 * at::get_num_threads()) {
+      run_tasks(n_active, expert_backward);  // many small experts: one single-threaded expert per worker
+    } else {
+      for (int64_t i = 0; i < n_active; ++i) expert_backward(i);  // few big experts: multi-threaded BLAS each
+    }
+  });
+  return {grad_a.to(a.scalar_type()), grad_w.to(w.scalar_type())};
+}
+
+at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                             const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {
+  const GatedActivation act = parse_gated_activation(std::string(activation), true);
+  check_cpu(x, "x");
+  check_dim(x, 2, "x");
+  check_floating(x, "x");
+  check_cpu(w_gate_up, "w_gate_up");
+  check_dim(w_gate_up, 3, "w_gate_up");
+  check_floating(w_gate_up, "w_gate_up");
+  check_cpu(w_down, "w_down");
+  check_dim(w_down, 3, "w_down");
+  check_floating(w_down, "w_down");
+  check_cpu(weights, "weights");
+  check_dim(weights, 2, "weights");
+  check_floating(weights, "weights");
+  const int64_t T = x.size(0), H = x.size(1), E = w_gate_up.size(0), I2 = w_gate_up.size(1);
+  TORCH_CHECK(I2 % 2 == 0 && w_gate_up.size(2) == H, "w_gate_up must have shape [E, 2I, H=", H, "], got ",
+              w_gate_up.sizes());
+  const int64_t I = I2 / 2;
+  TORCH_CHECK(w_down.size(0) == E && w_down.size(1) == H && w_down.size(2) == I, "w_down must have shape [", E, ", ",
+              H, ", ", I, "], got ", w_down.sizes());
+  TORCH_CHECK(weights.size(0) == T, "weights must have ", T, " rows, got shape ", weights.sizes());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.size(1) == weights.size(1), "ids must have the shape of weights ",
+              weights.sizes(), ", got ", ids.sizes());
+  const int64_t k = weights.size(1);
+  at::Tensor ids_l = checked_ids(ids, E, "ids");
+  const at::ScalarType cd = compute_dtype(x.scalar_type());
+  at::Tensor out = at::empty({T, H}, x.options().dtype(cd));
+  if (T == 0 || H == 0) return out.to(x.scalar_type());
+  if (k == 0 || I == 0) return out.zero_().to(x.scalar_type());
+  const int64_t S = T * k;
+  std::vector<int64_t> counts(E), offsets(E + 1), padded(E + 1), sorted_rows(S), inverse_rows(S);
+  build_plan(ids_l.data_ptr<int64_t>(), S, E, 0, counts.data(), offsets.data(), padded.data(), sorted_rows.data(),
+             inverse_rows.data());
+  at::Tensor xc = rows_contiguous(x, cd);
+  at::Tensor wgu = blas_ready_weight(w_gate_up, cd), wd = blas_ready_weight(w_down, cd);
+  at::Tensor wts = weights.to(cd).contiguous();
+  auto [gu_sN, gu_sK] = inner_strides(wgu);
+  auto [d_sN, d_sK] = inner_strides(wd);
+  AT_DISPATCH_FLOATING_TYPES(cd, "fused_experts", [&] {
+    // 1. gather token rows into expert-contiguous order
+    at::Tensor xs_t = at::empty({S, H}, xc.options());  // uninitialised: every row is written below
+    scalar_t* xs = xs_t.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const int64_t x_stride = xc.stride(0);
+    at::parallel_for(0, S, std::max<int64_t>(1, 4096 / H), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s)
+        std::memcpy(xs + s * H, xp + (sorted_rows[s] / k) * x_stride, H * sizeof(scalar_t));
+    });
+    // 2. gate+up GEMM with the gated activation in the epilogue -> [S, I]
+    at::Tensor hidden_t = at::empty({S, I}, xc.options());
+    scalar_t* hidden = hidden_t.data_ptr<scalar_t>();
+    grouped_gemm_forward<scalar_t>(xs, H, H, wgu.data_ptr<scalar_t>(), wgu.stride(0), gu_sN, gu_sK, I2, offsets,
+                                   act, hidden, I);
+    // 3. down GEMM -> [S, H] (reuses the gather buffer)
+    grouped_gemm_forward<scalar_t>(hidden, I, I, wd.data_ptr<scalar_t>(), wd.stride(0), d_sN, d_sK, H, offsets,
+                                   GatedActivation::None, xs, H);
+    // 4. each token sums its own k rows in slot order: deterministic, no atomics
+    combine_rows<scalar_t, scalar_t>(xs, H, inverse_rows.data(), wts.data_ptr<scalar_t>(), T, k, H,
+                                     out.data_ptr<scalar_t>());
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm_cpu);
+  m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
+  m.impl("fused_experts", &fused_experts_cpu);
+}
+
+}  // namespace cpu
+}  // namespace eureka_fast

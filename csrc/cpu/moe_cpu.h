@@ -1,0 +1,52 @@
+// Building blocks shared between the CPU MoE kernels (plan.cpp, grouped_mm.cpp) and the C++ unit tests.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace eureka_fast {
+namespace cpu {
+
+// Stable counting sort of the `rows` routed rows (row = token * k + slot) by expert id.
+// ids must already be checked to lie in [0, num_experts). Outputs: counts[E], offsets[E+1], padded_offsets[E+1]
+// (each count rounded up to a multiple of block when block > 0), sorted_rows[rows], inverse_rows[rows].
+void build_plan(const int64_t* ids, int64_t rows, int64_t num_experts, int64_t block, int64_t* counts,
+                int64_t* offsets, int64_t* padded_offsets, int64_t* sorted_rows, int64_t* inverse_rows);
+
+// out[t] = sum_j w[t,j] * y[inverse_rows[t*k+j]] (accumulated in acc_t, slot order), out contiguous [T, H].
+template <typename scalar_t, typename acc_t>
+void combine_rows(const scalar_t* y, int64_t y_stride, const int64_t* inverse_rows, const acc_t* w, int64_t T,
+                  int64_t k, int64_t H, scalar_t* out);
+
+enum class GatedActivation { None, SiluMul, GeluMul };
+
+// Parses "none" | "silu_mul" | "gelu_mul" (and the fused_experts spellings "silu" | "gelu" when `fused_names`).
+GatedActivation parse_gated_activation(const std::string& name, bool fused_names);
+
+// out[offsets[e]:offsets[e+1], :] = act(a[offsets[e]:offsets[e+1], :] @ w[e]^T) for every expert, where w[e] is
+// [N, K] with element (n, kk) at w + e * w_expert_stride + n * w_row_stride + kk * w_col_stride (one of the two
+// inner strides is 1). With a gated activation the output has N/2 columns (first half of N is the gate).
+// Work is split into (expert, row block, column chunk) tiles run in parallel with single-threaded GEMMs, so the
+// many-experts / few-rows regime streams weights on every core and the many-rows regime runs cache-sized tiles.
+// Rows outside [offsets[0], offsets[E]) are left untouched.
+template <typename scalar_t>
+void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scalar_t* w, int64_t w_expert_stride,
+                          int64_t w_row_stride, int64_t w_col_stride, int64_t N, const std::vector<int64_t>& offsets,
+                          GatedActivation act, scalar_t* out, int64_t ldo);
+
+// Gated activations on rows of `n` values: out = act(gate) * up.
+void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+void gelu_mul(const float* gate, const float* up, float* out, int64_t n);
+void silu_mul(const double* gate, const double* up, double* out, int64_t n);
+void gelu_mul(const double* gate, const double* up, double* out, int64_t n);
+// In-place elementwise activations (used by stack_norm_project).
+void silu_inplace(float* x, int64_t n);
+void gelu_inplace(float* x, int64_t n);
+void silu_inplace(double* x, int64_t n);
+void gelu_inplace(double* x, int64_t n);
+
+}  // namespace cpu
+}  // namespace eureka_fast

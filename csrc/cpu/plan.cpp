@@ -1,0 +1,208 @@
+// The routing plan (a stable counting sort of routed rows by expert) and the gather / weighted-sum ops around it.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cpu/common.h"
+#include "cpu/moe_cpu.h"
+
+namespace eureka_fast {
+namespace cpu {
+
+void build_plan(const int64_t* ids, int64_t rows, int64_t num_experts, int64_t block, int64_t* counts,
+                int64_t* offsets, int64_t* padded_offsets, int64_t* sorted_rows, int64_t* inverse_rows) {
+  std::fill(counts, counts + num_experts, int64_t(0));
+  for (int64_t r = 0; r < rows; ++r) counts[ids[r]]++;
+  offsets[0] = 0;
+  padded_offsets[0] = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    offsets[e + 1] = offsets[e] + counts[e];
+    const int64_t padded = block > 0 ? (counts[e] + block - 1) / block * block : counts[e];
+    padded_offsets[e + 1] = padded_offsets[e] + padded;
+  }
+  // Stable scatter: rows of one expert keep token order.
+  std::vector<int64_t> cursor(offsets, offsets + num_experts);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = cursor[ids[r]]++;
+    sorted_rows[pos] = r;
+    inverse_rows[r] = pos;
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan_cpu(const at::Tensor& ids,
+                                                                                    int64_t num_experts,
+                                                                                    int64_t block) {
+  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(block >= 0, "block must be >= 0, got ", block);
+  at::Tensor ids_l = checked_ids(ids, num_experts, "ids");
+  const int64_t rows = ids_l.numel();
+  auto opts = ids.options().dtype(at::kLong);
+  at::Tensor counts = at::empty({num_experts}, opts), offsets = at::empty({num_experts + 1}, opts),
+             padded = at::empty({num_experts + 1}, opts), sorted_rows = at::empty({rows}, opts),
+             inverse_rows = at::empty({rows}, opts);
+  build_plan(ids_l.data_ptr<int64_t>(), rows, num_experts, block, counts.data_ptr<int64_t>(),
+             offsets.data_ptr<int64_t>(), padded.data_ptr<int64_t>(), sorted_rows.data_ptr<int64_t>(),
+             inverse_rows.data_ptr<int64_t>());
+  return {counts, offsets, padded, sorted_rows, inverse_rows};
+}
+
+// Rows as int64 indices, each in [0, limit).
+at::Tensor checked_rows(const at::Tensor& rows, int64_t limit, const char* name) {
+  check_cpu(rows, name);
+  TORCH_CHECK(rows.dim() == 1, name, " must be 1-D, got shape ", rows.sizes());
+  TORCH_CHECK(!at::isFloatingType(rows.scalar_type()) && rows.scalar_type() != at::kBool, name,
+              " must be an integer tensor, got ", rows.scalar_type());
+  at::Tensor r = rows.to(at::kLong).contiguous();
+  const int64_t* p = r.data_ptr<int64_t>();
+  for (int64_t i = 0; i < r.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < limit, name, " must lie in [0, ", limit, "), found ", p[i], " at position ", i);
+  return r;
+}
+
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& sorted_rows, int64_t top_k) {
+  check_cpu(x, "x");
+  check_dim(x, 2, "x");
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1, got ", top_k);
+  const int64_t T = x.size(0), H = x.size(1);
+  at::Tensor rows = checked_rows(sorted_rows, T * top_k, "sorted_rows");
+  const int64_t S = rows.numel();
+  at::Tensor xc = x.stride(1) == 1 || H <= 1 ? x : x.contiguous();
+  at::Tensor out = at::empty({S, H}, x.options());
+  if (S == 0 || H == 0) return out;
+  const int64_t elem = xc.element_size(), src_stride = xc.stride(0) * elem, row_bytes = H * elem;
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1)), [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) std::memcpy(dst + s * row_bytes, src + (rp[s] / top_k) * src_stride, row_bytes);
+  });
+  return out;
+}
+
+}  // namespace
+
+// out[t] = sum_j w[t,j] * y[inverse_rows[t*k+j]], accumulated in acc_t in slot order.
+template <typename scalar_t, typename acc_t>
+void combine_rows(const scalar_t* y, int64_t y_stride, const int64_t* inverse_rows, const acc_t* w, int64_t T,
+                  int64_t k, int64_t H, scalar_t* out) {
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t wj = w[t * k + j];
+        const scalar_t* src = y + inverse_rows[t * k + j] * y_stride;
+        for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(src[h]);
+      }
+      scalar_t* dst = out + t * H;
+      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(acc[h]);
+    }
+  });
+}
+template void combine_rows<float, float>(const float*, int64_t, const int64_t*, const float*, int64_t, int64_t,
+                                         int64_t, float*);
+template void combine_rows<double, double>(const double*, int64_t, const int64_t*, const double*, int64_t, int64_t,
+                                           int64_t, double*);
+
+namespace {
+
+at::Tensor combine_cpu(const at::Tensor& y_sorted, const at::Tensor& inverse_rows, const at::Tensor& weights) {
+  check_cpu(y_sorted, "y_sorted");
+  check_dim(y_sorted, 2, "y_sorted");
+  check_floating(y_sorted, "y_sorted");
+  check_cpu(weights, "weights");
+  check_dim(weights, 2, "weights");
+  check_floating(weights, "weights");
+  const int64_t T = weights.size(0), k = weights.size(1), S = y_sorted.size(0), H = y_sorted.size(1);
+  at::Tensor inv = checked_rows(inverse_rows, S, "inverse_rows");
+  TORCH_CHECK(inv.numel() == T * k, "inverse_rows must have T*k = ", T * k, " entries, got ", inv.numel());
+  const at::ScalarType cd = compute_dtype(y_sorted.scalar_type());
+  at::Tensor out = at::empty({T, H}, y_sorted.options());
+  if (T == 0 || H == 0) return out;
+  at::Tensor w = weights.to(cd).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_sorted.scalar_type(), "combine", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using w_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::Tensor y = y_sorted.stride(1) == 1 ? y_sorted : y_sorted.contiguous();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t ys = y.stride(0);
+    const int64_t* ip = inv.data_ptr<int64_t>();
+    const w_t* wp = w.data_ptr<w_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> acc(H);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t wj = static_cast<acc_t>(wp[t * k + j]);
+          const scalar_t* src = yp + ip[t * k + j] * ys;
+          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(src[h]);
+        }
+        scalar_t* dst = op + t * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+// grad_y[inverse_rows[t*k+j]] = w[t,j] * grad_out[t];  grad_w[t,j] = <grad_out[t], y[inverse_rows[t*k+j]]>.
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_out, const at::Tensor& y_sorted,
+                                                        const at::Tensor& inverse_rows, const at::Tensor& weights) {
+  check_cpu(grad_out, "grad_out");
+  check_dim(grad_out, 2, "grad_out");
+  check_cpu(y_sorted, "y_sorted");
+  check_dim(y_sorted, 2, "y_sorted");
+  check_cpu(weights, "weights");
+  check_dim(weights, 2, "weights");
+  const int64_t T = weights.size(0), k = weights.size(1), S = y_sorted.size(0), H = y_sorted.size(1);
+  TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == H, "grad_out must have shape [", T, ", ", H, "], got ",
+              grad_out.sizes());
+  at::Tensor inv = checked_rows(inverse_rows, S, "inverse_rows");
+  TORCH_CHECK(inv.numel() == T * k, "inverse_rows must have T*k = ", T * k, " entries, got ", inv.numel());
+  const at::ScalarType cd = compute_dtype(y_sorted.scalar_type());
+  at::Tensor g = grad_out.to(cd).contiguous(), y = y_sorted.to(cd).contiguous(), w = weights.to(cd).contiguous();
+  at::Tensor grad_y = S > T * k ? at::zeros({S, H}, g.options()) : at::empty({S, H}, g.options());
+  at::Tensor grad_w = at::empty({T, k}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(cd, "combine_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int64_t* ip = inv.data_ptr<int64_t>();
+    scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+    scalar_t* gwp = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* go = gp + t * H;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = ip[t * k + j];
+          const scalar_t wj = wp[t * k + j];
+          const scalar_t* yr = yp + r * H;
+          scalar_t* gy = gyp + r * H;
+          scalar_t dot = 0;
+          for (int64_t h = 0; h < H; ++h) {
+            gy[h] = wj * go[h];
+            dot += go[h] * yr[h];
+          }
+          gwp[t * k + j] = dot;
+        }
+      }
+    });
+  });
+  return {grad_y.to(y_sorted.scalar_type()), grad_w.to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
+  m.impl("moe_plan", &moe_plan_cpu);
+  m.impl("permute", &permute_cpu);
+  m.impl("combine", &combine_cpu);
+  m.impl("combine_backward", &combine_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace eureka_fast

@@ -1,0 +1,157 @@
+// Routing on the CPU: route_topk (softmax / sigmoid scoring, selection bias, grouped top-k) and moe_aux_loss.
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/common.h"
+
+namespace eureka_fast {
+namespace cpu {
+namespace {
+
+// Descending by value, ties to the lower index: the order of a stable descending sort.
+template <typename acc_t>
+struct DescendingStable {
+  const acc_t* values;
+  bool operator()(int64_t a, int64_t b) const {
+    return values[a] > values[b] || (values[a] == values[b] && a < b);
+  }
+};
+
+template <typename acc_t>
+void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool renormalize, const acc_t* bias,
+                int64_t n_group, int64_t topk_group, double routed_scaling, at::Tensor& weights, at::Tensor& ids) {
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const acc_t* in = logits.data_ptr<acc_t>();
+  acc_t* w_out = weights.data_ptr<acc_t>();
+  int32_t* id_out = ids.data_ptr<int32_t>();
+  const int64_t group_size = E / n_group;
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> scores(E), choice(E), group_score(n_group);
+    std::vector<int64_t> order(E), group_order(n_group);
+    for (int64_t t = t0; t < t1; ++t) {
+      const acc_t* row = in + t * E;
+      if (use_softmax) {
+        acc_t mx = row[0];
+        for (int64_t e = 1; e < E; ++e) mx = std::max(mx, row[e]);
+        acc_t sum = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          scores[e] = std::exp(row[e] - mx);
+          sum += scores[e];
+        }
+        for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+      } else {
+        for (int64_t e = 0; e < E; ++e) scores[e] = acc_t(1) / (acc_t(1) + std::exp(-row[e]));
+      }
+      for (int64_t e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+      if (n_group > 1) {
+        // Score each group by the sum of its two best selection scores; only the best topk_group groups compete.
+        for (int64_t g = 0; g < n_group; ++g) {
+          const acc_t* c = choice.data() + g * group_size;
+          acc_t best = -std::numeric_limits<acc_t>::infinity(), second = best;
+          for (int64_t j = 0; j < group_size; ++j) {
+            if (c[j] > best) {
+              second = best;
+              best = c[j];
+            } else if (c[j] > second) {
+              second = c[j];
+            }
+          }
+          group_score[g] = group_size >= 2 ? best + second : best;
+          group_order[g] = g;
+        }
+        std::partial_sort(group_order.begin(), group_order.begin() + topk_group, group_order.end(),
+                          DescendingStable<acc_t>{group_score.data()});
+        std::vector<char> keep(n_group, 0);
+        for (int64_t g = 0; g < topk_group; ++g) keep[group_order[g]] = 1;
+        for (int64_t e = 0; e < E; ++e)
+          if (!keep[e / group_size]) choice[e] = -std::numeric_limits<acc_t>::infinity();
+      }
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), DescendingStable<acc_t>{choice.data()});
+      acc_t total = 0;
+      for (int64_t j = 0; j < k; ++j) total += scores[order[j]];
+      for (int64_t j = 0; j < k; ++j) {
+        // Same rounding as the reference: (w / (sum + eps)) * scaling.
+        acc_t w = renormalize ? scores[order[j]] / (total + acc_t(1e-20)) : scores[order[j]];
+        w_out[t * k + j] = w * acc_t(routed_scaling);
+        id_out[t * k + j] = static_cast<int32_t>(order[j]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int64_t k, c10::string_view scoring,
+                                                   bool renormalize, const c10::optional<at::Tensor>& correction_bias,
+                                                   int64_t n_group, int64_t topk_group, double routed_scaling) {
+  check_cpu(logits, "logits");
+  check_dim(logits, 2, "logits");
+  check_floating(logits, "logits");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E >= 1, "logits must have at least one expert column, got shape ", logits.sizes());
+  TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, num_experts=", E, "], got ", k);
+  const bool use_softmax = scoring == "softmax";
+  TORCH_CHECK(use_softmax || scoring == "sigmoid", "scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring),
+              "'");
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0, "n_group must be >= 1 and divide num_experts=", E, ", got ", n_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must lie in [1, n_group=", n_group, "], got ",
+              topk_group);
+  TORCH_CHECK(n_group == 1 || k <= topk_group * (E / n_group), "k=", k, " exceeds the ", topk_group * (E / n_group),
+              " experts in the topk_group=", topk_group, " kept groups");
+  const at::ScalarType cd = compute_dtype(logits.scalar_type());
+  at::Tensor x = logits.to(cd).contiguous();
+  at::Tensor bias;
+  if (correction_bias.has_value()) {
+    check_cpu(*correction_bias, "correction_bias");
+    TORCH_CHECK(correction_bias->dim() == 1 && correction_bias->size(0) == E, "correction_bias must have shape [", E,
+                "], got ", correction_bias->sizes());
+    bias = correction_bias->to(cd).contiguous();
+  }
+  at::Tensor weights = at::empty({T, k}, logits.options().dtype(cd));
+  at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  if (T == 0) return {weights, ids};
+  AT_DISPATCH_FLOATING_TYPES(cd, "route_topk", [&] {
+    route_rows<scalar_t>(x, k, use_softmax, renormalize, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, n_group,
+                         topk_group, routed_scaling, weights, ids);
+  });
+  return {weights, ids};
+}
+
+at::Tensor moe_aux_loss_cpu(const at::Tensor& router_probs, const at::Tensor& ids) {
+  check_cpu(router_probs, "router_probs");
+  check_dim(router_probs, 2, "router_probs");
+  check_floating(router_probs, "router_probs");
+  const int64_t T = router_probs.size(0), E = router_probs.size(1);
+  at::Tensor ids_l = checked_ids(ids, E, "ids");
+  TORCH_CHECK(ids.size(0) == T, "ids must have ", T, " rows (one per token of router_probs), got ", ids.size(0));
+  const at::ScalarType cd = compute_dtype(router_probs.scalar_type());
+  if (T == 0 || ids_l.numel() == 0) return at::zeros({}, router_probs.options().dtype(cd));
+  at::Tensor p = router_probs.to(cd).contiguous();
+  std::vector<int64_t> counts(E, 0);
+  const int64_t* idp = ids_l.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids_l.numel(); ++i) counts[idp[i]]++;
+  at::Tensor out = at::empty({}, router_probs.options().dtype(cd));
+  AT_DISPATCH_FLOATING_TYPES(cd, "moe_aux_loss", [&] {
+    // Column sums of the probabilities, accumulated in double so the result does not depend on T's blocking.
+    std::vector<double> col(E, 0.0);
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e) col[e] += pp[t * E + e];
+    double loss = 0;
+    const double rows = static_cast<double>(ids_l.numel());
+    for (int64_t e = 0; e < E; ++e) loss += (col[e] / T) * (counts[e] / rows);
+    out.fill_(static_cast<scalar_t>(E * loss));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
+  m.impl("route_topk", &route_topk_cpu);
+  m.impl("moe_aux_loss", &moe_aux_loss_cpu);
+}
+
+}  // namespace cpu
+}  // namespace eureka_fast

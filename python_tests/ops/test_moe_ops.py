@@ -1,0 +1,358 @@
+"""The MoE ops against the pure-PyTorch references (and, for fused_experts, a second dense reference and the real
+transformers expert modules) over the case matrix of docs/KERNELS.md."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eureka_fast.ops as ops
+from eureka_fast.ops import reference as ref
+
+pytestmark = pytest.mark.skipif(ops.backend() != "compiled", reason="eureka_fast._C is not built")
+
+FP32 = dict(atol=1e-5, rtol=1e-4)
+BF16 = dict(atol=2e-2, rtol=2e-2)
+
+
+def make_ids(T, E, k, routing, gen):
+    """Routed expert ids [T, k] (distinct per token) for uniform, skewed (Zipf-like) or all-to-one routing."""
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.int32)
+    if routing == "uniform":
+        scores = torch.rand(T, E, generator=gen)
+    elif routing == "skewed":
+        scores = torch.rand(T, E, generator=gen) * (1.0 / torch.arange(1, E + 1)) ** 2
+    elif routing == "all_to_one":  # the same k experts (0..k-1) for every token, expert 0 in slot 0
+        scores = torch.zeros(T, E)
+        scores[:, :k] = torch.arange(k, 0, -1, dtype=torch.float32)
+    else:
+        raise ValueError(routing)
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].to(torch.int32)
+
+
+def expert_weights(E, H, I, dtype=torch.float32, gen=None, scale=0.3):
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=gen) * scale / math.sqrt(H)).to(dtype)
+    w_down = (torch.randn(E, H, I, generator=gen) * scale / math.sqrt(I)).to(dtype)
+    return w_gate_up, w_down
+
+
+# --------------------------------------------------------------------------------------------------------------
+# route_topk
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E", [1, 2, 8, 60, 64, 128])
+@pytest.mark.parametrize("k_kind", ["1", "2", "8", "E"])
+@pytest.mark.parametrize("T", [0, 1, 7, 33, 256])
+def test_route_topk_softmax_case_matrix(E, k_kind, T):
+    k = E if k_kind == "E" else int(k_kind)
+    if k > E:
+        pytest.skip("k > E")
+    gen = torch.Generator().manual_seed(E * 1000 + k * 10 + T)
+    logits = torch.randn(T, E, generator=gen) * 3
+    for renormalize in (False, True):
+        w, ids = ops.route_topk(logits, k, renormalize=renormalize)
+        rw, rids = ref.route_topk(logits, k, "softmax", renormalize)
+        assert ids.dtype == torch.int32 and w.dtype == torch.float32
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(w, rw, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_route_topk_sigmoid_grouped_deepseek(dtype):
+    gen = torch.Generator().manual_seed(3)
+    T, E = 97, 64
+    logits = torch.randn(T, E, generator=gen).to(dtype)
+    bias = torch.randn(E, generator=gen) * 0.1
+    w, ids = ops.route_topk(logits, 8, scoring="sigmoid", renormalize=True, correction_bias=bias, n_group=8,
+                            topk_group=4, routed_scaling=2.5)
+    rw, rids = ref.route_topk(logits, 8, "sigmoid", True, bias, 8, 4, 2.5)
+    assert torch.equal(ids, rids)
+    assert w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(w, rw, **FP32)
+    # the selected experts come from at most topk_group = 4 of the 8 groups
+    assert int((ids.long() // 8).sort(1).values.diff(dim=1).ne(0).sum(1).max()) <= 3
+    # the bias shifts the selection only: weights are the plain sigmoid scores, renormalised and scaled
+    s = torch.sigmoid(logits.float()).gather(1, ids.long())
+    torch.testing.assert_close(w.float(), 2.5 * s / s.sum(1, keepdim=True), **FP32)
+
+
+def test_route_topk_ties_go_to_lower_id():
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    _, ids = ops.route_topk(logits, 3)
+    assert ids.tolist() == [[1, 2, 3], [0, 1, 2]]
+    _, ids = ops.route_topk(logits, 2, scoring="sigmoid", correction_bias=torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0]))
+    assert ids.tolist() == [[3, 1], [3, 0]]
+
+
+def test_route_topk_gradient_matches_reference_autograd():
+    gen = torch.Generator().manual_seed(5)
+    for scoring, renorm in (("softmax", False), ("softmax", True), ("sigmoid", True)):
+        logits = torch.randn(19, 12, generator=gen, requires_grad=True)
+        upstream = torch.randn(19, 3, generator=gen)
+        w, _ = ops.route_topk(logits, 3, scoring=scoring, renormalize=renorm, routed_scaling=1.5)
+        (g,) = torch.autograd.grad((w * upstream).sum(), logits)
+        lr = logits.detach().clone().requires_grad_()
+        rw, _ = ref.route_topk(lr, 3, scoring, renorm, None, 1, 1, 1.5)
+        (rg,) = torch.autograd.grad((rw * upstream).sum(), lr)
+        torch.testing.assert_close(g, rg, atol=1e-6, rtol=1e-5)
+
+
+def test_route_topk_gradcheck_fp64():
+    logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l: ops.route_topk(l, 2, renormalize=True)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda l: ops.route_topk(l, 3, scoring="sigmoid")[0], (logits,))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# moe_plan, permute, combine
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("E,k", [(1, 1), (2, 2), (8, 2), (60, 4), (64, 8), (128, 8), (8, 8)])
+@pytest.mark.parametrize("T", [0, 1, 7, 33, 4096])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])
+def test_moe_plan_exact_and_invariants(E, k, T, routing):
+    ids = make_ids(T, E, k, routing, torch.Generator().manual_seed(T + E))
+    for block in (0, 16):
+        plan = ops.moe_plan(ids, E, block=block)
+        expected = ref.moe_plan(ids, E, block)
+        for got, want in zip(plan[:5], expected):
+            assert got.dtype == torch.int64
+            assert torch.equal(got, want)
+        assert int(plan.counts.sum()) == T * k
+        assert torch.equal(plan.sorted_rows[plan.inverse_rows], torch.arange(T * k))
+        if block:
+            assert bool((plan.padded_offsets % block == 0).all())
+        assert plan.top_k == k and plan.num_experts == E
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,H,E,k", [(0, 5, 4, 2), (1, 7, 4, 4), (33, 13, 8, 2), (256, 64, 60, 8)])
+def test_permute_and_combine_match_reference(dtype, T, H, E, k):
+    gen = torch.Generator().manual_seed(T * 7 + H)
+    ids = make_ids(T, E, k, "uniform", gen)
+    plan = ops.moe_plan(ids, E)
+    # a non-contiguous x: every other column of a wider tensor
+    x = torch.randn(T, 2 * H, generator=gen).to(dtype)[:, ::2]
+    xs = ops.permute(x, plan)
+    assert torch.equal(xs, ref.permute(x, plan.sorted_rows, k))
+    weights = torch.rand(T, k, generator=gen)
+    y = torch.randn(T * k, H, generator=gen).to(dtype)
+    out = ops.combine(y, plan, weights)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref.combine(y, plan.inverse_rows, weights), **(FP32 if dtype == torch.float32 else BF16))
+
+
+def test_permute_combine_gradients():
+    gen = torch.Generator().manual_seed(11)
+    T, H, E, k = 21, 10, 6, 3
+    plan = ops.moe_plan(make_ids(T, E, k, "skewed", gen), E)
+    x = torch.randn(T, H, generator=gen, requires_grad=True)
+    weights = torch.rand(T, k, generator=gen, requires_grad=True)
+    scale = torch.randn(T * k, H, generator=gen)
+    upstream = torch.randn(T, H, generator=gen)
+    out = ops.combine(ops.permute(x, plan) * scale, plan, weights)
+    gx, gw = torch.autograd.grad((out * upstream).sum(), (x, weights))
+    xr, wr = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+    outr = ref.combine(ref.permute(xr, plan.sorted_rows, k) * scale, plan.inverse_rows, wr)
+    gxr, gwr = torch.autograd.grad((outr * upstream).sum(), (xr, wr))
+    torch.testing.assert_close(gx, gxr, **FP32)
+    torch.testing.assert_close(gw, gwr, **FP32)
+    x64 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w64 = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    plan = ops.moe_plan(make_ids(5, 3, 2, "uniform", gen), 3)
+    assert torch.autograd.gradcheck(lambda a, b: ops.combine(ops.permute(a, plan), plan, b), (x64, w64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# grouped_mm
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_reference(activation, layout, dtype):
+    gen = torch.Generator().manual_seed(13)
+    S, K, N, E = 70, 19, 22, 6
+    a = torch.randn(S, K, generator=gen).to(dtype)
+    w = torch.randn(E, N, K, generator=gen) / math.sqrt(K)
+    if layout == "transposed":  # [E, K, N] storage viewed as [E, N, K]
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    w = w.to(dtype)
+    offsets = torch.tensor([0, 10, 10, 40, 41, 65, 65])  # empty experts and uncovered trailing rows
+    out = ops.grouped_mm(a, w, offsets, activation=activation)
+    want = ref.grouped_mm(a, w, offsets, activation or "none")
+    assert out.shape == (S, N if activation is None else N // 2) and out.dtype == dtype
+    torch.testing.assert_close(out, want, **(FP32 if dtype == torch.float32 else BF16))
+    assert bool((out[65:] == 0).all())
+
+
+@pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
+def test_grouped_mm_gradients(activation):
+    gen = torch.Generator().manual_seed(17)
+    S, K, N, E = 40, 9, 14, 5
+    a = torch.randn(S, K, generator=gen, requires_grad=True)
+    w = torch.randn(E, N, K, generator=gen, requires_grad=True)
+    offsets = torch.tensor([0, 12, 12, 30, 38, 38])
+    upstream = torch.randn(S, N if activation is None else N // 2, generator=gen)
+    ga, gw = torch.autograd.grad((ops.grouped_mm(a, w, offsets, activation=activation) * upstream).sum(), (a, w))
+    ar, wr = a.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    gar, gwr = torch.autograd.grad((ref.grouped_mm(ar, wr, offsets, activation or "none") * upstream).sum(), (ar, wr))
+    torch.testing.assert_close(ga, gar, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, gwr, atol=3e-5, rtol=1e-4)
+    assert bool((gw[1] == 0).all()) and bool((gw[4] == 0).all())  # zero-row experts: exactly zero
+    a64 = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    offs = torch.tensor([0, 2, 2, 6])
+    assert torch.autograd.gradcheck(lambda x, y: ops.grouped_mm(x, y, offs, activation=activation), (a64, w64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fused_experts
+# --------------------------------------------------------------------------------------------------------------
+FUSED_CASES = [(E, k) for E in (1, 2, 8, 60, 64) for k in (1, 2, 8, E) if k <= E]
+
+
+@pytest.mark.parametrize("E,k", sorted(set(FUSED_CASES)))
+@pytest.mark.parametrize("T", [0, 1, 7, 33, 256])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])
+def test_fused_experts_case_matrix(E, k, T, routing):
+    gen = torch.Generator().manual_seed(E * 31 + k * 7 + T)
+    H, I = 21, 10  # not multiples of 8
+    x = torch.randn(T, H, generator=gen)
+    w_gate_up, w_down = expert_weights(E, H, I, gen=gen)
+    ids = make_ids(T, E, k, routing, gen)
+    weights = torch.rand(T, k, generator=gen)
+    out = ops.fused_experts(x, w_gate_up, w_down, weights, ids)
+    assert out.shape == (T, H) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.fused_experts(x, w_gate_up, w_down, weights, ids), **FP32)
+    if T and T * E <= 256 * 8:
+        torch.testing.assert_close(out, ref.fused_experts_dense(x, w_gate_up, w_down, weights, ids), **FP32)
+
+
+@pytest.mark.parametrize("T,H,I,E,k", [(4096, 24, 12, 8, 2), (300, 64, 96, 128, 8)])
+def test_fused_experts_larger_shapes(T, H, I, E, k):
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(T, H, generator=gen)
+    w_gate_up, w_down = expert_weights(E, H, I, gen=gen)
+    ids = make_ids(T, E, k, "skewed", gen)
+    weights = torch.rand(T, k, generator=gen)
+    torch.testing.assert_close(ops.fused_experts(x, w_gate_up, w_down, weights, ids),
+                               ref.fused_experts(x, w_gate_up, w_down, weights, ids), **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_fused_experts_low_precision(dtype, activation):
+    gen = torch.Generator().manual_seed(23)
+    T, H, I, E, k = 45, 32, 24, 8, 2
+    x = (torch.randn(T, H, generator=gen) * 0.1 * 10).to(dtype)
+    w_gate_up, w_down = expert_weights(E, H, I, dtype=dtype, gen=gen, scale=1.0)
+    ids = make_ids(T, E, k, "uniform", gen)
+    weights = torch.rand(T, k, generator=gen)
+    out = ops.fused_experts(x, w_gate_up, w_down, weights, ids, activation=activation)
+    assert out.dtype == dtype
+    want = ref.fused_experts(x.float(), w_gate_up.float(), w_down.float(), weights, ids, activation)
+    torch.testing.assert_close(out.float(), want, **BF16)
+
+
+def test_fused_experts_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(29)
+    T, H, I, E, k = 50, 16, 12, 8, 2
+    x = torch.randn(H, T, generator=gen).t()  # column-major x
+    w_gate_up, w_down = expert_weights(E, H, I, gen=gen)
+    wgu_t = w_gate_up.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, 2I] storage
+    wd_t = w_down.transpose(1, 2).contiguous().transpose(1, 2)
+    ids = make_ids(T, E, k, "uniform", gen)
+    weights = torch.rand(k, T, generator=gen).t()
+    want = ref.fused_experts(x.contiguous(), w_gate_up, w_down, weights.contiguous(), ids)
+    torch.testing.assert_close(ops.fused_experts(x, wgu_t, wd_t, weights, ids.t().contiguous().t()), want, **FP32)
+
+
+def test_fused_experts_gradients_and_gradcheck():
+    gen = torch.Generator().manual_seed(31)
+    T, H, I, E, k = 26, 11, 7, 5, 2
+    x = torch.randn(T, H, generator=gen, requires_grad=True)
+    wgu, wd = (t.requires_grad_() for t in expert_weights(E, H, I, gen=gen, scale=1.0))
+    ids = make_ids(T, E, k, "skewed", gen)
+    weights = torch.rand(T, k, generator=gen, requires_grad=True)
+    upstream = torch.randn(T, H, generator=gen)
+    for activation in ("silu", "gelu"):
+        inputs = (x, wgu, wd, weights)
+        grads = torch.autograd.grad((ops.fused_experts(x, wgu, wd, weights, ids, activation=activation) * upstream).sum(), inputs)
+        clones = [t.detach().clone().requires_grad_() for t in inputs]
+        want = torch.autograd.grad((ref.fused_experts(*clones[:3], clones[3], ids, activation) * upstream).sum(), clones)
+        for g, r in zip(grads, want):
+            torch.testing.assert_close(g, r, atol=3e-5, rtol=1e-4)
+    d = dict(dtype=torch.float64)
+    x64 = torch.randn(4, 3, **d, requires_grad=True)
+    wgu64 = torch.randn(3, 4, 3, **d, requires_grad=True)
+    wd64 = torch.randn(3, 3, 2, **d, requires_grad=True)
+    w64 = torch.rand(4, 2, **d, requires_grad=True)
+    ids64 = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]], dtype=torch.int32)
+    assert torch.autograd.gradcheck(lambda a, b, c, e: ops.fused_experts(a, b, c, e, ids64), (x64, wgu64, wd64, w64))
+
+
+def test_fused_experts_deterministic():
+    gen = torch.Generator().manual_seed(37)
+    T, H, I, E, k = 300, 48, 40, 16, 4
+    x = torch.randn(T, H, generator=gen)
+    wgu, wd = expert_weights(E, H, I, gen=gen)
+    ids = make_ids(T, E, k, "skewed", gen)
+    weights = torch.rand(T, k, generator=gen)
+    first = ops.fused_experts(x, wgu, wd, weights, ids)
+    assert torch.equal(first, ops.fused_experts(x, wgu, wd, weights, ids))
+    plan = ops.moe_plan(ids, E)
+    y = torch.randn(T * k, H, generator=gen)
+    assert torch.equal(ops.combine(y, plan, weights), ops.combine(y, plan, weights))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fused_experts_matches_transformers_experts(family):
+    """Same weights, same outputs as the real transformers 5 expert modules (tiny random configs, no downloads)."""
+    torch.manual_seed(41)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+        config = Qwen3MoeConfig(hidden_size=40, moe_intermediate_size=24, num_experts=12, num_experts_per_tok=4,
+                                norm_topk_prob=True, hidden_act="silu")
+        E, k, renorm = 12, 4, True
+    else:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+
+        config = MixtralConfig(hidden_size=40, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                               hidden_act="silu")
+        E, k, renorm = 8, 2, True
+    block = Block(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    hidden = torch.randn(3, 11, 40)
+    with torch.no_grad():
+        want = block(hidden)
+        if isinstance(want, tuple):
+            want = want[0]
+        flat = hidden.view(-1, 40)
+        logits = F.linear(flat, block.gate.weight)
+        weights, ids = ops.route_topk(logits, k, renormalize=renorm)
+        out = ops.fused_experts(flat, block.experts.gate_up_proj, block.experts.down_proj, weights, ids)
+    torch.testing.assert_close(out.view_as(want), want, **FP32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# moe_aux_loss
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (256, 64, 8)])
+def test_moe_aux_loss(T, E, k):
+    gen = torch.Generator().manual_seed(43)
+    probs = torch.softmax(torch.randn(T, E, generator=gen), -1).requires_grad_()
+    ids = make_ids(T, E, k, "skewed", gen)
+    loss = ops.moe_aux_loss(probs, ids)
+    want = ref.moe_aux_loss(probs, ids)
+    torch.testing.assert_close(loss, want, **FP32)
+    if T:
+        # independent formula: E * sum_e mean_t p[t,e] * count_e / (T*k)
+        counts = torch.bincount(ids.flatten().long(), minlength=E).float()
+        torch.testing.assert_close(loss, E * (probs.mean(0) * counts / (T * k)).sum(), **FP32)
+        (g,) = torch.autograd.grad(loss, probs)
+        (gr,) = torch.autograd.grad(want, probs)
+        torch.testing.assert_close(g, gr, **FP32)
