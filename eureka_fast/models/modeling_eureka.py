@@ -312,10 +312,32 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
                                       **model_kwargs):
-        if expand_size > 1 and model_kwargs.get("input_features") is not None:
-            raise ValueError("num_return_sequences > 1 and beam search are not supported with audio inputs: "
-                             "repeat the conversation in the batch instead")
-        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        """num_return_sequences / beams: rows are repeated, so each request's block of mel windows is repeated too
+        (input_features is per window, not per row)."""
+        features = model_kwargs.get("input_features")
+        if expand_size == 1 or features is None or features.shape[0] == 0:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        features = model_kwargs.pop("input_features")
+        windows = model_kwargs.pop("windows_per_request", None)
+        counts = model_kwargs.pop("audio_token_counts", None)
+        tokens = self.audio_positions(input_ids, model_kwargs.get("token_type_ids")).sum(1).tolist()
+        if counts is not None and int(torch.as_tensor(counts).sum()) != sum(tokens):
+            raise AudioInputError(f"audio token count mismatch: the text holds {sum(tokens)} <|audio_pad|> positions "
+                                  f"but audio_token_counts add up to {int(torch.as_tensor(counts).sum())}")
+        if windows is None:
+            per_window = features.shape[-1] // 2 // self.config.adapter_config.stack_factor
+            windows = [-(-t // per_window) for t in tokens]
+        windows = [int(w) for w in torch.as_tensor(windows).tolist()]
+        if sum(windows) != features.shape[0]:
+            raise AudioInputError(f"input_features hold {features.shape[0]} windows but windows_per_request adds up "
+                                  f"to {sum(windows)}")
+        blocks = features.split(windows)
+        # the per-row tensors (ids, masks, windows_per_request) are repeated by transformers
+        model_kwargs["windows_per_request"] = torch.tensor(windows, device=features.device)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
+                                                                        **model_kwargs)
+        model_kwargs["input_features"] = torch.cat([b for b in blocks for _ in range(expand_size)])
+        return input_ids, model_kwargs
 
     # --- building from parts -------------------------------------------------------------------------------------
     @classmethod

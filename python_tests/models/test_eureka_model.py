@@ -192,6 +192,17 @@ def test_batch_of_three_equals_single_runs(tiny_eureka_model, tiny_eureka_proces
                 torch.testing.assert_close(single.scores[step][0], batched.scores[step][i], rtol=1e-3, atol=1e-3)
 
 
+def test_num_return_sequences_repeats_each_requests_audio(tiny_eureka_model, tiny_eureka_processor, wav_dir):
+    convs = [_asr(wav_dir / "tone.wav"), [{"role": "user", "content": "text"}], _asr(wav_dir / "noise.wav")]
+    inputs = tiny_eureka_processor(convs)
+    kw = dict(max_new_tokens=3, eos_token_id=None, pad_token_id=tiny_eureka_processor.pad_token_id)
+    with torch.no_grad():
+        greedy = tiny_eureka_model.generate(**inputs, do_sample=False, **kw)
+        # top_k=1 sampling is greedy, so each of the 2 returned sequences must equal its request's greedy answer
+        sampled = tiny_eureka_model.generate(**inputs, do_sample=True, top_k=1, num_return_sequences=2, **kw)
+    assert torch.equal(sampled, greedy.repeat_interleave(2, dim=0))
+
+
 def test_save_and_load_round_trip(tiny_eureka_model, tiny_eureka_processor, wav_dir, tmp_path):
     tiny_eureka_model.save_pretrained(tmp_path)
     loaded = EurekaAudioForCausalLM.from_pretrained(tmp_path).eval()
