@@ -152,16 +152,42 @@ def _as_tensor(audio: Any) -> torch.Tensor:
     return tensor.to(torch.float32)
 
 
+@lru_cache(maxsize=None)
+def _interleaved_mel_filters(n_mels: int, device: str) -> torch.Tensor:
+    """[n_mels, 2 * 201]: each filter weight repeated for the real and the imaginary part of its FFT bin."""
+    return mel_filters(n_mels, device).repeat_interleave(2, dim=1).contiguous()
+
+
+def _reflect_pad(waveform: torch.Tensor, pad: int) -> torch.Tensor:
+    # Same values as F.pad(mode="reflect") (edge sample not repeated), written as three copies: ATen's reflection
+    # pad kernel is several times slower on a long 1-D signal.
+    n = waveform.numel()
+    out = torch.empty(n + 2 * pad, dtype=waveform.dtype, device=waveform.device)
+    out[pad:pad + n] = waveform
+    out[:pad] = waveform[1:pad + 1].flip(0)
+    out[pad + n:] = waveform[n - pad - 1:n - 1].flip(0)
+    return out
+
+
 def _log10_mel(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """log10(max(mel power, 1e-10)) [n_mels, len // 160], last STFT frame dropped. No clamp, no scaling yet."""
+    """log10(max(mel power, 1e-10)) [n_mels, len // 160], last STFT frame dropped. No clamp, no scaling yet.
+
+    Equal to torch.stft(center=True, reflect, periodic Hann) -> |.|^2 -> mel, computed frame-major: the frames are
+    strided views of the padded signal, the dropped last frame is never transformed, and |z|^2 summed into mel bins
+    is one GEMM over the squared (re, im) pairs against filters repeated per pair, instead of strided re*re+im*im
+    passes (which do not vectorise) followed by a second GEMM.
+    """
+    if waveform.numel() <= N_FFT // 2:
+        raise AudioError("<array>: %d samples are too few for a 400-point STFT with reflect padding"
+                         % waveform.numel())
     device = str(waveform.device)
-    spectrum = torch.stft(waveform, N_FFT, HOP_LENGTH, window=_hann_window(device), center=True,
-                          pad_mode="reflect", return_complex=True)
-    # |z|^2 as re*re + im*im on strided views of the complex output (dropping the last frame is a view too): no
-    # sqrt-then-square as abs()**2 does, and no reduction over a size-2 axis (both several times slower on CPU).
-    real, imag = spectrum.real[:, :-1], spectrum.imag[:, :-1]
-    power = torch.addcmul(real * real, imag, imag)
-    mel = mel_filters(n_mels, device) @ power
+    padded = _reflect_pad(waveform, N_FFT // 2)
+    num_frames = waveform.numel() // HOP_LENGTH  # 1 + len // 160 STFT frames, minus the dropped last one
+    frames = padded.unfold(0, N_FFT, HOP_LENGTH)[:num_frames]
+    spectrum = torch.fft.rfft(frames * _hann_window(device), dim=-1)  # [F, 201] complex
+    squares = torch.view_as_real(spectrum)
+    squares.mul_(squares)
+    mel = _interleaved_mel_filters(n_mels, device) @ squares.view(num_frames, -1).t()  # [n_mels, F]
     return mel.clamp_(min=LOG_FLOOR).log10_()
 
 

