@@ -159,8 +159,10 @@ def test_logits_router_logits_and_aux_loss_match_fp32(family):
         assert (fast(x).logits - ref_out.logits).abs().max() > 0.1
     if getattr(ref_out, "router_logits", None) is not None:
         assert len(out.router_logits) == len(ref_out.router_logits) == len(moe_blocks(reference))
+        # Layer 0 sees identical inputs; deeper layers see the (tolerance-level) differences of the layers before.
+        torch.testing.assert_close(out.router_logits[0], ref_out.router_logits[0], atol=0, rtol=0)
         for a, b in zip(out.router_logits, ref_out.router_logits):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            torch.testing.assert_close(a, b, **FP32)
         torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, **FP32)
 
 
