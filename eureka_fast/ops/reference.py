@@ -124,7 +124,7 @@ def combine(y_sorted: torch.Tensor, inverse_rows: torch.Tensor, weights: torch.T
     """out[t] = sum_j weights[t, j] * y_sorted[inverse_rows[t*k + j]], summed in slot order in float32."""
     T, k = weights.shape
     cd = _compute_dtype(y_sorted)
-    rows = y_sorted.index_select(0, inverse_rows).to(cd).view(T, k, -1)
+    rows = y_sorted.index_select(0, inverse_rows).to(cd).view(T, k, y_sorted.shape[1])
     w = weights.to(cd)
     out = torch.zeros(T, y_sorted.shape[1], dtype=cd, device=y_sorted.device)
     for j in range(k):

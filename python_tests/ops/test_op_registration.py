@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import eureka_fast.ops as ops
 
+pytestmark = pytest.mark.usefixtures("poisoned_empty_tensors")
 compiled = pytest.mark.skipif(ops.backend() != "compiled", reason="eureka_fast._C is not built")
 OPS = torch.ops.eureka_fast if ops.backend() == "compiled" else None
 

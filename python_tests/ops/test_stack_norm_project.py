@@ -9,7 +9,10 @@ import eureka_fast.ops as ops
 from eureka_fast.ops import reference as ref
 from eureka_fast.ops.api import DOWNSAMPLE_PRESETS, downsample_preset
 
-pytestmark = pytest.mark.skipif(ops.backend() != "compiled", reason="eureka_fast._C is not built")
+pytestmark = [
+    pytest.mark.skipif(ops.backend() != "compiled", reason="eureka_fast._C is not built"),
+    pytest.mark.usefixtures("poisoned_empty_tensors"),
+]
 
 FP32 = dict(atol=2e-5, rtol=1e-4)
 
