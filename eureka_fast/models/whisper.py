@@ -145,25 +145,28 @@ class FusedSelfAttention(nn.Module):
         return self.merge_heads(attended)
 
 
-_FUSED_LINEAR_GELU = {"ok": None}  # None: untried; True/False once probed
+_FUSED_LINEAR_GELU: dict = {}  # dtype -> whether oneDNN's fused linear+GELU ran for it
 
 
 def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """gelu(x W^T + b) for 2-D x. Uses oneDNN's linear with the exact-erf GELU fused into the GEMM epilogue (one
     pass less over the widest activation) where this torch build has it; else linear then in-place GELU."""
-    if _FUSED_LINEAR_GELU["ok"] is not False and x.device.type == "cpu":
+    if x.device.type == "cpu" and _FUSED_LINEAR_GELU.get(x.dtype, True):
         try:
             out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-            _FUSED_LINEAR_GELU["ok"] = True
+            _FUSED_LINEAR_GELU[x.dtype] = True
             return out
         except (RuntimeError, AttributeError, NotImplementedError):
-            _FUSED_LINEAR_GELU["ok"] = False
+            _FUSED_LINEAR_GELU[x.dtype] = False
     return torch.ops.aten.gelu_(F.linear(x, weight, bias))
 
 
 def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
-    """True when autograd records this call (training, or gradients wanted w.r.t. the input): in-place updates of
-    the residual stream are then not allowed. A frozen encoder on plain features takes the in-place path."""
+    """True when the plain out-of-place path must run: autograd records this call (training, or gradients wanted
+    w.r.t. the input), or autocast is on (it would hand bf16 GEMM outputs to our fp32 in-place updates). A frozen
+    encoder on plain features takes the in-place path even with grad mode on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return True
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 

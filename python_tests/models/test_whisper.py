@@ -293,3 +293,18 @@ def test_inplace_inference_path_equals_autograd_path_and_gradients_flow(openai_c
     assert attn.qkv_weight.grad is not None and attn.q_bias.grad is not None
     # The key projection has no bias in Whisper: the fused bias keeps a constant zero block for it.
     assert torch.all(attn.qkv_bias()[64:128] == 0)
+
+
+def test_reduced_precision_and_autocast(openai_checkpoint):
+    _, path = openai_checkpoint
+    mel = mel_batch(frames=300)
+    reference = load_whisper_encoder(path)
+    with torch.no_grad():
+        expected = reference(mel)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_out = reference(mel)
+        for dtype, tolerance in ((torch.bfloat16, 0.1), (torch.float16, 0.02)):
+            out = load_whisper_encoder(path, dtype=dtype)(mel)
+            assert out.dtype == dtype
+            assert (out.float() - expected).abs().max().item() < tolerance
+    assert (autocast_out.float() - expected).abs().max().item() < 0.1
