@@ -139,17 +139,24 @@ def _hann_window(device: str) -> torch.Tensor:
 
 
 def _as_tensor(audio: Any) -> torch.Tensor:
-    if isinstance(audio, torch.Tensor):
-        tensor = audio
-    elif isinstance(audio, np.ndarray) and audio.ndim == 1:
+    """A float32 1-D waveform at 16 kHz. Float arrays / tensors are taken as they are (after a finiteness check);
+    anything else (integer PCM, paths, bytes, (array, rate), ...) goes through `load_audio`."""
+    if isinstance(audio, torch.Tensor) and audio.is_floating_point():
+        tensor = audio.detach()
+    elif isinstance(audio, np.ndarray) and audio.dtype.kind == "f":
         tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     else:
+        if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim != 1:
+            raise AudioError("<array>: a clip must be a 1-D waveform at 16 kHz, got shape %s" % (tuple(audio.shape),))
         tensor = torch.from_numpy(load_audio(audio))
     if tensor.dim() != 1:
         raise AudioError("<array>: a clip must be a 1-D waveform at 16 kHz, got shape %s" % (tuple(tensor.shape),))
     if tensor.numel() == 0:
         raise AudioError("<array>: clip has zero samples")
-    return tensor.to(torch.float32)
+    tensor = tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise AudioError("<array>: clip contains NaN or infinite samples")
+    return tensor
 
 
 @lru_cache(maxsize=None)

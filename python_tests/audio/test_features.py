@@ -169,3 +169,13 @@ def test_bad_arguments():
         log_mel([], 80)
     with pytest.raises(AudioError, match="1-D"):
         log_mel(torch.zeros(2, 100), 80)
+    with pytest.raises(AudioError, match="NaN"):
+        log_mel(np.array([0.0, np.nan] * 1000, np.float32), 80)
+
+
+def test_integer_pcm_is_scaled():
+    audio = speechlike(1.0)
+    pcm = np.round(audio * 32767).astype(np.int16)
+    expected = log_mel(pcm.astype(np.float32) / 32768.0, 80).windows
+    torch.testing.assert_close(log_mel(pcm, 80).windows, expected)
+    torch.testing.assert_close(log_mel(torch.from_numpy(pcm), 80).windows, expected)
