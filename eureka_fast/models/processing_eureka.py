@@ -387,7 +387,7 @@ class EurekaAudioProcessor:
         """
         if unused:
             raise TypeError(f"unexpected arguments {sorted(unused)}")
-        if return_tensors not in ("pt", None):
+        if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt', got {return_tensors!r}")
         if audios is not None:
             if audio is not None:

@@ -100,6 +100,32 @@ def test_audio_embeddings_replace_audio_pads_in_order(tiny_eureka_model, tiny_eu
     assert out.aux_loss is not None and out.router_load.shape == (8,)
 
 
+def test_audio_across_window_boundary(tiny_eureka_model, tiny_eureka_processor, tmp_path):
+    """A 31 s clip: 388 audio tokens from 2 windows; the frames of window 2 continue those of window 1."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(5)
+    sf.write(tmp_path / "long.wav", (rng.standard_normal(31 * 16000) * 0.1).astype(np.float32), 16000)
+    inputs = tiny_eureka_processor(_asr(tmp_path / "long.wav"))
+    assert inputs["windows_per_request"].tolist() == [2] and inputs["audio_token_counts"].tolist() == [388]
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach()
+
+    handle = tiny_eureka_model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tiny_eureka_model(**inputs)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        expected = reference_audio_embeddings(tiny_eureka_model, inputs["input_features"], [2], [388])
+    got = captured["embeds"][inputs["token_type_ids"] == 3]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_audio_count_mismatches_raise(tiny_eureka_model, tiny_eureka_processor, wav_dir):
     model = tiny_eureka_model
     inputs = dict(tiny_eureka_processor(_asr(wav_dir / "noise.wav")))
