@@ -2,8 +2,9 @@
 //
 // Kernel choice (shapes only, never data): bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or
 // the weight-streaming kernel when there are few rows per expert (S <= 4 E, or S <= 16); everything else (fp32,
-// fp64, odd sizes, odd strides) takes the SIMT kernel. EUREKA_FAST_GEMM=stream|tiled|simt forces one path where it
-// applies (tests and benchmarks use it to cover every kernel on the same inputs).
+// fp64, odd sizes, odd strides) takes the SIMT kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one path
+// where it applies (tests and benchmarks use it to cover every kernel on the same inputs); the Hopper wgmma kernel
+// is opt-in (EUREKA_FAST_WGMMA=1) until a GPU run has validated it.
 #include "gemm_kernels.cuh"
 #include "ops.cuh"
 
@@ -11,7 +12,7 @@ namespace eureka_fast {
 namespace cuda {
 namespace {
 
-enum class Path { kStream, kTiled, kSimt };
+enum class Path { kStream, kTiled, kWgmma, kSimt };
 
 bool is_half_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -39,6 +40,18 @@ void launch_tc(const GemmArgs& p, dim3 grid) {
     configured = true;
   }
   kernel<<<grid, tc::THREADS, tc::SMEM_BYTES, stream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool GATED, bool GATHER>
+void launch_wg(const GemmArgs& p, dim3 grid) {
+  auto kernel = wgmma_grouped_kernel<T, GATED, GATHER>;
+  static bool configured = false;
+  if (!configured) {
+    set_smem(kernel, wg::SMEM_BYTES);
+    configured = true;
+  }
+  kernel<<<grid, wg::THREADS, wg::SMEM_BYTES, stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -80,6 +93,9 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   const bool stream_ok = a_ok && b_k && std::min<int64_t>(E, S) <= 65535;
 
   const std::string force = env_choice("EUREKA_FAST_GEMM");
+  // wgmma (sm_90a) forward kernel: opt-in until validated on a GPU (EUREKA_FAST_GEMM=wgmma or EUREKA_FAST_WGMMA=1)
+  const bool wg_ok = a_ok && b_k && tiles_m <= 65535 && (force == "wgmma" || env_choice("EUREKA_FAST_WGMMA") == "1") &&
+                     wgmma_available();
   Path path;
   if (force == "simt") {
     path = Path::kSimt;
@@ -87,12 +103,33 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
     path = Path::kStream;
   } else if (force == "tiled" && tc_ok) {
     path = Path::kTiled;
+  } else if (force == "wgmma" && wg_ok) {
+    path = Path::kWgmma;
   } else if (stream_ok && allow_stream && (S <= 4 * static_cast<int64_t>(E) || S <= 16)) {
     path = Path::kStream;
+  } else if (wg_ok) {
+    path = Path::kWgmma;
   } else if (tc_ok) {
     path = Path::kTiled;
   } else {
     path = Path::kSimt;
+  }
+
+  if (path == Path::kWgmma) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(nout, gated ? wg::BN / 2 : wg::BN)), static_cast<unsigned>(tiles_m));
+    auto go = [&](auto tag) {
+      using T = decltype(tag);
+      if (gated) {
+        if (gather) launch_wg<T, true, true>(p, grid);
+        else launch_wg<T, true, false>(p, grid);
+      } else {
+        if (gather) launch_wg<T, false, true>(p, grid);
+        else launch_wg<T, false, false>(p, grid);
+      }
+    };
+    if (dt == at::kBFloat16) go(__nv_bfloat16{});
+    else go(__half{});
+    return;
   }
 
   if (path == Path::kTiled) {

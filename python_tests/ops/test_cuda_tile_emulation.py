@@ -298,3 +298,140 @@ def test_grad_w_tile_math():
     assert not np.isnan(out).any()
     np.testing.assert_allclose(out, want, rtol=1e-9, atol=1e-9)
     assert (out[1] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hopper wgmma kernel (wgmma_grouped_kernel): swizzled cp.async writes, descriptor reads, accumulator layout
+# ---------------------------------------------------------------------------------------------------------------
+WG_BM, WG_BN, WG_BK = 128, 128, 64
+
+
+def wg_read_kmajor(smem_bytes, start, rows):
+    """A K-major operand of `rows` x 16 elements read through an sm90 descriptor with 128-byte swizzle:
+    8-row groups 1024 bytes apart (stride byte offset), rows 128 bytes apart, and the 16-byte chunk index within a
+    row XOR-ed with address bits 7-9 (the row within its 8-row group when the tile is 1024-byte aligned)."""
+    M = np.zeros((rows, 16))
+    for r in range(rows):
+        for k in range(16):
+            logical = start + (r // 8) * 1024 + (r % 8) * 128 + 2 * k
+            phys = logical ^ (((logical >> 7) & 7) << 4)
+            M[r, k] = smem_bytes[phys // 2]
+    return M
+
+
+def wg_accumulate(acc, A, B):
+    """acc[warp in warpgroup][lane][64] += A(64x16) @ B(128x16)^T in the wgmma m64nNk16 accumulator layout:
+    warp w holds rows 16w..16w+15; n8 chunk i -> d[4i], d[4i+1] at (row g, cols 8i+2t, +1), d[4i+2], d[4i+3] at
+    row g + 8."""
+    C = A @ B.T
+    for w in range(4):
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for i in range(16):
+                for q in range(2):
+                    acc[w, lane, 4 * i + q] += C[16 * w + g, 8 * i + 2 * t + q]
+                    acc[w, lane, 4 * i + 2 + q] += C[16 * w + g + 8, 8 * i + 2 * t + q]
+
+
+def run_wg_block(p, GATED, GATHER, bx, by, out):
+    ok_tile, ti = resolve_tile(p, False, bx, by, 0)
+    if not ok_tile:
+        return
+    A, Bw = p["a"], p["b"]
+    I = p["N"] // 2
+    n0 = bx * (WG_BN // 2 if GATED else WG_BN)
+    b_off = ti["e"] * p["b_es"]
+    lda, ldb = p["a_sm"], p["b_sn"]
+    desc = []
+    for tid in range(256):
+        for i in range(4):
+            c = tid + i * 256
+            r, ch = c >> 3, c & 7
+            d = dict(kc=ch * 8, dst=r * 128 + ((ch ^ (r & 7)) << 4))
+            m = ti["m0"] + r
+            d["a_ok"] = m < ti["m_end"]
+            src_row = m
+            if GATHER:
+                src_row = p["gather"][m] // p["gather_div"] if d["a_ok"] else 0
+            d["a_base"] = src_row * lda + d["kc"]
+            if GATED:
+                cc = n0 + (r & 63)
+                d["b_ok"], n = cc < I, (r >> 6) * I + cc
+            else:
+                n = n0 + r
+                d["b_ok"] = n < p["N"]
+            d["b_base"] = n * ldb + d["kc"]
+            desc.append(d)
+    acc = np.zeros((2, 4, 32, 64))  # [warpgroup][warp][lane][64]
+    KT = (ti["k_end"] + WG_BK - 1) // WG_BK
+    for kt in range(KT):
+        sA = np.full(WG_BM * WG_BK, np.nan)
+        sB = np.full(WG_BN * WG_BK, np.nan)
+        kk0 = kt * WG_BK
+        for d in desc:
+            k_ok = kk0 + d["kc"] < ti["k_end"]
+            j = d["dst"] // 2
+            if d["a_ok"] and k_ok:
+                sA[j: j + 8] = A[d["a_base"] + kk0: d["a_base"] + kk0 + 8]
+            else:
+                sA[j: j + 8] = 0.0
+            if d["b_ok"] and k_ok:
+                src = b_off + d["b_base"] + kk0
+                sB[j: j + 8] = Bw[src: src + 8]
+            else:
+                sB[j: j + 8] = 0.0
+        for wgi in range(2):
+            for s in range(WG_BK // 16):
+                Am = wg_read_kmajor(sA, wgi * 64 * 128 + s * 32, 64)
+                Bm = wg_read_kmajor(sB, s * 32, 128)
+                wg_accumulate(acc[wgi], Am, Bm)
+    nout = I if GATED else p["N"]
+    for wgi in range(2):
+        for wi in range(4):
+            for lane in range(32):
+                g, t4 = lane >> 2, lane & 3
+                for h in range(2):
+                    row = ti["m0"] + wgi * 64 + wi * 16 + g + h * 8
+                    if row >= ti["m_end"]:
+                        continue
+                    a = acc[wgi, wi, lane]
+                    for i in range(8 if GATED else 16):
+                        col = n0 + i * 8 + 2 * t4
+                        for q in range(2):
+                            if col + q >= nout:
+                                continue
+                            if GATED:
+                                v = silu(a[4 * i + 2 * h + q]) * a[4 * (i + 8) + 2 * h + q]
+                            else:
+                                v = a[4 * i + 2 * h + q]
+                            out[row * p["ldo"] + col + q] = v
+
+
+@pytest.mark.parametrize("gated,gather", [(False, False), (True, True)])
+def test_wgmma_forward_tile_math(gated, gather):
+    rng = np.random.default_rng(4)
+    counts = [3, 0, 133, 2]
+    E, K, N = len(counts), 80, (144 if gated else 136)
+    offs = offsets_of(counts)
+    S = offs[-1]
+    k_top = 2
+    T_src = (S + k_top - 1) // k_top + 1 if gather else S
+    x = rng.standard_normal((T_src, K))
+    gidx = rng.permutation(T_src * k_top)[:S] if gather else None
+    a_logical = x[gidx // k_top] if gather else x
+    w = rng.standard_normal((E, N, K))
+    nout = N // 2 if gated else N
+    p = dict(a=x.reshape(-1), a_sm=K, a_sk=1, gather=gidx, gather_div=k_top, b=w.reshape(-1), b_es=N * K, b_sn=K,
+             b_sk=1, offsets=offs, E=E, M=S, N=N, Kred=K, ldo=nout, out_es=0)
+    out = np.full(S * nout, np.nan)
+    for by in range(math.ceil(S / WG_BM) + E):
+        for bx in range(math.ceil(nout / (WG_BN // 2 if gated else WG_BN))):
+            run_wg_block(p, gated, gather, bx, by, out)
+    out = out.reshape(S, nout)
+    want = np.zeros((S, nout))
+    for e in range(E):
+        lo, hi = offs[e], offs[e + 1]
+        h = a_logical[lo:hi] @ w[e].T
+        want[lo:hi] = silu(h[:, : N // 2]) * h[:, N // 2:] if gated else h
+    assert not np.isnan(out).any(), "unwritten output elements"
+    np.testing.assert_allclose(out, want, rtol=1e-9, atol=1e-9)
