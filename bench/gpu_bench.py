@@ -308,9 +308,9 @@ def roofline():
         nsets = int(min(8, max(2, math.ceil(256e6 / (E * expert_bytes)))))
         MD.append(f"\n**{name}**, bf16, {nsets} weight sets rotated (L2 cold). Floor = max(FLOPs / {peak:.0f} "
                   f"TFLOP/s, bytes / {bw:.2f} TB/s), bytes = touched experts' weights + x + out.\n")
-        MD.append("| T | ours (us) | ours graph (us) | tf grouped_mm (us) | eager loop (us) | speedup vs tf | "
-                  "weight TB/s | TFLOP/s | x floor | rel err vs tf |")
-        MD.append("|---|---|---|---|---|---|---|---|---|---|")
+        MD.append("| T | ours (us) | ours graph (us) | ours wgmma (us) | tf grouped_mm (us) | eager loop (us) | "
+                  "speedup vs tf | weight TB/s | TFLOP/s | x floor | rel err vs tf (wgmma) |")
+        MD.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for T in TS:
             x, sets, wts, ids, _ = make_layer(T, H, I, E, k, nsets, seed=T)
             inputs = [(x, w1, w2, wts, ids) for (w1, w2) in sets]
@@ -320,6 +320,14 @@ def roofline():
             err = rel_err(ours(inputs[0]), tf(inputs[0]))
             est = timed(ours, inputs, 3, warmup=1)
             t_ours = timed(ours, inputs, reps_for(est))
+            t_wg, err_wg = None, None
+            if T >= 64:  # the Hopper wgmma kernel (opt-in until validated here)
+                os.environ["EUREKA_FAST_GEMM"] = "wgmma"
+                try:
+                    err_wg = rel_err(ours(inputs[0]), tf(inputs[0]))
+                    t_wg = timed(ours, inputs, reps_for(est))
+                finally:
+                    os.environ.pop("EUREKA_FAST_GEMM", None)
             est = timed(tf, inputs, 3, warmup=1)
             t_tf = timed(tf, inputs, reps_for(est))
             t_loop = None
@@ -345,19 +353,23 @@ def roofline():
             wbytes = touched * expert_bytes
             nbytes = wbytes + 2 * T * H * 2
             flops = 6.0 * T * k * H * I
-            best = min(t for t in (t_ours, t_graph) if t is not None)
+            best = min(t for t in (t_ours, t_graph, t_wg) if t is not None)
             floor_ms = max(flops / (peak * 1e9), nbytes / (bw * 1e9))
             row = {"shape": name, "T": T, "ours_us": t_ours * 1e3, "ours_graph_us": None if t_graph is None else
-                   t_graph * 1e3, "tf_grouped_mm_us": t_tf * 1e3, "eager_loop_us": None if t_loop is None else
+                   t_graph * 1e3, "ours_wgmma_us": None if t_wg is None else t_wg * 1e3, "rel_err_wgmma": err_wg,
+                   "tf_grouped_mm_us": t_tf * 1e3, "eager_loop_us": None if t_loop is None else
                    t_loop * 1e3, "speedup_vs_tf": t_tf / t_ours, "weight_TBps": wbytes / (best * 1e9),
                    "TFLOPs": flops / (best * 1e9), "x_floor": best / floor_ms, "rel_err_vs_tf": err,
+                   "speedup_best_vs_tf": t_tf / best,
                    "touched_experts": touched}
             out_rows.append(row)
             f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-            MD.append(f"| {T} | {t_ours * 1e3:.1f} | {f(row['ours_graph_us'])} | {t_tf * 1e3:.1f} | "
-                      f"{f(row['eager_loop_us'])} | {t_tf / t_ours:.2f}x | {row['weight_TBps']:.2f} | "
-                      f"{row['TFLOPs']:.0f} | {row['x_floor']:.2f} | {err:.1e} |")
-            log(f"{name[:12]} T={T}: ours {t_ours * 1e3:.1f} us (graph {f(row['ours_graph_us'])}), tf "
+            e_wg = "" if err_wg is None else f" ({err_wg:.1e})"
+            MD.append(f"| {T} | {t_ours * 1e3:.1f} | {f(row['ours_graph_us'])} | {f(row['ours_wgmma_us'])} | "
+                      f"{t_tf * 1e3:.1f} | {f(row['eager_loop_us'])} | {t_tf / t_ours:.2f}x (best {t_tf / best:.2f}x) | "
+                      f"{row['weight_TBps']:.2f} | {row['TFLOPs']:.0f} | {row['x_floor']:.2f} | {err:.1e}{e_wg} |")
+            log(f"{name[:12]} T={T}: ours {t_ours * 1e3:.1f} us (graph {f(row['ours_graph_us'])}, wgmma "
+                f"{f(row['ours_wgmma_us'])}), tf "
                 f"{t_tf * 1e3:.1f} us, loop {f(row['eager_loop_us'])} us, {row['weight_TBps']:.2f} TB/s, "
                 f"{row['TFLOPs']:.0f} TFLOP/s, err {err:.1e}")
             del x, sets, inputs
@@ -376,17 +388,18 @@ def regimes():
             x, sets, wts, ids, _ = make_layer(T, H, I, E, k, 2, seed=100 + T)
             inputs = [(x, w1, w2, wts, ids) for (w1, w2) in sets]
             res = {}
-            for path in ("stream", "tiled"):
+            for path in ("stream", "tiled", "wgmma"):
                 os.environ["EUREKA_FAST_GEMM"] = path
                 res[path] = timed(lambda a: ops.fused_experts(*a, "silu"), inputs, 50) * 1e3
             os.environ.pop("EUREKA_FAST_GEMM", None)
-            rows.append((name.split(" (")[0], T, T * k / E, res["stream"], res["tiled"]))
+            rows.append((name.split(" (")[0], T, T * k / E, res["stream"], res["tiled"], res["wgmma"]))
             log(f"regime {name[:12]} T={T} rows/expert={T * k / E:.2f}: stream {res['stream']:.1f} us, "
-                f"tiled {res['tiled']:.1f} us")
-    R["regimes"] = [dict(shape=a, T=b, rows_per_expert=c, stream_us=d, tiled_us=e) for a, b, c, d, e in rows]
+                f"tiled {res['tiled']:.1f} us, wgmma {res['wgmma']:.1f} us")
+    R["regimes"] = [dict(shape=a, T=b, rows_per_expert=c, stream_us=d, tiled_us=e, wgmma_us=f)
+                    for a, b, c, d, e, f in rows]
     MD.append("\nKernel regimes (fused_experts forced onto each GEMM kernel; auto switches at S = T*k <= 4E):\n")
-    MD.append("| shape | T | rows/expert | streaming (us) | tiled (us) |\n|---|---|---|---|---|")
-    MD.extend(f"| {a} | {b} | {c:.2f} | {d:.1f} | {e:.1f} |" for a, b, c, d, e in rows)
+    MD.append("| shape | T | rows/expert | streaming (us) | tiled mma.sync (us) | wgmma (us) |\n|---|---|---|---|---|---|")
+    MD.extend(f"| {a} | {b} | {c:.2f} | {d:.1f} | {e:.1f} | {f:.1f} |" for a, b, c, d, e, f in rows)
     MD.append("")
 
 
@@ -401,6 +414,12 @@ def backward():
     fwd = lambda _: ops.grouped_mm(a, w1, offs, "silu_mul")  # noqa: E731
     bwd = lambda _: ops.grouped_mm_backward(g, a, w1, offs, "silu_mul")  # noqa: E731
     t_f = timed(fwd, [None], 30)
+    os.environ["EUREKA_FAST_GEMM"] = "wgmma"
+    try:
+        t_fw = timed(fwd, [None], 30)
+        err_fw = rel_err(fwd(None), ops.grouped_mm(a.float(), w1.float(), offs, "silu_mul"))
+    finally:
+        os.environ.pop("EUREKA_FAST_GEMM", None)
     t_b = timed(bwd, [None], 20)
     flops = 2.0 * a.shape[0] * 2 * I * H
     offs32 = offs[1:].int()
@@ -423,12 +442,14 @@ def backward():
     ea, ew = rel_err(ga, aa.grad), rel_err(gw, ww.grad)
     R["backward"] = {"fwd_us": t_f * 1e3, "fwd_TFLOPs": flops / (t_f * 1e9), "bwd_us": t_b * 1e3,
                      "fwd_bwd_TFLOPs": 3 * flops / ((t_f + t_b) * 1e9), "torch_grouped_mm_fwd_bwd_us": t_tf * 1e3,
-                     "grad_a_rel_err": ea, "grad_w_rel_err": ew}
+                     "grad_a_rel_err": ea, "grad_w_rel_err": ew, "fwd_wgmma_us": t_fw * 1e3,
+                     "fwd_wgmma_TFLOPs": flops / (t_fw * 1e9), "fwd_wgmma_rel_err": err_fw}
     log(f"gate_up grouped_mm T={T}: fwd {t_f * 1e3:.0f} us ({flops / (t_f * 1e9):.0f} TFLOP/s), bwd "
         f"{t_b * 1e3:.0f} us, fwd+bwd {3 * flops / ((t_f + t_b) * 1e9):.0f} TFLOP/s; torch fwd+bwd {t_tf * 1e3:.0f} us; "
         f"grad errs {ea:.1e} {ew:.1e}")
     MD.append(f"Backward (gate_up grouped_mm + SiLU-gate, Qwen3 shape, T=4096): forward {t_f * 1e3:.0f} us "
-              f"({flops / (t_f * 1e9):.0f} TFLOP/s), backward {t_b * 1e3:.0f} us; fwd+bwd "
+              f"({flops / (t_f * 1e9):.0f} TFLOP/s; wgmma {t_fw * 1e3:.0f} us, {flops / (t_fw * 1e9):.0f} TFLOP/s, "
+              f"rel. err {err_fw:.1e}), backward {t_b * 1e3:.0f} us; fwd+bwd "
               f"{3 * flops / ((t_f + t_b) * 1e9):.0f} TFLOP/s vs torch grouped_mm autograd {t_tf * 1e3:.0f} us; "
               f"grad rel. errors dA {ea:.1e}, dW {ew:.1e}.\n")
 

@@ -56,7 +56,7 @@ for T, E, k in [(0, 4, 2), (1, 8, 2), (33, 8, 8), (3000, 128, 8)]:
 # grouped GEMM on every path, forward and backward
 shapes = [([3, 0, 5, 1], 64, 96, 2), ([0, 40, 0], 128, 256, 0), ([1] * 8, 256, 512, 0), ([70, 130, 1], 72, 136, 1),
           ([5, 9], 20, 30, 3)]
-for path in ("stream", "tiled", "simt", ""):
+for path in ("stream", "tiled", "wgmma", "simt", ""):
     os.environ["EUREKA_FAST_GEMM"] = path
     for counts, K, N, tail in shapes:
         E = len(counts)

@@ -2,7 +2,7 @@
 
 Skipped unless a CUDA device is present and the extension was built with its CUDA kernels. The ops are called
 through torch.ops.eureka_fast directly so that these tests cover the CUDA kernels themselves; every grouped-GEMM
-case runs on each kernel path (EUREKA_FAST_GEMM=stream|tiled|simt, and the automatic choice).
+case runs on each kernel path (EUREKA_FAST_GEMM=stream|tiled|wgmma|simt, and the automatic choice).
 Integer outputs must match exactly; float outputs are compared by ||out - ref|| / ||ref||.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.cuda]
 
 ops = torch.ops.eureka_fast
 DEV = "cuda"
-PATHS = ["auto", "stream", "tiled", "simt"]
+PATHS = ["auto", "stream", "tiled", "wgmma", "simt"]  # wgmma falls back to auto where it does not apply
 
 
 @pytest.fixture
