@@ -163,3 +163,13 @@ def test_logits_only_at_target_positions_give_the_same_loss(train_manifest, proc
                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
     torch.testing.assert_close(token_cross_entropy_sum(kept, batch["labels"], positions), ref)
     torch.testing.assert_close(token_cross_entropy_sum(full, batch["labels"]), ref)
+
+
+def test_gradient_checkpointing_gives_the_same_training(train_manifest, tmp_path, processor):
+    cfg = base_config(train_manifest, str(tmp_path / "plain"), max_steps=2, freeze=["audio_encoder"])
+    plain = _trainer(cfg, processor=processor).train().losses
+    cfg["output"]["dir"] = str(tmp_path / "ckpt")
+    cfg["train"]["gradient_checkpointing"] = True
+    trainer = _trainer(cfg, processor=processor)
+    assert trainer.base_model.language_model.is_gradient_checkpointing
+    assert trainer.train().losses == pytest.approx(plain, rel=1e-5)
