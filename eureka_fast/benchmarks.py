@@ -1,0 +1,301 @@
+"""Benchmark tables for the op library: `eureka-audio bench` (quick sizes) and bench/moe.py, bench/downsample.py
+(full sizes, recorded in bench/RESULTS.md).
+
+Every table measures its baselines and its roofline in the same run, interleaved with our op (round-robin over the
+methods, best of several repeats), so ratios stay meaningful on a noisy, shared machine.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# (T, H, I, E, k): the Eureka adapter at 4 x 30 s clips and at one clip, then Qwen-style many-expert shapes from
+# decode (T=1) to prefill.
+MOE_SHAPES: List[Tuple[int, int, int, int, int]] = [
+    (1500, 2048, 1280, 8, 4),
+    (375, 2048, 1280, 8, 4),
+    (1, 1024, 512, 64, 8),
+    (64, 1024, 512, 64, 8),
+    (1024, 1024, 512, 64, 8),
+    (4096, 1024, 512, 64, 8),
+]
+# Same regimes at a quarter of the widths (and fewer tokens) for `eureka-audio bench`.
+MOE_SHAPES_QUICK: List[Tuple[int, int, int, int, int]] = [
+    (375, 512, 320, 8, 4),
+    (1, 256, 128, 64, 8),
+    (64, 256, 128, 64, 8),
+    (1024, 256, 128, 64, 8),
+]
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Best wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def interleaved_best(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Best time per method, running the methods round-robin so they see the same machine load."""
+    for fn in methods.values():  # warm-up (allocations, first-call dispatch)
+        fn()
+    best = {name: math.inf for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+@dataclass
+class MachineRates:
+    gemm_flops: float  # fp32 GEMM FLOP/s (torch.mm)
+    bandwidth: float  # bytes/s of a large copy (read + write)
+
+    def roofline(self, flops: float, bytes_moved: float) -> float:
+        return max(flops / self.gemm_flops, bytes_moved / self.bandwidth)
+
+
+def measure_rates(gemm_n: int = 2048, copy_mib: int = 256, repeats: int = 3) -> MachineRates:
+    """fp32 GEMM rate and memory bandwidth, measured now (best of `repeats`)."""
+    a, b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
+    t_mm = best_time(lambda: torch.mm(a, b), repeats)
+    src = torch.randn(copy_mib * 1024 * 1024 // 4)
+    dst = torch.empty_like(src)
+    t_copy = best_time(lambda: dst.copy_(src), repeats)
+    return MachineRates(2.0 * gemm_n**3 / t_mm, 2.0 * src.numel() * 4 / t_copy)
+
+
+def merge_rates(*rates: MachineRates) -> MachineRates:
+    """The best rates seen (the machine's capability when it was least disturbed)."""
+    return MachineRates(max(r.gemm_flops for r in rates), max(r.bandwidth for r in rates))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MoE expert layer
+# --------------------------------------------------------------------------------------------------------------
+def eager_expert_loop(x, w_gate_up, w_down, weights, ids):
+    """The transformers 5 eager experts forward (Qwen3MoeExperts / MixtralExperts): one_hot mask, loop over hit
+    experts, gather, two Linear calls, index_add."""
+    E = w_gate_up.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(ids.long(), num_classes=E).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        pos, tok = torch.where(mask[e])
+        gate, up = F.linear(x[tok], w_gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_down[e]) * weights[tok, pos, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def torch_grouped_mm_experts(x, w_gate_up, w_down, weights, ids):
+    """The same layer on torch._grouped_mm (sort, gather, two grouped GEMMs, weighted index_add)."""
+    E, k = w_gate_up.shape[0], ids.shape[1]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    tok = order // k
+    h = torch._grouped_mm(x[tok], w_gate_up.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)
+    y = y * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+@dataclass
+class MoERow:
+    shape: Tuple[int, int, int, int, int]
+    times: Dict[str, float]
+    flops: float  # 2 * T * k * 3 * H * I
+    bytes_moved: float  # expert weights touched + x + out
+    routing: float  # route_topk + moe_plan + permute + combine
+    notes: List[str] = field(default_factory=list)
+
+
+def bench_moe_shape(shape, repeats: int = 3, seed: int = 0) -> MoERow:
+    from . import ops
+
+    T, H, I, E, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)
+    w_down = torch.randn(E, H, I, generator=gen) / math.sqrt(I)
+    logits = torch.randn(T, E, generator=gen)
+    weights, ids = ops.route_topk(logits, k, renormalize=True)
+    y_sorted = torch.randn(T * k, H, generator=gen)
+    args = (x, w_gate_up, w_down, weights, ids)
+
+    def routing():
+        w, i = ops.route_topk(logits, k, renormalize=True)
+        plan = ops.moe_plan(i, E)
+        ops.permute(x, plan)
+        ops.combine(y_sorted, plan, w)
+
+    methods = {
+        "ours": lambda: ops.fused_experts(*args),
+        "eager": lambda: eager_expert_loop(*args),
+        "routing": routing,
+    }
+    notes = []
+    try:
+        torch_grouped_mm_experts(*args)
+        methods["torch._grouped_mm"] = lambda: torch_grouped_mm_experts(*args)
+    except (RuntimeError, AttributeError) as exc:  # unsupported on this build / shape
+        notes.append(f"torch._grouped_mm unavailable: {exc}")
+    with torch.inference_mode():
+        times = interleaved_best(methods, repeats)
+    touched = int(torch.unique(ids).numel())
+    flops = 2.0 * T * k * 3 * H * I
+    bytes_moved = touched * 3 * H * I * 4 + 2 * T * H * 4
+    routing_time = times.pop("routing")
+    return MoERow(shape, times, flops, bytes_moved, routing_time, notes)
+
+
+def format_moe_table(rows: Sequence[MoERow], rates: MachineRates) -> str:
+    lines = [
+        f"fp32, {torch.get_num_threads()} threads; measured GEMM {rates.gemm_flops / 1e9:.0f} GFLOP/s, "
+        f"copy bandwidth {rates.bandwidth / 1e9:.1f} GB/s (best seen in this run).",
+        "",
+        "| T, H, I, E, k | ours ms | eager loop ms | torch._grouped_mm ms | roofline ms | ours / roofline "
+        "| eager / ours | _grouped_mm / ours | routing+plan+permute+combine / ours |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ours, eager = r.times["ours"], r.times["eager"]
+        roofline = rates.roofline(r.flops, r.bytes_moved)
+        gmm = r.times.get("torch._grouped_mm")
+        lines.append(
+            f"| {', '.join(map(str, r.shape))} | {ours * 1e3:.2f} | {eager * 1e3:.2f} | "
+            f"{'n/a' if gmm is None else f'{gmm * 1e3:.2f}'} | {roofline * 1e3:.2f} | {ours / roofline:.2f}x | "
+            f"{eager / ours:.2f}x | {'n/a' if gmm is None else f'{gmm / ours:.2f}x'} | {100 * r.routing / ours:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def run_moe_table(shapes, repeats: int = 3, log: Optional[Callable[[str], None]] = None) -> Tuple[str, List[MoERow]]:
+    # The roofline uses the best GEMM rate and bandwidth measured before and after the shapes: on a shared machine
+    # that is the closest estimate of what the hardware can do.
+    rates_before = measure_rates()
+    rows = []
+    for shape in shapes:
+        rows.append(bench_moe_shape(shape, repeats))
+        if log:
+            log(f"  measured {shape}")
+    rates = merge_rates(rates_before, measure_rates())
+    return format_moe_table(rows, rates), rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Audio downsampling
+# --------------------------------------------------------------------------------------------------------------
+# name, preset, D (encoder width), out (LLM width), frames per clip (50 Hz encoder frames), clips
+DOWNSAMPLE_CASES = [
+    ("Eureka 4 x 30 s", "eureka", 1280, 2048, [1500, 1500, 1500, 1500]),
+    ("Eureka ragged 30/12/5/20 s", "eureka", 1280, 2048, [1500, 600, 250, 1000]),
+    ("Voxtral 4 x 30 s", "voxtral", 1280, 3072, [1500, 1500, 1500, 1500]),
+    ("Ultravox ragged", "ultravox", 1280, 2048, [1500, 600, 250, 1000]),
+    ("Qwen2-Audio pool", "qwen2-audio", 1280, None, [1500, 600, 250, 1000]),
+]
+DOWNSAMPLE_CASES_QUICK = [
+    ("Eureka 4 x 8 s (tiny width)", "eureka", 384, 512, [400, 400, 400, 400]),
+    ("Eureka ragged (tiny width)", "eureka", 384, 512, [400, 160, 60, 260]),
+    ("Ultravox ragged (tiny width)", "ultravox", 384, 512, [400, 160, 60, 260]),
+]
+
+
+def eager_downsample_chain(x, lengths, *, k, pool, norm, norm_weight=None, norm_bias=None, w1=None, b1=None,
+                           activation=None, w2=None, b2=None, eps=1e-5):
+    """What a model writes with torch modules: pad to a multiple of k, reshape (or avg-pool), norm, Linear, act,
+    Linear, then zero the padding rows of each clip."""
+    B, T, D = x.shape
+    T_out = -(-T // k)
+    h = F.pad(x, (0, 0, 0, T_out * k - T))
+    if pool == "stack":
+        h = h.reshape(B, T_out, k * D)
+    else:
+        h = F.avg_pool1d(h.transpose(1, 2), k, k).transpose(1, 2)
+    if norm == "layer":
+        h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
+    elif norm == "rms":
+        h = F.rms_norm(h, (h.shape[-1],), norm_weight, eps)
+    if w1 is not None:
+        h = F.linear(h, w1, b1)
+    if activation == "silu":
+        h = F.silu(h)
+    elif activation == "gelu":
+        h = F.gelu(h)
+    elif activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    if w2 is not None:
+        h = F.linear(h, w2, b2)
+    keep = torch.arange(T_out).unsqueeze(0) < ((lengths + k - 1) // k).unsqueeze(1)
+    return h * keep.unsqueeze(-1)
+
+
+def run_downsample_table(cases, repeats: int = 3) -> str:
+    from . import ops
+    from .ops.api import downsample_preset
+
+    lines = [
+        f"fp32, {torch.get_num_threads()} threads; time of one batch (all clips padded to the longest).",
+        "",
+        "| case | preset | B x T x D | ours ms | eager chain ms | eager / ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, preset_name, D, out, frames in cases:
+        gen = torch.Generator().manual_seed(0)
+        preset = downsample_preset(preset_name, D, out, generator=gen)
+        B, T = len(frames), max(frames)
+        x = torch.randn(B, T, D, generator=gen)
+        lengths = torch.tensor(frames)
+        ragged = any(f != T for f in frames)
+        ours_kwargs = dict(preset, lengths=lengths if ragged else None)
+        methods = {
+            "ours": lambda: ops.stack_norm_project(x, **ours_kwargs),
+            "eager": lambda: eager_downsample_chain(x, lengths, **preset),
+        }
+        with torch.inference_mode():
+            times = interleaved_best(methods, repeats)
+        lines.append(f"| {label} | {preset_name} | {B} x {T} x {D} | {times['ours'] * 1e3:.2f} | "
+                     f"{times['eager'] * 1e3:.2f} | {times['eager'] / times['ours']:.2f}x |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `eureka-audio bench`
+# --------------------------------------------------------------------------------------------------------------
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark the kernels on this machine (MoE layer, downsampling)")
+    p.add_argument("--quick", action="store_true", help="quick sizes (the default; under about a minute)")
+    p.add_argument("--full", action="store_true", help="the full shapes of bench/moe.py and bench/downsample.py")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (best is reported)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from . import ops
+
+    full = bool(args.full)
+    repeats = args.repeats or (3 if full else 3)
+    print(f"eureka_fast ops backend: {ops.backend()}  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print("\n## MoE expert layer (fused_experts vs the transformers eager loop and torch._grouped_mm)\n")
+    table, _ = run_moe_table(MOE_SHAPES if full else MOE_SHAPES_QUICK, repeats)
+    print(table)
+    print("\n## Fused audio downsampling (stack_norm_project vs the eager module chain)\n")
+    print(run_downsample_table(DOWNSAMPLE_CASES if full else DOWNSAMPLE_CASES_QUICK, repeats))
+    return 0
