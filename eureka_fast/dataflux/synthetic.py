@@ -43,7 +43,7 @@ FEMALE_VOICES = ("f1", "f2", "f3", "f4", "f5")
 # (measured: male -p15 ~70-85 Hz, -p60 ~100-118 Hz, -p92 ~140-160 Hz;
 #            female -p15 ~130-165 Hz, -p55 ~190-225 Hz, -p92 ~280-320 Hz).
 PITCH_SETTINGS = {"male": (15, 60, 92), "female": (15, 55, 92)}
-SPEED_SETTINGS = (80, 145, 270)  # espeak words per minute: slow, normal, fast at the 2.0 / 3.5 w/s bands
+SPEED_SETTINGS = (80, 135, 270)  # espeak words per minute: slow, normal, fast at the 2.0 / 3.5 w/s bands
 # extra gap between words (espeak -g, units of 10 ms) per speed: espeak's slowest speed alone still lands near 2 w/s
 WORD_GAP = {80: 6}
 NOISE_SETTINGS = (None, 30.0, 10.0, 5.0)  # SNR dB; None = no noise
