@@ -406,3 +406,23 @@ def _encoder_dims(encoder: nn.Module) -> dict:
         raise ValueError("the Whisper encoder has no .dims; build it with eureka_fast.models.whisper")
     return dict(n_mels=dims.n_mels, n_audio_ctx=dims.n_audio_ctx, n_audio_state=dims.n_audio_state,
                 n_audio_head=dims.n_audio_head, n_audio_layer=dims.n_audio_layer)
+
+
+def _register_auto_classes() -> None:
+    """AutoConfig / AutoModelForCausalLM resolve saved Eureka-Audio directories once eureka_fast.models is imported."""
+    from transformers import AutoConfig
+
+    from .configuration_eureka import EurekaAdapterConfig
+
+    for config_cls in (EurekaAudioConfig, EurekaAudioEncoderConfig, EurekaAdapterConfig):
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+        except ValueError:  # already registered (module reloaded)
+            pass
+    try:
+        AutoModelForCausalLM.register(EurekaAudioConfig, EurekaAudioForCausalLM)
+    except ValueError:
+        pass
+
+
+_register_auto_classes()

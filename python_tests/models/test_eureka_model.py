@@ -232,6 +232,9 @@ def test_num_return_sequences_repeats_each_requests_audio(tiny_eureka_model, tin
 def test_save_and_load_round_trip(tiny_eureka_model, tiny_eureka_processor, wav_dir, tmp_path):
     tiny_eureka_model.save_pretrained(tmp_path)
     loaded = EurekaAudioForCausalLM.from_pretrained(tmp_path).eval()
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is EurekaAudioForCausalLM
     a, b = tiny_eureka_model.state_dict(), loaded.state_dict()
     assert set(a) == set(b)
     for k in a:
@@ -302,20 +305,25 @@ def test_from_components(tmp_path, tiny_eureka_processor, wav_dir):
     lm = Qwen3ForCausalLM(text_config)
     lm_dir = tmp_path / "llm"
     lm.save_pretrained(lm_dir)
-    from eureka_fast.models import build_tiny_tokenizer
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     # a tokenizer without the audio tokens: the GPT-2 part + <|endoftext|> + im tokens only
-    full = build_tiny_tokenizer()
-    raw = Tokenizer.from_str(full.backend_tokenizer.to_str())
+    import json
+
+    spec = json.loads(tiny_eureka_processor.tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"]
+                            if t["content"] in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+    raw = Tokenizer.from_str(json.dumps(spec))
+    assert raw.get_vocab_size() == 50259 and raw.token_to_id("<|audio_pad|>") is None
     base_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     base_tok.save_pretrained(lm_dir)
 
     model, tok = EurekaAudioForCausalLM.from_components(whisper=str(whisper_path), llm=str(lm_dir),
                                                         adapter_config={"num_experts": 4, "top_k": 2})
     assert model.config.audio_config.n_audio_state == 64 and model.config.adapter_config.num_experts == 4
-    assert model.config.audio_pad_token_id == tok.convert_tokens_to_ids("<|audio_pad|>")
+    assert model.config.audio_pad_token_id == tok.convert_tokens_to_ids("<|audio_pad|>") >= 50259  # added
+    assert len(tok) == 50262 and model.config.text_vocab_size == 50262
     assert model.language_model.config.vocab_size >= len(tok)
     # the pretrained parts keep their weights
     ref_encoder = load_whisper_encoder(str(whisper_path))
