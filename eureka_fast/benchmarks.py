@@ -6,7 +6,10 @@ methods, best of several repeats), so ratios stay meaningful on a noisy, shared 
 """
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -274,6 +277,32 @@ def run_downsample_table(cases, repeats: int = 3) -> str:
         lines.append(f"| {label} | {preset_name} | {B} x {T} x {D} | {times['ours'] * 1e3:.2f} | "
                      f"{times['eager'] * 1e3:.2f} | {times['eager'] / times['ours']:.2f}x |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------------------------
+def record_section(key: str, title: str, table: str, path: str) -> None:
+    """Writes one table into a results markdown file (bench/RESULTS.md) between its own markers, leaving every
+    other section alone; a new table goes at the end of the "## Ops" section."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    block = f"{begin}\n### {title}\n\nRecorded {stamp} on {platform.processor() or platform.machine()}.\n\n{table}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif "## Ops" in text:  # first record of this table: append at the end of the Ops section
+        head, rest = text.split("## Ops", 1)
+        nxt = rest.find("\n## ")
+        if nxt < 0:
+            text = head + "## Ops" + rest.rstrip("\n") + "\n\n" + block + "\n"
+        else:
+            text = head + "## Ops" + rest[:nxt].rstrip("\n") + "\n\n" + block + "\n" + rest[nxt:]
+    else:
+        text = text.rstrip("\n") + "\n\n## Ops\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 # --------------------------------------------------------------------------------------------------------------
