@@ -89,40 +89,48 @@ def bench_config(name, args, device, dtype):
     # adapter input: the encoder frames of the prompt's window(s), computed once
     with torch.no_grad():
         frames = model.audio_encoder(inputs["input_features"])
-    rows = {}
-    for mode in ("fast", "reference"):
-        model.set_reference_ops(mode == "reference")
-        with torch.no_grad():
-            def adapter_only():
-                fused = model.adapter.fuse(frames)
-                model.adapter.mix(fused.reshape(-1, fused.shape[-1])[:n_audio])
+    n_decode = args.decode_tokens
 
-            def prefill():
-                return model(**inputs, use_cache=True)
+    def adapter_only():
+        fused = model.adapter.fuse(frames)
+        model.adapter.mix(fused.reshape(-1, fused.shape[-1])[:n_audio])
 
+    def prefill():
+        return model(**inputs, use_cache=True)
+
+    def decode():
+        out = model(**inputs, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+        mask = inputs["attention_mask"]
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            cache = step.cache
+            token = step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    # The two modes alternate inside every repeat, so load drifts on a shared machine hit both alike.
+    samples = {mode: dict(adapter=[], prefill=[], decode=[]) for mode in ("fast", "reference")}
+    with torch.no_grad():
+        for mode in ("fast", "reference"):  # warm-up
+            model.set_reference_ops(mode == "reference")
             adapter_only()
-            prefill()  # warm-up
-            t_adapter = _timed(adapter_only, device, args.repeats)
-            t_prefill = _timed(prefill, device, args.repeats)
-
-            def decode():
-                out = model(**inputs, use_cache=True)
-                cache = out.cache
-                token = out.logits[:, -1:].argmax(-1)
-                mask = inputs["attention_mask"]
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(args.decode_tokens):
-                    mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
-                    step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-                    cache = step.cache
-                    token = step.logits[:, -1:].argmax(-1)
-                _sync(device)
-                return time.perf_counter() - t0
-
-            t_decode = statistics.median(decode() for _ in range(max(1, args.repeats // 2)))
+            prefill()
+        for _ in range(args.repeats):
+            for mode in ("fast", "reference"):
+                model.set_reference_ops(mode == "reference")
+                samples[mode]["adapter"].append(_timed(adapter_only, device, 1))
+                samples[mode]["prefill"].append(_timed(prefill, device, 1))
+                samples[mode]["decode"].append(decode())
+    rows = {}
+    for mode, s in samples.items():
+        t_adapter, t_prefill, t_decode = (statistics.median(s[k]) for k in ("adapter", "prefill", "decode"))
         rows[mode] = dict(adapter_ms=1e3 * t_adapter, prefill_ms=1e3 * t_prefill,
-                          prefill_tok_s=n_prompt / t_prefill, decode_tok_s=args.decode_tokens / t_decode)
+                          prefill_tok_s=n_prompt / t_prefill, decode_tok_s=n_decode / t_decode)
     model.set_reference_ops(False)
     ratio = {k: rows["reference"][k] / rows["fast"][k] for k in ("adapter_ms", "prefill_ms")}
     ratio.update({k: rows["fast"][k] / rows["reference"][k] for k in ("prefill_tok_s", "decode_tok_s")})
