@@ -154,15 +154,34 @@ def _as_tensor(audio: Any) -> torch.Tensor:
     if tensor.numel() == 0:
         raise AudioError("<array>: clip has zero samples")
     tensor = tensor.to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
+    # A sum is finite iff no sample is NaN/inf, unless finite samples overflow it (|x| ~ 1e33, not audio): one
+    # reduction instead of a boolean mask over the clip; the exact test decides only when the sum is not finite.
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise AudioError("<array>: clip contains NaN or infinite samples")
     return tensor
 
 
+MEL_GROUPS = 8
+
+
 @lru_cache(maxsize=None)
-def _interleaved_mel_filters(n_mels: int, device: str) -> torch.Tensor:
-    """[n_mels, 2 * 201]: each filter weight repeated for the real and the imaginary part of its FFT bin."""
-    return mel_filters(n_mels, device).repeat_interleave(2, dim=1).contiguous()
+def _banded_mel_filters(n_mels: int, device: str) -> tuple:
+    """The filter bank as MEL_GROUPS dense blocks over the columns each group of filters touches.
+
+    Columns are interleaved (re, im) pairs: each filter weight is repeated for the real and the imaginary part of
+    its FFT bin, so that one GEMM over squared pairs sums |z|^2 into the mel bins. Slaney filters are narrow and
+    local (each FFT bin feeds at most two of them), so multiplying each group of consecutive filters only by the
+    columns it touches does about an eighth of the dense multiply-adds, with the exact same products and sums.
+    Returns ((mel_start, mel_stop, column_start, column_stop, weights [mel_stop - mel_start, width]), ...).
+    """
+    interleaved = mel_filters(n_mels, device).repeat_interleave(2, dim=1)
+    bounds = np.linspace(0, n_mels, MEL_GROUPS + 1).astype(int)
+    blocks = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        touched = torch.nonzero(interleaved[start:stop].abs().sum(0)).flatten()
+        first, last = (int(touched[0]), int(touched[-1]) + 1) if touched.numel() else (0, 1)
+        blocks.append((int(start), int(stop), first, last, interleaved[start:stop, first:last].contiguous()))
+    return tuple(blocks)
 
 
 def _reflect_pad(waveform: torch.Tensor, pad: int) -> torch.Tensor:
@@ -181,8 +200,8 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
 
     Equal to torch.stft(center=True, reflect, periodic Hann) -> |.|^2 -> mel, computed frame-major: the frames are
     strided views of the padded signal, the dropped last frame is never transformed, and |z|^2 summed into mel bins
-    is one GEMM over the squared (re, im) pairs against filters repeated per pair, instead of strided re*re+im*im
-    passes (which do not vectorise) followed by a second GEMM.
+    is a GEMM over the squared (re, im) pairs against filters repeated per pair, instead of strided re*re+im*im
+    passes (which do not vectorise) followed by a second GEMM; the GEMM is banded (see _banded_mel_filters).
     """
     if waveform.numel() <= N_FFT // 2:
         raise AudioError("<array>: %d samples are too few for a 400-point STFT with reflect padding"
@@ -194,7 +213,10 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
     spectrum = torch.fft.rfft(frames * _hann_window(device), dim=-1)  # [F, 201] complex
     squares = torch.view_as_real(spectrum)
     squares.mul_(squares)
-    mel = _interleaved_mel_filters(n_mels, device) @ squares.view(num_frames, -1).t()  # [n_mels, F]
+    pairs = squares.view(num_frames, -1)  # [F, 402]: re^2, im^2 of bin 0, then of bin 1, ...
+    mel = torch.empty(n_mels, num_frames, dtype=pairs.dtype, device=pairs.device)
+    for start, stop, first, last, weights in _banded_mel_filters(n_mels, device):
+        torch.mm(weights, pairs[:, first:last].t(), out=mel[start:stop])
     return mel.clamp_(min=LOG_FLOOR).log10_()
 
 

@@ -308,3 +308,13 @@ def test_reduced_precision_and_autocast(openai_checkpoint):
             assert out.dtype == dtype
             assert (out.float() - expected).abs().max().item() < tolerance
     assert (autocast_out.float() - expected).abs().max().item() < 0.1
+
+
+@needs_tiny
+def test_tiny_en_long_audio_is_decoded_window_by_window(tiny_model, espeak_sentence):
+    audio, _ = espeak_sentence
+    assert len(audio) < 16000 * 30
+    # Sentence, silence up to the 30 s boundary, sentence again: two windows, both transcribed, nothing dropped.
+    long_audio = np.concatenate([audio, np.zeros(16000 * 30 - len(audio), np.float32), audio])
+    text = normalise(tiny_model.transcribe(long_audio))
+    assert text.count("bring these things") == 2, text
