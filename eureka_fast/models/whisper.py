@@ -490,7 +490,7 @@ class WhisperModel(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint reading. Every format is first mapped to openai-whisper's state-dict names (per-projection q/k/v), then
-# fused into ours by `_to_our_names`.
+# fused into ours by `_openai_to_ours`.
 
 
 def _openai_to_ours(sd: dict[str, Tensor], dims: WhisperDims, with_decoder: bool) -> dict[str, Tensor]:
@@ -625,8 +625,9 @@ def read_ctranslate2_model_bin(path: str) -> tuple[str, dict[str, np.ndarray]]:
 
     Layout: u32 version, string spec name, u32 revision, u32 count, then per variable: string name, u8 rank,
     u32 dims[rank], u8 dtype, u32 byte count, raw bytes; then u32 alias count and (alias, target) string pairs.
-    Strings are u16 length (with the trailing NUL) + bytes. bfloat16 arrays are returned as uint16 bit patterns
-    tagged in the name map under the same key with dtype uint16; use `_ct2_to_tensor` to convert.
+    Strings are u16 length (with the trailing NUL) + bytes. Arrays keep their stored dtype (float32, float16,
+    int8, int16, int32) except bfloat16, which numpy lacks and which is widened to float32. Aliases (e.g. the output
+    projection tied to the embeddings) map to the same array.
     """
     with open(path, "rb") as fh:
         buf = fh.read()
