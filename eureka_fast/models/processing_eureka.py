@@ -179,6 +179,12 @@ def _audio_source(item: dict, where: str):
             raise MessageFormatError(f"{where}: an audio_url item needs {{'audio_url': {{'url': path | http(s) URL | "
                                      f"data URI}}}}, got {item!r:.200}")
         return value
+    if kind == "input_audio":  # OpenAI chat style: {"input_audio": {"data": base64, "format": "wav"}}
+        value = item.get("input_audio")
+        if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+            raise MessageFormatError(f"{where}: an input_audio item needs {{'input_audio': {{'data': base64, "
+                                     f"'format': 'wav'}}}}, got {item!r:.200}")
+        return f"data:audio/{value.get('format') or 'wav'};base64,{value['data']}"
     # transformers style: {"type": "audio", "audio" | "path" | "url": ...}
     for key in ("audio", "path", "url"):
         if item.get(key) is not None:

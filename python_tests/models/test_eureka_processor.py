@@ -145,10 +145,12 @@ def test_audio_sources_data_uri_relative_path_array_and_url(tiny_eureka_processo
     by_path = p([{"role": "user", "content": [_audio_item(wav_dir / "tone.wav")]}])
     uri = "data:audio/wav;base64," + base64.b64encode(raw).decode()
     by_uri = p([{"role": "user", "content": [_audio_item(uri)]}])
+    by_input_audio = p([{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": base64.b64encode(raw).decode(), "format": "wav"}}]}])
     rel = p({"messages": [{"role": "user", "content": [_audio_item("tone.wav")]}]}, audio_base_dir=str(wav_dir))
     array, rate = sf.read(io.BytesIO(raw), dtype="float32")
     by_array = p([{"role": "user", "content": [{"type": "audio", "audio": (array, rate)}]}])
-    for other in (by_uri, rel, by_array):
+    for other in (by_uri, by_input_audio, rel, by_array):
         for key in ("input_ids", "token_type_ids", "input_features", "audio_token_counts"):
             assert torch.equal(by_path[key], other[key]), key
 
