@@ -384,22 +384,28 @@ def roofline():
 def regimes():
     rows = []
     for name, (H, I, E, k) in SHAPES.items():
-        for T in ((8, 32, 64, 128, 256) if E > 8 else (2, 8, 16, 32, 64)):
+        for T in ((8, 32, 64, 128, 256, 8192) if E > 8 else (2, 8, 16, 32, 64, 8192)):
             x, sets, wts, ids, _ = make_layer(T, H, I, E, k, 2, seed=100 + T)
             inputs = [(x, w1, w2, wts, ids) for (w1, w2) in sets]
             res = {}
-            for path in ("stream", "tiled", "wgmma"):
-                os.environ["EUREKA_FAST_GEMM"] = path
-                res[path] = timed(lambda a: ops.fused_experts(*a, "silu"), inputs, 50) * 1e3
+            res["stream"] = float("nan")
+            for path in (("tiled", "wgmma", "wgmma128") if T > 1024 else ("stream", "tiled", "wgmma", "wgmma128")):
+                os.environ["EUREKA_FAST_GEMM"] = path.replace("128", "")
+                if path == "wgmma128":
+                    os.environ["EUREKA_FAST_WG_BN"] = "128"
+                res[path] = timed(lambda a: ops.fused_experts(*a, "silu"), inputs, 20 if T > 1024 else 50) * 1e3
+                os.environ.pop("EUREKA_FAST_WG_BN", None)
             os.environ.pop("EUREKA_FAST_GEMM", None)
-            rows.append((name.split(" (")[0], T, T * k / E, res["stream"], res["tiled"], res["wgmma"]))
+            rows.append((name.split(" (")[0], T, T * k / E, res["stream"], res["tiled"], res["wgmma"],
+                         res["wgmma128"]))
             log(f"regime {name[:12]} T={T} rows/expert={T * k / E:.2f}: stream {res['stream']:.1f} us, "
-                f"tiled {res['tiled']:.1f} us, wgmma {res['wgmma']:.1f} us")
-    R["regimes"] = [dict(shape=a, T=b, rows_per_expert=c, stream_us=d, tiled_us=e, wgmma_us=f)
-                    for a, b, c, d, e, f in rows]
+                f"tiled {res['tiled']:.1f} us, wgmma {res['wgmma']:.1f} us (BN=128: {res['wgmma128']:.1f})")
+    R["regimes"] = [dict(shape=a, T=b, rows_per_expert=c, stream_us=d, tiled_us=e, wgmma_us=f, wgmma_bn128_us=g)
+                    for a, b, c, d, e, f, g in rows]
     MD.append("\nKernel regimes (fused_experts forced onto each GEMM kernel; auto switches at S = T*k <= 4E):\n")
-    MD.append("| shape | T | rows/expert | streaming (us) | tiled mma.sync (us) | wgmma (us) |\n|---|---|---|---|---|---|")
-    MD.extend(f"| {a} | {b} | {c:.2f} | {d:.1f} | {e:.1f} | {f:.1f} |" for a, b, c, d, e, f in rows)
+    MD.append("| shape | T | rows/expert | streaming (us) | tiled mma.sync (us) | wgmma 128x256 (us) | wgmma 128x128 (us) |"
+              "\n|---|---|---|---|---|---|---|")
+    MD.extend(f"| {a} | {b} | {c:.2f} | {d:.1f} | {e:.1f} | {f:.1f} | {g:.1f} |" for a, b, c, d, e, f, g in rows)
     MD.append("")
 
 

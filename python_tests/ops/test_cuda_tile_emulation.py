@@ -17,6 +17,8 @@ import pytest
 BM, BN, BK, THREADS, PAD = 128, 128, 32, 256, 8
 LDK, LDMN = BK + PAD, BM + PAD
 TILE = max(BM * LDK, BK * LDMN)
+_LANE = np.arange(32)
+_G, _T = _LANE >> 2, _LANE & 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -25,13 +27,14 @@ TILE = max(BM * LDK, BK * LDMN)
 def ldmatrix_x4(smem, addr, trans):
     """addr[lane] = element offset of the row that lane provides (lane 8j+r -> row r of matrix j).
     Returns regs[lane, j, 2]: lane l holds (row l//4, cols 2(l%4), 2(l%4)+1) of matrix j, or of its transpose."""
+    addr = np.asarray(addr)
     regs = np.zeros((32, 4, 2))
     for j in range(4):
-        mat = np.stack([smem[addr[8 * j + r]: addr[8 * j + r] + 8] for r in range(8)])  # [8 rows][8 cols]
+        mat = smem[addr[8 * j: 8 * j + 8][:, None] + np.arange(8)[None, :]]  # [8 rows][8 cols]
         if trans:
             mat = mat.T
-        for lane in range(32):
-            regs[lane, j] = mat[lane // 4, 2 * (lane % 4): 2 * (lane % 4) + 2]
+        regs[:, j, 0] = mat[_G, 2 * _T]
+        regs[:, j, 1] = mat[_G, 2 * _T + 1]
     return regs
 
 
@@ -39,22 +42,18 @@ def mma_m16n8k16(acc, a, b):
     """acc[lane, 4] += A(16x16, row) @ B(16x8, col) with the documented per-lane fragment layouts."""
     A = np.zeros((16, 16))
     B = np.zeros((16, 8))
-    for lane in range(32):
-        g, t = lane >> 2, lane & 3
-        for e in range(2):
-            A[g, 2 * t + e] = a[lane, 0, e]
-            A[g + 8, 2 * t + e] = a[lane, 1, e]
-            A[g, 2 * t + 8 + e] = a[lane, 2, e]
-            A[g + 8, 2 * t + 8 + e] = a[lane, 3, e]
-            B[2 * t + e, g] = b[lane, 0, e]
-            B[2 * t + 8 + e, g] = b[lane, 1, e]
+    for e in range(2):
+        A[_G, 2 * _T + e] = a[:, 0, e]
+        A[_G + 8, 2 * _T + e] = a[:, 1, e]
+        A[_G, 2 * _T + 8 + e] = a[:, 2, e]
+        A[_G + 8, 2 * _T + 8 + e] = a[:, 3, e]
+        B[2 * _T + e, _G] = b[:, 0, e]
+        B[2 * _T + 8 + e, _G] = b[:, 1, e]
     C = A @ B
-    for lane in range(32):
-        g, t = lane >> 2, lane & 3
-        acc[lane, 0] += C[g, 2 * t]
-        acc[lane, 1] += C[g, 2 * t + 1]
-        acc[lane, 2] += C[g + 8, 2 * t]
-        acc[lane, 3] += C[g + 8, 2 * t + 1]
+    acc[:, 0] += C[_G, 2 * _T]
+    acc[:, 1] += C[_G, 2 * _T + 1]
+    acc[:, 2] += C[_G + 8, 2 * _T]
+    acc[:, 3] += C[_G + 8, 2 * _T + 1]
 
 
 def silu(v):
@@ -303,37 +302,33 @@ def test_grad_w_tile_math():
 # ---------------------------------------------------------------------------------------------------------------
 # Hopper wgmma kernel (wgmma_grouped_kernel): swizzled cp.async writes, descriptor reads, accumulator layout
 # ---------------------------------------------------------------------------------------------------------------
-WG_BM, WG_BN, WG_BK = 128, 128, 64
+WG_BM, WG_BK = 128, 64
 
 
 def wg_read_kmajor(smem_bytes, start, rows):
     """A K-major operand of `rows` x 16 elements read through an sm90 descriptor with 128-byte swizzle:
     8-row groups 1024 bytes apart (stride byte offset), rows 128 bytes apart, and the 16-byte chunk index within a
     row XOR-ed with address bits 7-9 (the row within its 8-row group when the tile is 1024-byte aligned)."""
-    M = np.zeros((rows, 16))
-    for r in range(rows):
-        for k in range(16):
-            logical = start + (r // 8) * 1024 + (r % 8) * 128 + 2 * k
-            phys = logical ^ (((logical >> 7) & 7) << 4)
-            M[r, k] = smem_bytes[phys // 2]
-    return M
+    r = np.arange(rows)[:, None]
+    k = np.arange(16)[None, :]
+    logical = start + (r // 8) * 1024 + (r % 8) * 128 + 2 * k
+    phys = logical ^ (((logical >> 7) & 7) << 4)
+    return smem_bytes[phys // 2]
 
 
 def wg_accumulate(acc, A, B):
-    """acc[warp in warpgroup][lane][64] += A(64x16) @ B(128x16)^T in the wgmma m64nNk16 accumulator layout:
+    """acc[warp in warpgroup][lane][N/2] += A(64x16) @ B(Nx16)^T in the wgmma m64nNk16 accumulator layout:
     warp w holds rows 16w..16w+15; n8 chunk i -> d[4i], d[4i+1] at (row g, cols 8i+2t, +1), d[4i+2], d[4i+3] at
     row g + 8."""
     C = A @ B.T
     for w in range(4):
-        for lane in range(32):
-            g, t = lane >> 2, lane & 3
-            for i in range(16):
-                for q in range(2):
-                    acc[w, lane, 4 * i + q] += C[16 * w + g, 8 * i + 2 * t + q]
-                    acc[w, lane, 4 * i + 2 + q] += C[16 * w + g + 8, 8 * i + 2 * t + q]
+        for i in range(B.shape[0] // 8):
+            for q in range(2):
+                acc[w, :, 4 * i + q] += C[16 * w + _G, 8 * i + 2 * _T + q]
+                acc[w, :, 4 * i + 2 + q] += C[16 * w + _G + 8, 8 * i + 2 * _T + q]
 
 
-def run_wg_block(p, GATED, GATHER, bx, by, out):
+def run_wg_block(p, WG_BN, GATED, GATHER, bx, by, out):
     ok_tile, ti = resolve_tile(p, False, bx, by, 0)
     if not ok_tile:
         return
@@ -342,48 +337,48 @@ def run_wg_block(p, GATED, GATHER, bx, by, out):
     n0 = bx * (WG_BN // 2 if GATED else WG_BN)
     b_off = ti["e"] * p["b_es"]
     lda, ldb = p["a_sm"], p["b_sn"]
-    desc = []
+    a_desc, b_desc = [], []
     for tid in range(256):
         for i in range(4):
             c = tid + i * 256
             r, ch = c >> 3, c & 7
             d = dict(kc=ch * 8, dst=r * 128 + ((ch ^ (r & 7)) << 4))
             m = ti["m0"] + r
-            d["a_ok"] = m < ti["m_end"]
+            d["ok"] = m < ti["m_end"]
             src_row = m
             if GATHER:
-                src_row = p["gather"][m] // p["gather_div"] if d["a_ok"] else 0
-            d["a_base"] = src_row * lda + d["kc"]
+                src_row = p["gather"][m] // p["gather_div"] if d["ok"] else 0
+            d["base"] = src_row * lda + d["kc"]
+            a_desc.append(d)
+        for i in range(WG_BN * 8 // 256):
+            c = tid + i * 256
+            r, ch = c >> 3, c & 7
+            d = dict(kc=ch * 8, dst=r * 128 + ((ch ^ (r & 7)) << 4))
             if GATED:
-                cc = n0 + (r & 63)
-                d["b_ok"], n = cc < I, (r >> 6) * I + cc
+                cc = n0 + (r & (WG_BN // 2 - 1))
+                d["ok"], n = cc < I, (r // (WG_BN // 2)) * I + cc
             else:
                 n = n0 + r
-                d["b_ok"] = n < p["N"]
-            d["b_base"] = n * ldb + d["kc"]
-            desc.append(d)
-    acc = np.zeros((2, 4, 32, 64))  # [warpgroup][warp][lane][64]
+                d["ok"] = n < p["N"]
+            d["base"] = b_off + n * ldb + d["kc"]
+            b_desc.append(d)
+    acc = np.zeros((2, 4, 32, WG_BN // 2))  # [warpgroup][warp][lane][N/2]
     KT = (ti["k_end"] + WG_BK - 1) // WG_BK
     for kt in range(KT):
         sA = np.full(WG_BM * WG_BK, np.nan)
         sB = np.full(WG_BN * WG_BK, np.nan)
         kk0 = kt * WG_BK
-        for d in desc:
-            k_ok = kk0 + d["kc"] < ti["k_end"]
-            j = d["dst"] // 2
-            if d["a_ok"] and k_ok:
-                sA[j: j + 8] = A[d["a_base"] + kk0: d["a_base"] + kk0 + 8]
-            else:
-                sA[j: j + 8] = 0.0
-            if d["b_ok"] and k_ok:
-                src = b_off + d["b_base"] + kk0
-                sB[j: j + 8] = Bw[src: src + 8]
-            else:
-                sB[j: j + 8] = 0.0
+        for sm, src_arr, descs in ((sA, A, a_desc), (sB, Bw, b_desc)):
+            for d in descs:
+                j = d["dst"] // 2
+                if d["ok"] and kk0 + d["kc"] < ti["k_end"]:
+                    sm[j: j + 8] = src_arr[d["base"] + kk0: d["base"] + kk0 + 8]
+                else:
+                    sm[j: j + 8] = 0.0
         for wgi in range(2):
             for s in range(WG_BK // 16):
                 Am = wg_read_kmajor(sA, wgi * 64 * 128 + s * 32, 64)
-                Bm = wg_read_kmajor(sB, s * 32, 128)
+                Bm = wg_read_kmajor(sB, s * 32, WG_BN)
                 wg_accumulate(acc[wgi], Am, Bm)
     nout = I if GATED else p["N"]
     for wgi in range(2):
@@ -395,23 +390,25 @@ def run_wg_block(p, GATED, GATHER, bx, by, out):
                     if row >= ti["m_end"]:
                         continue
                     a = acc[wgi, wi, lane]
-                    for i in range(8 if GATED else 16):
+                    chunks = WG_BN // 8
+                    for i in range(chunks // 2 if GATED else chunks):
                         col = n0 + i * 8 + 2 * t4
                         for q in range(2):
                             if col + q >= nout:
                                 continue
                             if GATED:
-                                v = silu(a[4 * i + 2 * h + q]) * a[4 * (i + 8) + 2 * h + q]
+                                v = silu(a[4 * i + 2 * h + q]) * a[4 * (i + chunks // 2) + 2 * h + q]
                             else:
                                 v = a[4 * i + 2 * h + q]
                             out[row * p["ldo"] + col + q] = v
 
 
+@pytest.mark.parametrize("bn", [128, 256])
 @pytest.mark.parametrize("gated,gather", [(False, False), (True, True)])
-def test_wgmma_forward_tile_math(gated, gather):
+def test_wgmma_forward_tile_math(bn, gated, gather):
     rng = np.random.default_rng(4)
     counts = [3, 0, 133, 2]
-    E, K, N = len(counts), 80, (144 if gated else 136)
+    E, K, N = len(counts), 80, (144 if gated else 136) * (2 if bn == 256 else 1)
     offs = offsets_of(counts)
     S = offs[-1]
     k_top = 2
@@ -425,8 +422,8 @@ def test_wgmma_forward_tile_math(gated, gather):
              b_sk=1, offsets=offs, E=E, M=S, N=N, Kred=K, ldo=nout, out_es=0)
     out = np.full(S * nout, np.nan)
     for by in range(math.ceil(S / WG_BM) + E):
-        for bx in range(math.ceil(nout / (WG_BN // 2 if gated else WG_BN))):
-            run_wg_block(p, gated, gather, bx, by, out)
+        for bx in range(math.ceil(nout / (bn // 2 if gated else bn))):
+            run_wg_block(p, bn, gated, gather, bx, by, out)
     out = out.reshape(S, nout)
     want = np.zeros((S, nout))
     for e in range(E):
