@@ -171,8 +171,10 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
 
     # --- audio path ----------------------------------------------------------------------------------------------
     def audio_positions(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        """Bool [B, S]: positions whose embedding is replaced by audio. token_type_ids == 3 when given (checked
-        against the audio-pad id), else input_ids == audio_pad_token_id."""
+        """Bool [B, S]: positions whose embedding is replaced by audio.
+
+        token_type_ids == 3 when given (every such position must hold <|audio_pad|>; an <|audio_pad|> id typed as
+        text, e.g. one the model generated, stays text), else input_ids == audio_pad_token_id."""
         by_id = input_ids == self.config.audio_pad_token_id
         if token_type_ids is None:
             return by_id
@@ -180,10 +182,12 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
             raise AudioInputError(f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape "
                                   f"{tuple(input_ids.shape)}")
         by_type = token_type_ids == AUDIO_TOKEN_TYPE
-        if not torch.equal(by_type, by_id):
+        wrong = by_type & ~by_id
+        if bool(wrong.any()):
+            b, s = (int(i) for i in wrong.nonzero()[0])
             raise AudioInputError(
-                f"token_type_ids mark {int(by_type.sum())} audio positions but input_ids hold {int(by_id.sum())} "
-                f"<|audio_pad|> tokens (id {self.config.audio_pad_token_id}) at other positions")
+                f"token_type_ids mark {int(wrong.sum())} audio position(s) that do not hold <|audio_pad|> "
+                f"(id {self.config.audio_pad_token_id}), first at row {b}, position {s} (id {int(input_ids[b, s])})")
         return by_type
 
     def encode_audio(self, input_features: torch.Tensor, tokens_per_request: Sequence[int],
@@ -306,9 +310,19 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
         # Audio enters once, at prefill: later steps feed only the new token(s), and the cache already holds the
         # audio positions. Without a cache every step re-runs the whole prompt, audio included.
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("input_features", "audio_token_counts", "windows_per_request", "token_type_ids"):
+            for key in ("input_features", "audio_token_counts", "windows_per_request"):
                 model_inputs.pop(key, None)
+            # generated tokens are text, whatever their id
+            model_inputs["token_type_ids"] = torch.zeros_like(model_inputs["input_ids"])
         return model_inputs
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers generate(); audio enters at prefill. token_type_ids, when not given, are derived from the
+        prompt (3 on <|audio_pad|>), so that ids generated later are never taken for audio."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("token_type_ids") is None and input_ids is not None and input_ids.dim() == 2:
+            kwargs["token_type_ids"] = (input_ids == self.config.audio_pad_token_id).long() * AUDIO_TOKEN_TYPE
+        return super().generate(inputs, *args, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
                                       **model_kwargs):

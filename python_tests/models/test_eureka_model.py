@@ -144,7 +144,7 @@ def test_audio_count_mismatches_raise(tiny_eureka_model, tiny_eureka_processor, 
                   input_features=inputs["input_features"], windows_per_request=[1])
         bad_types = types.clone()
         bad_types[0, 0] = 3
-        with pytest.raises(AudioInputError, match="token_type_ids mark"):
+        with pytest.raises(AudioInputError, match="do not hold <.audio_pad.>"):
             model(**{**inputs, "token_type_ids": bad_types})
         with pytest.raises(AudioInputError, match="mel bins"):
             model(**{**inputs, "input_features": inputs["input_features"][:, :40]})
@@ -198,6 +198,37 @@ def test_generate_with_cache_equals_without(tiny_eureka_model, tiny_eureka_proce
     assert cached.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_audio_pad_ids_stay_text(tiny_eureka_model, tiny_eureka_processor, wav_dir):
+    """If the model emits the <|audio_pad|> id it is an ordinary (text) token at the next steps, with or without
+    the cache and with or without token_type_ids passed in."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    pad_id = tiny_eureka_model.config.audio_pad_token_id
+
+    class ForcePadFirst(LogitsProcessor):
+        def __init__(self, prompt_len):
+            self.prompt_len = prompt_len
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == self.prompt_len:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, pad_id] = 0.0
+            return scores
+
+    inputs = dict(tiny_eureka_processor(_asr(wav_dir / "tone.wav")))
+    prompt_len = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=tiny_eureka_processor.pad_token_id,
+              logits_processor=LogitsProcessorList([ForcePadFirst(prompt_len)]))
+    no_types = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        runs = [tiny_eureka_model.generate(**inputs, use_cache=True, **kw),
+                tiny_eureka_model.generate(**inputs, use_cache=False, **kw),
+                tiny_eureka_model.generate(**no_types, use_cache=True, **kw)]
+    assert runs[0][0, prompt_len].item() == pad_id
+    for other in runs[1:]:
+        assert torch.equal(other, runs[0])
 
 
 def test_batch_of_three_equals_single_runs(tiny_eureka_model, tiny_eureka_processor, wav_dir):
