@@ -141,3 +141,16 @@ def test_gradients(pool, norm, activation, mlp):
         torch.testing.assert_close(g, r, atol=3e-5, rtol=1e-4, msg=name)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     assert torch.autograd.gradcheck(lambda *ts: run(False, list(ts)), leaves64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_fp32_reference(dtype):
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 13, 8, generator=gen)
+    p = params(32, 12, 6, gen, norm="layer", activation="gelu", mlp=True)
+    low = {n: (t.to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in p.items()}
+    out = ops.stack_norm_project(x.to(dtype), 4, lengths=torch.tensor([13, 6]), **low)
+    assert out.dtype == dtype
+    want = ref.stack_norm_project(x, 4, torch.tensor([13, 6]), "layer", p["norm_weight"], p["norm_bias"], p["w1"],
+                                  p["b1"], "gelu", p["w2"], p["b2"])
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
