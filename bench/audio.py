@@ -40,13 +40,15 @@ SR = 16000
 
 
 def interleaved(contenders: dict, rounds: int, inner: int = 1) -> dict:
-    """Best-of-`rounds` CPU and wall milliseconds per call for every contender, timed round-robin."""
+    """Best-of-`rounds` CPU and wall milliseconds per call for every contender, timed round-robin (so that load
+    from other processes hits every contender alike)."""
     best_cpu = {name: float("inf") for name in contenders}
     best_wall = dict(best_cpu)
     for fn in contenders.values():
         fn()  # warm-up: allocator, caches, lazy initialisation
     for _ in range(rounds):
         for name, fn in contenders.items():
+            fn()  # untimed: the previous contender's allocations and cache contents are not billed to this one
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(inner):
                 fn()
