@@ -11,18 +11,29 @@ from eureka_fast.inference import (ASR_SYSTEM_PROMPT, CAPTION_PROMPT, OFFICIAL_D
                                    task_messages)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def _save_model(directory, **overrides):
     from eureka_fast.models import EurekaAudioConfig, EurekaAudioForCausalLM, EurekaAudioProcessor
 
     torch.manual_seed(7)
-    model = EurekaAudioForCausalLM(EurekaAudioConfig.preset("tiny")).eval()
+    model = EurekaAudioForCausalLM(EurekaAudioConfig.preset("tiny", **overrides)).eval()
     with torch.no_grad():  # spread the random embeddings so greedy picks are far from ties
         model.language_model.get_input_embeddings().weight.mul_(25.0)
-    d = tmp_path_factory.mktemp("tiny_eureka")
-    model.save_pretrained(d)
-    EurekaAudioProcessor.preset("tiny").save_pretrained(d)
-    return d
+    model.save_pretrained(directory)
+    EurekaAudioProcessor.preset("tiny").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The real tiny preset (Whisper-tiny encoder dims + 2-layer Qwen3), random weights."""
+    return _save_model(tmp_path_factory.mktemp("tiny_eureka"))
+
+
+@pytest.fixture(scope="module")
+def light_model_dir(tmp_path_factory):
+    """Tiny preset with a 1-layer, 64-wide encoder: for the API tests that run many generate() calls."""
+    return _save_model(tmp_path_factory.mktemp("light_eureka"),
+                       audio_config={"n_audio_state": 64, "n_audio_head": 2, "n_audio_layer": 1})
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,8 @@ def speech_wav(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return EurekaAudio(str(tiny_model_dir))
+def engine(light_model_dir):
+    return EurekaAudio(str(light_model_dir))
 
 
 def test_task_prompts_are_the_official_ones():
@@ -53,7 +64,8 @@ def test_task_prompts_are_the_official_ones():
                                      max_new_tokens=512)
 
 
-def test_cli_end_to_end_from_a_wav(engine, tiny_model_dir, speech_wav, capsys):
+def test_cli_end_to_end_from_a_wav(tiny_model_dir, speech_wav, capsys):
+    engine = EurekaAudio(str(tiny_model_dir))
     expected = engine.generate(task_messages("asr", str(speech_wav)), greedy=True, max_new_tokens=6)
     assert isinstance(expected, str)
     rc = main(["infer", "--model", str(tiny_model_dir), "--audio", str(speech_wav), "--greedy",
@@ -102,7 +114,8 @@ def test_cli_usage_errors(tiny_model_dir, speech_wav, capsys):
 
 
 @pytest.mark.slow
-def test_console_script(tiny_model_dir, speech_wav, engine):
+def test_console_script(tiny_model_dir, speech_wav):
+    engine = EurekaAudio(str(tiny_model_dir))
     expected = engine.generate(task_messages("caption", str(speech_wav)), greedy=True, max_new_tokens=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "eureka_fast.cli", "infer", "--model", str(tiny_model_dir),
