@@ -378,17 +378,19 @@ __global__ void __launch_bounds__(tc::THREADS, 1) tc_grouped_kernel(const GemmAr
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Hopper kernel (sm_90a): wgmma.mma_async m64n128k16, both operands from 128-byte-swizzled shared memory.
-// 128x128x64 block tile, two consumer warpgroups (64 rows each), all 256 threads load with cp.async (gather fused),
-// 4 stages. Forward only (A and B k-contiguous). Gated tiles hold 64 gate rows then the 64 matching up rows, so every
-// thread owns matching gate/up accumulators (n8 chunk i and i + 8).
+// Hopper kernel (sm_90a): wgmma.mma_async m64nBNk16, both operands from 128-byte-swizzled shared memory.
+// 128 x BN x 64 block tile (BN = 128 or 256), two consumer warpgroups (64 rows each), all 256 threads load with
+// cp.async (token gather fused), 4 stages. Forward only (A and B k-contiguous). Gated tiles hold BN/2 gate rows then
+// the BN/2 matching up rows, so every thread owns matching gate/up accumulators (n8 chunks i and i + BN/16).
 // Opt-in for now (EUREKA_FAST_GEMM=wgmma, or EUREKA_FAST_WGMMA=1 for the automatic choice) until a GPU run has
 // validated it; compiled to an empty body for targets other than sm_90a and never launched there.
 // ---------------------------------------------------------------------------------------------------------------
 namespace wg {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4, THREADS = 256;
-constexpr int A_STAGE = BM * BK, B_STAGE = BN * BK;                 // elements
-constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2 + 1024;  // + slack for 1024-byte alignment
+constexpr int BM = 128, BK = 64, STAGES = 4, THREADS = 256;
+template <int BN>
+constexpr int smem_bytes() {
+  return STAGES * (BM * BK + BN * BK) * 2 + 1024;  // + slack for 1024-byte alignment
+}
 }  // namespace wg
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -411,10 +413,10 @@ __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.s
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db);
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_m64nk16(float (&d)[N / 2], uint64_t da, uint64_t db);
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16<__nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_m64nk16<128, __nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -426,7 +428,7 @@ __device__ __forceinline__ void wgmma_m64n128k16<__nv_bfloat16>(float (&d)[64], 
       : "l"(da), "l"(db), "n"(1));
 }
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16<__half>(float (&d)[64], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_m64nk16<128, __half>(float (&d)[64], uint64_t da, uint64_t db) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -437,12 +439,39 @@ __device__ __forceinline__ void wgmma_m64n128k16<__half>(float (&d)[64], uint64_
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "n"(1));
 }
+template <>
+__device__ __forceinline__ void wgmma_m64nk16<256, __nv_bfloat16>(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nk16<256, __half>(float (&d)[128], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(1));
+}
 #endif
 
-template <typename T, bool GATED, bool GATHER>
+template <typename T, int BN, bool GATED, bool GATHER>
 __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const GemmArgs p) {
 #ifdef EF_HAVE_WGMMA
   using namespace wg;
+  constexpr int A_STAGE = BM * BK, B_STAGE = BN * BK;  // elements
+  constexpr int NACC = BN / 2;                         // fp32 accumulators per thread (64 rows x BN per warpgroup)
+  constexpr int B_CHUNKS = BN * 8 / THREADS;           // 16-byte chunks per thread for the B tile
   extern __shared__ __align__(16) unsigned char wg_smem_raw[];
   const unsigned raw_addr = smem_addr(wg_smem_raw);
   const unsigned pad = (1024u - (raw_addr & 1023u)) & 1023u;
@@ -461,46 +490,56 @@ __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const Gem
   const T* B = reinterpret_cast<const T*>(p.b) + static_cast<int64_t>(ti.e) * p.b_es;
   const int64_t lda = p.a_sm, ldb = p.b_sn;
 
-  // 4 chunks of 16 bytes per operand per stage: chunk c -> row c / 8, k chunk c % 8, swizzled column (c ^ row) % 8
-  int64_t a_base[4], b_base[4];
-  bool a_ok[4], b_ok[4];
-  int kc[4], dst[4];
+  // chunk c -> row c / 8, k chunk c % 8, stored at 16-byte column (c ^ row) % 8 of its 128-byte row
+  int64_t a_base[4], b_base[B_CHUNKS];
+  bool a_ok[4], b_ok[B_CHUNKS];
+  int a_kc[4], a_dst[4], b_kc[B_CHUNKS], b_dst[B_CHUNKS];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int c = tid + i * THREADS;
     const int r = c >> 3, ch = c & 7;
-    kc[i] = ch * 8;
-    dst[i] = r * 128 + ((ch ^ (r & 7)) << 4);
+    a_kc[i] = ch * 8;
+    a_dst[i] = r * 128 + ((ch ^ (r & 7)) << 4);
     const int64_t m = ti.m0 + r;
     a_ok[i] = m < ti.m_end;
     int64_t src_row = m;
     if constexpr (GATHER) src_row = a_ok[i] ? p.gather[m] / p.gather_div : 0;
-    a_base[i] = src_row * lda + kc[i];
+    a_base[i] = src_row * lda + a_kc[i];
+  }
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int c = tid + i * THREADS;
+    const int r = c >> 3, ch = c & 7;
+    b_kc[i] = ch * 8;
+    b_dst[i] = r * 128 + ((ch ^ (r & 7)) << 4);
     int64_t n;
     if constexpr (GATED) {
-      const int64_t cc = n0 + (r & 63);
+      const int64_t cc = n0 + (r & (BN / 2 - 1));
       b_ok[i] = cc < I;
-      n = (r >> 6) * I + cc;
+      n = (r / (BN / 2)) * I + cc;
     } else {
       n = n0 + r;
       b_ok[i] = n < p.N;
     }
-    b_base[i] = n * ldb + kc[i];
+    b_base[i] = n * ldb + b_kc[i];
   }
   auto load_stage = [&](int slot, int64_t kt) {
     const int64_t kk0 = kt * BK;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const bool k_ok = kk0 + kc[i] < ti.k_end;
-      const bool oa = a_ok[i] && k_ok, ob = b_ok[i] && k_ok;
-      cp_async16(sA + slot * A_STAGE * 2 + dst[i], oa ? A + a_base[i] + kk0 : A, oa);
-      cp_async16(sB + slot * B_STAGE * 2 + dst[i], ob ? B + b_base[i] + kk0 : B, ob);
+      const bool ok = a_ok[i] && kk0 + a_kc[i] < ti.k_end;
+      cp_async16(sA + slot * A_STAGE * 2 + a_dst[i], ok ? A + a_base[i] + kk0 : A, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const bool ok = b_ok[i] && kk0 + b_kc[i] < ti.k_end;
+      cp_async16(sB + slot * B_STAGE * 2 + b_dst[i], ok ? B + b_base[i] + kk0 : B, ok);
     }
   };
 
-  float acc[64];
+  float acc[NACC];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
   const int64_t KT = (ti.k_end + BK - 1) / BK;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -520,14 +559,14 @@ __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const Gem
     const unsigned a_tile = sA_addr + slot * A_STAGE * 2 + wgi * 64 * 128;
     const unsigned b_tile = sB_addr + slot * B_STAGE * 2;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) wg_fence_operand(acc[i]);
+    for (int i = 0; i < NACC; ++i) wg_fence_operand(acc[i]);
     wg_fence();
 #pragma unroll
-    for (int s = 0; s < BK / 16; ++s) wgmma_m64n128k16<T>(acc, wg_desc(a_tile + s * 32), wg_desc(b_tile + s * 32));
+    for (int s = 0; s < BK / 16; ++s) wgmma_m64nk16<BN, T>(acc, wg_desc(a_tile + s * 32), wg_desc(b_tile + s * 32));
     wg_commit();
     wg_wait0();
 #pragma unroll
-    for (int i = 0; i < 64; ++i) wg_fence_operand(acc[i]);
+    for (int i = 0; i < NACC; ++i) wg_fence_operand(acc[i]);
   }
   cp_async_wait<0>();
 
@@ -535,6 +574,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const Gem
   T* out = reinterpret_cast<T*>(p.out);
   const int64_t nout = GATED ? I : p.N;
   const bool pair_ok = ((p.ldo | nout) & 1) == 0;
+  constexpr int CHUNKS = BN / 8;  // n8 chunks per thread row
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t row = ti.m0 + wgi * 64 + wi * 16 + g + h * 8;
@@ -542,16 +582,16 @@ __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const Gem
     T* orow = out + row * p.ldo;
     if constexpr (GATED) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < CHUNKS / 2; ++i) {
         const int64_t col = n0 + i * 8 + 2 * t4;
         if (col >= nout) continue;
-        const float v0 = act_apply(p.act, acc[4 * i + 2 * h]) * acc[4 * (i + 8) + 2 * h];
-        const float v1 = act_apply(p.act, acc[4 * i + 2 * h + 1]) * acc[4 * (i + 8) + 2 * h + 1];
+        const float v0 = act_apply(p.act, acc[4 * i + 2 * h]) * acc[4 * (i + CHUNKS / 2) + 2 * h];
+        const float v1 = act_apply(p.act, acc[4 * i + 2 * h + 1]) * acc[4 * (i + CHUNKS / 2) + 2 * h + 1];
         store_pair<T>(orow + col, v0, v1, col + 1 < nout, pair_ok);
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < CHUNKS; ++i) {
         const int64_t col = n0 + i * 8 + 2 * t4;
         if (col >= nout) continue;
         store_pair<T>(orow + col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1], col + 1 < nout, pair_ok);
@@ -563,17 +603,18 @@ __global__ void __launch_bounds__(wg::THREADS, 1) wgmma_grouped_kernel(const Gem
 
 // True when this build holds sm_90a code for the wgmma kernel and the current device runs it.
 inline bool wgmma_available() {
-  static int ok = -1;
-  if (ok < 0) {
+  static int cache[64];  // per device: 0 unknown, 1 yes, 2 no
+  const int dev = static_cast<int>(c10::cuda::current_device()) & 63;
+  if (cache[dev] == 0) {
     cudaFuncAttributes attr{};
     const bool hopper = at::cuda::getCurrentDeviceProperties()->major == 9;
-    ok = hopper && cudaFuncGetAttributes(&attr, wgmma_grouped_kernel<__nv_bfloat16, false, false>) == cudaSuccess &&
-                 attr.binaryVersion == 90
-             ? 1
-             : 0;
+    const bool ok = hopper &&
+                    cudaFuncGetAttributes(&attr, wgmma_grouped_kernel<__nv_bfloat16, 128, false, false>) == cudaSuccess &&
+                    attr.binaryVersion == 90;
     (void)cudaGetLastError();
+    cache[dev] = ok ? 1 : 2;
   }
-  return ok == 1;
+  return cache[dev] == 1;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 // fp64, odd sizes, odd strides) takes the SIMT kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one path
 // where it applies (tests and benchmarks use it to cover every kernel on the same inputs); the Hopper wgmma kernel
 // is opt-in (EUREKA_FAST_WGMMA=1) until a GPU run has validated it.
+#include <atomic>
+
 #include "gemm_kernels.cuh"
 #include "ops.cuh"
 
@@ -31,27 +33,34 @@ void set_smem(Kernel kernel, int bytes) {
   }
 }
 
+// Raises the dynamic shared-memory limit of `kernel` once per device (a host call, no stream work: safe in capture).
+template <typename Kernel>
+void configure_once(std::atomic<uint64_t>& mask, Kernel kernel, int bytes) {
+  const int dev = static_cast<int>(c10::cuda::current_device());
+  const uint64_t bit = uint64_t(1) << (dev & 63);
+  if (!(mask.load(std::memory_order_acquire) & bit)) {
+    set_smem(kernel, bytes);
+    mask.fetch_or(bit, std::memory_order_acq_rel);
+  }
+}
+
 template <typename T, bool A_MC, bool B_NC, bool GROUP_K, bool GATED, bool GATHER>
 void launch_tc(const GemmArgs& p, dim3 grid) {
   auto kernel = tc_grouped_kernel<T, A_MC, B_NC, GROUP_K, GATED, GATHER>;
-  static bool configured = false;  // per instantiation; the attribute is per device function
-  if (!configured) {
-    set_smem(kernel, tc::SMEM_BYTES);
-    configured = true;
-  }
+  static std::atomic<uint64_t> configured{0};  // one bit per device: the attribute is per device
+  configure_once(configured, kernel, tc::SMEM_BYTES);
   kernel<<<grid, tc::THREADS, tc::SMEM_BYTES, stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool GATED, bool GATHER>
-void launch_wg(const GemmArgs& p, dim3 grid) {
-  auto kernel = wgmma_grouped_kernel<T, GATED, GATHER>;
-  static bool configured = false;
-  if (!configured) {
-    set_smem(kernel, wg::SMEM_BYTES);
-    configured = true;
-  }
-  kernel<<<grid, wg::THREADS, wg::SMEM_BYTES, stream()>>>(p);
+template <typename T, int BN, bool GATED, bool GATHER>
+void launch_wg(const GemmArgs& p, int64_t nout, int64_t tiles_m) {
+  auto kernel = wgmma_grouped_kernel<T, BN, GATED, GATHER>;
+  constexpr int smem = wg::smem_bytes<BN>();
+  static std::atomic<uint64_t> configured{0};
+  configure_once(configured, kernel, smem);
+  const dim3 grid(static_cast<unsigned>(ceil_div(nout, GATED ? BN / 2 : BN)), static_cast<unsigned>(tiles_m));
+  kernel<<<grid, wg::THREADS, smem, stream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -116,15 +125,30 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   }
 
   if (path == Path::kWgmma) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(nout, gated ? wg::BN / 2 : wg::BN)), static_cast<unsigned>(tiles_m));
+    // 128 x 256 tiles (twice the reuse per loaded byte) when the output is wide enough; EUREKA_FAST_WG_BN=128 forces
+    // the narrow tile
+    // the narrow tile as well when the wide one would leave SMs idle (fewer than 2 real tiles per SM)
+    const int64_t wide_tiles = ceil_div(S, wg::BM) * ceil_div(nout, gated ? 128 : 256);
+    const bool wide = nout >= (gated ? 128 : 256) && wide_tiles >= 2 * num_sms() &&
+                      env_choice("EUREKA_FAST_WG_BN") != "128";
     auto go = [&](auto tag) {
       using T = decltype(tag);
-      if (gated) {
-        if (gather) launch_wg<T, true, true>(p, grid);
-        else launch_wg<T, true, false>(p, grid);
+      if (wide) {
+        if (gated) {
+          if (gather) launch_wg<T, 256, true, true>(p, nout, tiles_m);
+          else launch_wg<T, 256, true, false>(p, nout, tiles_m);
+        } else {
+          if (gather) launch_wg<T, 256, false, true>(p, nout, tiles_m);
+          else launch_wg<T, 256, false, false>(p, nout, tiles_m);
+        }
       } else {
-        if (gather) launch_wg<T, false, true>(p, grid);
-        else launch_wg<T, false, false>(p, grid);
+        if (gated) {
+          if (gather) launch_wg<T, 128, true, true>(p, nout, tiles_m);
+          else launch_wg<T, 128, true, false>(p, nout, tiles_m);
+        } else {
+          if (gather) launch_wg<T, 128, false, true>(p, nout, tiles_m);
+          else launch_wg<T, 128, false, false>(p, nout, tiles_m);
+        }
       }
     };
     if (dt == at::kBFloat16) go(__nv_bfloat16{});
