@@ -88,6 +88,6 @@ echo
 for k in build tests memcheck bench; do echo "  $k: ${STATUS[$k]:-not run}"; done | tee "$OUT/status.txt"
 stamp "total"
 echo
-grep -E "^\[gpu_bench" "$OUT/bench.log" | tail -60
+grep -E "^\[gpu_bench" "$OUT/bench.log" | tail -20
 echo
 cat "$OUT/RESULTS_section.md" 2>/dev/null || echo "(no RESULTS_section.md)"

@@ -432,3 +432,82 @@ def test_wgmma_forward_tile_math(bn, gated, gather):
         want[lo:hi] = silu(h[:, : N // 2]) * h[:, N // 2:] if gated else h
     assert not np.isnan(out).any(), "unwritten output elements"
     np.testing.assert_allclose(out, want, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# moe_plan (csrc/cuda/plan.cu): warp histogram, per-warp prefix, warp scan of offsets, stable warp scatter with
+# __match_any_sync ranks. Both launch paths (one block; three launches over chunks) are replayed warp by warp.
+# ---------------------------------------------------------------------------------------------------------------
+def warp_scatter(ids, r0, r1, E, cursor, sorted_rows, inverse_rows):
+    for r in range(r0, r1, 32):
+        es = [int(ids[r + lane]) if r + lane < r1 and 0 <= ids[r + lane] < E else -1 for lane in range(32)]
+        peers = [[m for m in range(32) if es[m] == es[lane]] for lane in range(32)]  # __match_any_sync
+        pos = [cursor[es[lane]] + sum(1 for m in peers[lane] if m < lane) if es[lane] >= 0 else 0 for lane in range(32)]
+        for lane in range(32):  # after __syncwarp
+            e = es[lane]
+            if e >= 0:
+                sorted_rows[pos[lane]] = r + lane
+                inverse_rows[r + lane] = pos[lane]
+                if not any(m < lane for m in peers[lane]):
+                    cursor[e] += len(peers[lane])
+
+
+def scan_offsets(tot, E, block):
+    counts = np.array(tot, dtype=np.int64)
+    padded = (counts + block - 1) // block * block if block > 0 else counts
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    poffs = np.concatenate([[0], np.cumsum(padded)])
+    return counts, offsets, poffs, offsets[:-1].copy()
+
+
+def plan_small(ids, E, block, smem_budget=48 * 1024):
+    n = len(ids)
+    W = min(32, (smem_budget - 8 * E) // (4 * E))
+    W = max(1, min(W, -(-n // 32)))
+    chunk = max(32, -(-(-(-n // W)) // 32) * 32)
+    hist = np.zeros((W, E), dtype=np.int64)
+    for w in range(W):
+        for r in range(min(n, w * chunk), min(n, (w + 1) * chunk)):
+            if 0 <= ids[r] < E:
+                hist[w, ids[r]] += 1
+    tot = hist.sum(0)
+    hist = np.cumsum(hist, 0) - hist  # exclusive prefix over warps
+    counts, offsets, poffs, base = scan_offsets(tot, E, block)
+    hist += base[None, :]
+    srt, inv = np.full(n, -1), np.full(n, -1)
+    for w in range(W):
+        warp_scatter(ids, min(n, w * chunk), min(n, (w + 1) * chunk), E, hist[w], srt, inv)
+    return counts, offsets, poffs, srt, inv
+
+
+def plan_large(ids, E, block, chunk):
+    n = len(ids)
+    nchunks = -(-n // chunk)
+    cc = np.zeros((nchunks, E), dtype=np.int64)
+    for c in range(nchunks):
+        for r in range(c * chunk, min(n, (c + 1) * chunk)):
+            cc[c, ids[r]] += 1
+    tot = cc.sum(0)
+    cc = np.cumsum(cc, 0) - cc
+    counts, offsets, poffs, base = scan_offsets(tot, E, block)
+    cc += base[None, :]
+    srt, inv = np.full(n, -1), np.full(n, -1)
+    for c in range(nchunks):
+        warp_scatter(ids, c * chunk, min(n, (c + 1) * chunk), E, cc[c], srt, inv)
+    return counts, offsets, poffs, srt, inv
+
+
+@pytest.mark.parametrize("n,E", [(0, 4), (1, 8), (33, 8), (700, 60), (2048, 128), (300, 3000)])
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_plan_math(n, E, path):
+    rng = np.random.default_rng(n + E)
+    ids = (rng.zipf(1.5, n) - 1) % E if n else np.zeros(0, dtype=np.int64)  # skewed, repeats within a warp step
+    block = 16
+    got = plan_small(ids, E, block) if path == "small" else plan_large(ids, E, block, 64)
+    order = np.argsort(ids, kind="stable")
+    counts = np.bincount(ids, minlength=E)
+    assert np.array_equal(got[0], counts)
+    assert np.array_equal(got[1], np.concatenate([[0], np.cumsum(counts)]))
+    assert np.array_equal(got[2], np.concatenate([[0], np.cumsum((counts + block - 1) // block * block)]))
+    assert np.array_equal(got[3], order)
+    assert np.array_equal(got[4][order], np.arange(n))
