@@ -35,7 +35,7 @@ struct GemmArgs {
   int E;
   int64_t M;     // GROUP_M: number of logical rows S; GROUP_K: M extent
   int64_t N;     // n extent of B (gated: 2 * I; output has I columns)
-  int64_t Kred;  // GROUP_M: reduction length
+  int64_t Kred;  // GROUP_M: reduction length; GROUP_K: number of rows S (the reduction range is clamped to it)
   void* out;
   int64_t ldo, out_es;  // out[(e * out_es) + m * ldo + n]  (out_es only for GROUP_K)
   int act;              // gated activation (kActSilu / kActGelu) when the kernel is instantiated GATED
@@ -54,8 +54,8 @@ __device__ __forceinline__ bool resolve_tile(const GemmArgs& p, TileInfo& ti) {
     ti.e = blockIdx.z;
     ti.m0 = static_cast<int64_t>(blockIdx.y) * BM;
     ti.m_end = p.M;
-    ti.k_begin = p.offsets[ti.e];
-    ti.k_end = p.offsets[ti.e + 1];
+    ti.k_begin = min(max(p.offsets[ti.e], int64_t(0)), p.Kred);  // Kred = number of rows S here
+    ti.k_end = min(max(p.offsets[ti.e + 1], int64_t(0)), p.Kred);
     return ti.m0 < p.M;
   } else {
     __shared__ long long s_tile[3];
@@ -69,9 +69,9 @@ __device__ __forceinline__ bool resolve_tile(const GemmArgs& p, TileInfo& ti) {
       for (int base = 0; base < p.E; base += 32) {
         const int e = base + lane;
         int64_t lo = 0, hi = 0;
-        if (e < p.E) {
-          lo = p.offsets[e];
-          hi = p.offsets[e + 1];
+        if (e < p.E) {  // clamped to [0, M]: offsets past the rows never read or write out of bounds
+          lo = min(max(p.offsets[e], int64_t(0)), p.M);
+          hi = min(max(p.offsets[e + 1], int64_t(0)), p.M);
         }
         const int64_t tiles = hi > lo ? (hi - lo + BM - 1) / BM : 0;
         int64_t inc = tiles;
@@ -660,7 +660,7 @@ __global__ void __launch_bounds__(streamk::THREADS) stream_grouped_kernel(const 
     const int want = blockIdx.y;
     for (int base = 0; base < p.E; base += 32) {
       const int e = base + lane;
-      const bool active = e < p.E && p.offsets[e + 1] > p.offsets[e];
+      const bool active = e < p.E && min(p.offsets[e + 1], p.M) > max(p.offsets[e], int64_t(0));
       const unsigned mask = __ballot_sync(kFullMask, active);
       const int cnt = __popc(mask);
       if (want < seen + cnt) {
@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(streamk::THREADS) stream_grouped_kernel(const 
   __syncthreads();
   const int e = s_e;
   if (e < 0) return;
-  const int64_t lo = p.offsets[e], hi = p.offsets[e + 1];
+  const int64_t lo = max(p.offsets[e], int64_t(0)), hi = min(p.offsets[e + 1], p.M);
   const int64_t K = p.Kred, I = p.N / 2;
   const T* A = reinterpret_cast<const T*>(p.a);
   const T* B = reinterpret_cast<const T*>(p.b) + static_cast<int64_t>(e) * p.b_es;
@@ -847,7 +847,7 @@ __global__ void __launch_bounds__(simt::THREADS) simt_grouped_kernel(const GemmA
 template <typename T>
 __global__ void zero_uncovered_rows_kernel(T* __restrict__ out, int64_t S, int64_t ncols, int64_t ldo,
                                            const int64_t* __restrict__ offsets, int E) {
-  const int64_t lo = offsets[0], hi = offsets[E];
+  const int64_t lo = max(offsets[0], int64_t(0)), hi = min(offsets[E], S);
   for (int64_t r = blockIdx.x; r < S; r += gridDim.x) {
     if (r >= lo && r < hi) continue;
     for (int64_t c = threadIdx.x; c < ncols; c += blockDim.x) out[r * ldo + c] = from_acc<T>(static_cast<typename AccType<T>::type>(0));

@@ -212,8 +212,8 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
 }
 
 // ---- GROUP_K problem (dW): out[e] [M, Nn] = sum over rows r of expert e of A(m, r) * B(n, r) ----
-void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, const at::Tensor& b, int64_t b_sn, int64_t b_sk,
-                 int64_t M, int64_t Nn, const at::Tensor& offsets, int E, at::Tensor& out) {
+void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows, const at::Tensor& b, int64_t b_sn,
+                 int64_t b_sk, int64_t M, int64_t Nn, const at::Tensor& offsets, int E, at::Tensor& out) {
   if (E == 0 || M == 0 || Nn == 0) return;
   GemmArgs p{};
   p.a = a.data_ptr();
@@ -229,7 +229,7 @@ void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, const at::Tens
   p.E = E;
   p.M = M;
   p.N = Nn;
-  p.Kred = 0;
+  p.Kred = a_rows;
   p.out = out.data_ptr();
   p.ldo = out.stride(1);
   p.out_es = out.stride(0);
@@ -360,7 +360,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
 
   // grad_w[e] [N, K] = sum over rows r of e: dpre[r, n] * a[r, k]
   at::Tensor gw = w_in.scalar_type() == dt ? grad_w : at::empty({E, N, K}, a.options());
-  run_group_k(dpre, /*a_sm=*/1, /*a_sk=*/dpre.stride(0), a, /*b_sn=*/1, /*b_sk=*/a.stride(0), N, K, offsets, Ei, gw);
+  run_group_k(dpre, /*a_sm=*/1, /*a_sk=*/dpre.stride(0), /*a_rows=*/S, a, /*b_sn=*/1, /*b_sk=*/a.stride(0), N, K, offsets,
+              Ei, gw);
   if (!gw.is_same(grad_w)) grad_w.copy_(gw);
   return {grad_a, grad_w};
 }

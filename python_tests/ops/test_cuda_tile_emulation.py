@@ -67,7 +67,9 @@ def resolve_tile(p, group_k, bx, by, bz):
     if group_k:
         e = bz
         m0 = by * BM
-        return (m0 < p["M"]), dict(e=e, m0=m0, m_end=p["M"], k_begin=p["offsets"][e], k_end=p["offsets"][e + 1])
+        clamp = lambda v: min(max(v, 0), p["Kred"])  # noqa: E731  (Kred = number of rows S)
+        return (m0 < p["M"]), dict(e=e, m0=m0, m_end=p["M"], k_begin=clamp(p["offsets"][e]),
+                                   k_end=clamp(p["offsets"][e + 1]))
     slot, running = by, 0
     for e in range(p["E"]):  # the warp scan, sequentially
         lo, hi = p["offsets"][e], p["offsets"][e + 1]
@@ -290,7 +292,7 @@ def test_grad_w_tile_math():
     dpre = rng.standard_normal((S, N))
     a = rng.standard_normal((S, K))
     p = dict(a=dpre.reshape(-1), a_sm=1, a_sk=N, gather=None, gather_div=1, b=a.reshape(-1), b_es=0, b_sn=1, b_sk=K,
-             offsets=offs, E=E, M=N, N=K, Kred=0, ldo=K, out_es=N * K)
+             offsets=offs, E=E, M=N, N=K, Kred=S, ldo=K, out_es=N * K)
     grid = (math.ceil(K / BN), math.ceil(N / BM), E)
     out = run_kernel(p, True, True, True, False, False, grid, E * N * K).reshape(E, N, K)
     want = np.stack([dpre[offs[e]:offs[e + 1]].T @ a[offs[e]:offs[e + 1]] for e in range(E)])
