@@ -69,8 +69,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    # torch picks the multi-tensor (foreach) AdamW only for CUDA parameters; it is also much faster on CPU.
+    foreach = True if device_type == "cpu" else None
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             foreach=foreach)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -130,7 +130,7 @@ class Trainer:
             model.language_model.config.use_cache = False
         self.base_model = model.to(self.device)
         self.model = wrap_model(self.base_model, self.info, cfg.distributed, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
         self.schedule = Schedule(self.optimizer, cfg.train.max_steps, cfg.optim)
         seed_everything(cfg.train.seed + self.info.rank)
