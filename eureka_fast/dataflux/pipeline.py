@@ -73,11 +73,21 @@ async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Setti
     caption_record = {"id": clip_id, "audio": abspath, "caption": caption, "facts": facts,
                       "provenance": {"captioner": names["captioner"]}}
     cats = [c for c in taxonomy if not settings.categories or c.id in settings.categories]
-    results = await asyncio.gather(*(_run_category(ctx, c, caption, facts, roles, settings, names) for c in cats))
+    results = await asyncio.gather(*(_run_category(ctx, c, caption, facts, roles, settings, names) for c in cats),
+                                   return_exceptions=True)
     kept, rejected = [], []
-    for k, r in results:
-        kept += k
-        rejected += r
+    for cat, res in zip(cats, results):
+        if isinstance(res, BaseException):
+            if not isinstance(res, Exception):
+                raise res  # KeyboardInterrupt / cancellation: stop, the clip is not committed and will be redone
+            # a bug or an unexpected error in one role on one clip must not stop the run: record the whole unit
+            rejected.append({"id": f"{clip_id}-{cat.id}-error", "clip_id": clip_id, "category_id": cat.id,
+                             "category": list(cat.path), "stage": "generate", "round": None,
+                             "reason": "internal_error", "detail": f"{type(res).__name__}: {res}"})
+            ctx.events["pipeline.internal_error"] += 1
+            continue
+        kept += res[0]
+        rejected += res[1]
     return ClipResult(clip_id, abspath, "ok", None, caption_record, kept, rejected, dict(ctx.events),
                       time.perf_counter() - t0)
 
@@ -104,8 +114,9 @@ async def _run_category(ctx, category, caption, facts, roles, settings, names):
             reply, intended = await roles.query_generator.generate(
                 ctx, category, caption, facts, need, round_idx=round_idx, previous=list(kept_stems),
                 feedback=feedback[-5:])
-        except (BackendError, FormatError) as exc:
-            kind = exc.kind if isinstance(exc, BackendError) else "malformed"
+        except Exception as exc:  # BackendError, FormatError (invalid built-in output) or a generator bug
+            kind = exc.kind if isinstance(exc, BackendError) else "malformed" if isinstance(exc, FormatError) \
+                else "error"
             feedback.append(f"generator failed: {kind}")
             rejected.append({"id": f"{unit}-r{round_idx}", **base_meta, "stage": "generate", "round": round_idx,
                              "reason": f"generator_{kind}", "detail": str(exc)})
@@ -156,7 +167,7 @@ async def _answer_and_judge(ctx, category, caption, facts, question, roles):
     answers = await asyncio.gather(roles.answerer_a.answer(ctx, question), roles.answerer_b.answer(ctx, question),
                                    return_exceptions=True)
     for name, ans in zip(("A", "B"), answers):
-        if isinstance(ans, BackendError):
+        if isinstance(ans, Exception):  # BackendError after retries, or an error inside a built-in answerer
             traces[name] = None
             ctx.events[f"answerer_{name.lower()}.failed_item"] += 1
         elif isinstance(ans, BaseException):
@@ -171,6 +182,8 @@ async def _answer_and_judge(ctx, category, caption, facts, question, roles):
                                           traces["B"] or "(no answer: backend failed)")
     except BackendError as exc:
         return None, traces, f"judge_{exc.kind}: {exc}"
+    except Exception as exc:  # a built-in judge bug on one item is recorded, not fatal
+        return None, traces, f"judge_error: {type(exc).__name__}: {exc}"
     winner = verdict["winner"]
     if verdict["final_action"] == "KEEP_USING_WINNER":
         pick = "A" if winner in ("MODEL_A", "TIE") else "B"
@@ -199,6 +212,8 @@ def _training_record(rid, audio_path, category, question, verdict, traces, meta)
             {"role": "assistant", "content": [{"type": "text", "text": traces[pick]}]},
         ],
         "answer": letter,
-        "meta": {**meta, "hard": not verdict["consensus"], "winner": winner, "answers": letters,
+        # hard example: both answerers answered and disagreed (a failed answerer is not a disagreement)
+        "meta": {**meta, "hard": bool(letters["A"] and letters["B"] and letters["A"] != letters["B"]),
+                 "winner": winner, "answers": letters,
                  "target_from": f"answerer_{pick.lower()}", "verdict": verdict},
     }

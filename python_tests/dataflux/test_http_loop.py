@@ -17,7 +17,7 @@ KINDS = {"http_500": "http_5xx", "timeout": "timeout", "malformed": "malformed",
 
 def _config(base_url, **pipeline):
     cfg = load_config(None, {"shard_size": 2, "workers": 3, **pipeline})
-    cfg["roles"] = http_roles(base_url)
+    cfg["roles"] = http_roles(base_url, timeout_s=2.0)
     return cfg
 
 
@@ -29,8 +29,9 @@ def _read(out):
 
 def test_http_loop_with_faults_accounts_for_everything(tiny_audio_dir, tmp_path):
     out = str(tmp_path / "out")
-    with MockOpenAIServer(every_500=7, every_timeout=11, every_malformed=5, every_reset=13, delay_s=1.2) as srv:
-        stats = run_dataflux(tiny_audio_dir, out, _config(srv.base_url), progress=False, log=lambda m: None)
+    with MockOpenAIServer(every_500=7, every_timeout=17, every_malformed=5, every_reset=13, delay_s=2.6) as srv:
+        cfg = _config(srv.base_url, categories=["speaker_gender", "pitch_level", "spoken_word", "clip_duration"])
+        stats = run_dataflux(tiny_audio_dir, out, cfg, progress=False, log=lambda m: None)
         injected = dict(srv.injected)
     store, kept, rejected, clips = _read(out)
 
@@ -48,7 +49,11 @@ def test_http_loop_with_faults_accounts_for_everything(tiny_audio_dir, tmp_path)
             events[k.split(".", 1)[1]] += v
     assert all(injected.get(k, 0) > 0 for k in KINDS), injected  # the schedule really exercised every kind
     for server_kind, client_kind in KINDS.items():
-        assert events[client_kind] == injected.get(server_kind, 0), (server_kind, events, injected)
+        if server_kind == "timeout":
+            # on a loaded machine an ordinary reply can also miss the deadline: the client saw at least those
+            assert events[client_kind] >= injected.get(server_kind, 0), (server_kind, events, injected)
+        else:
+            assert events[client_kind] == injected.get(server_kind, 0), (server_kind, events, injected)
 
     # no record lost or duplicated; every rejection has a reason
     ids = [r["id"] for r in kept] + [r["id"] for r in rejected]
@@ -62,7 +67,7 @@ def test_http_loop_with_faults_accounts_for_everything(tiny_audio_dir, tmp_path)
             unit_rej = [r for r in rejected if r.get("clip_id") == cid and r.get("category_id") == cat]
             assert len(unit_kept) <= 5
             assert unit_kept or unit_rej, (cid, cat)  # a unit never vanishes
-    assert n_cats == 6
+    assert n_cats == 4
 
     # the per-category stats add up to the records on disk
     gen = sum(c["generated"] for c in stats["categories"].values())
@@ -77,7 +82,8 @@ def test_http_loop_with_faults_accounts_for_everything(tiny_audio_dir, tmp_path)
         parse_question(user["content"][1]["text"])
         assert parse_trace(asst["content"][0]["text"])[1] == r["answer"]
         assert r["meta"]["backends"]["judge"].startswith("openai:mock-judge")
-        assert r["meta"]["hard"] == (not r["meta"]["verdict"]["consensus"])
+        a, b = r["meta"]["answers"]["A"], r["meta"]["answers"]["B"]
+        assert r["meta"]["hard"] == bool(a and b and a != b)
     assert any(r["meta"]["hard"] for r in kept)  # B disagrees with A on ~1/4 and the judge keeps some
     # discarded questions were regenerated in later rounds
     assert any(r["meta"]["round"] > 1 for r in kept)
