@@ -13,7 +13,8 @@ Measured, in one run and interleaved (each round times every contender once; bes
      in-cache softmax over 256 x 1500 blocks, scaled to heads x layers x T rows), which the FLOP roofline omits.
   3. stack_norm_project (Eureka preset) vs the eager chain, when eureka_fast.ops provides it.
 
-Timings: CPU time of this process (time.process_time) and wall time are both reported. On a shared machine other
+Timings: best single call over interleaved rounds; CPU time of this process (time.process_time) and wall time are
+both reported. On a shared machine other
 processes inflate wall time by preempting our threads; CPU time counts only the cycles spent here and is the more
 stable number, so the ratios and the roofline comparison use it (with --threads 1 it equals single-core wall time
 on an idle machine).
@@ -39,21 +40,24 @@ from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, _openai_to_
 SR = 16000
 
 
-def interleaved(contenders: dict, rounds: int, inner: int = 1) -> dict:
-    """Best-of-`rounds` CPU and wall milliseconds per call for every contender, timed round-robin (so that load
-    from other processes hits every contender alike)."""
+def interleaved(contenders: dict, rounds: int, inner: int = 1, warmup: int = 2) -> dict:
+    """Best CPU and wall milliseconds of a single call for every contender, timed round-robin (so that load from
+    other processes hits every contender alike).
+
+    Each contender gets `warmup` untimed calls before its `inner` timed ones in every round: the first calls after
+    another contender pay for re-growing the heap it trimmed (page faults), which is not this contender's cost.
+    """
     best_cpu = {name: float("inf") for name in contenders}
     best_wall = dict(best_cpu)
-    for fn in contenders.values():
-        fn()  # warm-up: allocator, caches, lazy initialisation
     for _ in range(rounds):
         for name, fn in contenders.items():
-            fn()  # untimed: the previous contender's allocations and cache contents are not billed to this one
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            for _ in range(inner):
+            for _ in range(warmup):
                 fn()
-            best_cpu[name] = min(best_cpu[name], (time.process_time() - cpu0) / inner * 1e3)
-            best_wall[name] = min(best_wall[name], (time.perf_counter() - wall0) / inner * 1e3)
+            for _ in range(inner):
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                fn()
+                best_cpu[name] = min(best_cpu[name], (time.process_time() - cpu0) * 1e3)
+                best_wall[name] = min(best_wall[name], (time.perf_counter() - wall0) * 1e3)
     return {name: (best_cpu[name], best_wall[name]) for name in contenders}
 
 
@@ -202,7 +206,7 @@ def bench_encoder(size: str, rounds: int, threads: int, workdir: str) -> list[st
             got = torch.from_numpy(np.array(ct2.encode(features)))
             assert (got - expected).abs().max().item() < 1e-2, "CTranslate2 weights do not match"
             contenders["CTranslate2 fp32 encode"] = lambda: ct2.encode(features)
-        times = interleaved(contenders, rounds)
+        times = interleaved(contenders, rounds, warmup=1)
         rate = gemm_rate(dims, rounds)
         floor = softmax_floor_ms(dims, rounds)
     flops = encoder_flops(dims)
