@@ -82,8 +82,6 @@ def test_audio_tokens_types_and_features(tiny_eureka_processor, wav_dir):
     ends = (ids == p.audio_end_token_id).nonzero().flatten().tolist()
     assert [e - s - 1 for s, e in zip(starts, ends)] == [n_tone, n_noise]
     # features: both clips of the request concatenated in time, one 3000-frame window, as the audio module makes them
-    import soundfile as sf
-
     clips = [sf.read(wav_dir / "tone.wav", dtype="float32")[0], sf.read(wav_dir / "noise.wav", dtype="float32")[0]]
     expected = log_mel(clips, 80, mode="eureka")
     assert torch.equal(out["input_features"], expected.windows)
