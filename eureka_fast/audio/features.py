@@ -184,31 +184,35 @@ def _banded_mel_filters(n_mels: int, device: str) -> tuple:
     return tuple(blocks)
 
 
-def _reflect_pad(waveform: torch.Tensor, pad: int) -> torch.Tensor:
-    # Same values as F.pad(mode="reflect") (edge sample not repeated), written as three copies: ATen's reflection
-    # pad kernel is several times slower on a long 1-D signal.
+def _padded_signal(waveform: torch.Tensor, length: int, pad: int) -> torch.Tensor:
+    """The waveform zero-padded at the end to `length` samples, then reflect-padded by `pad` on both sides (edge
+    sample not repeated, as F.pad(mode="reflect")), built in one buffer: no intermediate zero-padded copy, and
+    plain copies instead of ATen's reflection-pad kernel, which is several times slower on a long 1-D signal."""
     n = waveform.numel()
-    out = torch.empty(n + 2 * pad, dtype=waveform.dtype, device=waveform.device)
+    out = torch.empty(length + 2 * pad, dtype=waveform.dtype, device=waveform.device)
     out[pad:pad + n] = waveform
-    out[:pad] = waveform[1:pad + 1].flip(0)
-    out[pad + n:] = waveform[n - pad - 1:n - 1].flip(0)
+    out[pad + n:pad + length].zero_()
+    out[:pad] = out[pad + 1:2 * pad + 1].flip(0)
+    out[pad + length:] = out[length - 1:length + pad - 1].flip(0)
     return out
 
 
-def _log10_mel(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """log10(max(mel power, 1e-10)) [n_mels, len // 160], last STFT frame dropped. No clamp, no scaling yet.
+def _log10_mel(waveform: torch.Tensor, n_mels: int, length: int | None = None) -> torch.Tensor:
+    """log10(max(mel power, 1e-10)) [n_mels, length // 160] of the waveform zero-padded to `length` samples (default:
+    its own length), last STFT frame dropped. No clamp, no scaling yet.
 
     Equal to torch.stft(center=True, reflect, periodic Hann) -> |.|^2 -> mel, computed frame-major: the frames are
     strided views of the padded signal, the dropped last frame is never transformed, and |z|^2 summed into mel bins
     is a GEMM over the squared (re, im) pairs against filters repeated per pair, instead of strided re*re+im*im
     passes (which do not vectorise) followed by a second GEMM; the GEMM is banded (see _banded_mel_filters).
     """
-    if waveform.numel() <= N_FFT // 2:
-        raise AudioError("<array>: %d samples are too few for a 400-point STFT with reflect padding"
-                         % waveform.numel())
+    length = waveform.numel() if length is None else length
+    if length <= N_FFT // 2 or length < waveform.numel():
+        raise AudioError("<array>: cannot take a 400-point STFT with reflect padding of %d samples padded to %d"
+                         % (waveform.numel(), length))
     device = str(waveform.device)
-    padded = _reflect_pad(waveform, N_FFT // 2)
-    num_frames = waveform.numel() // HOP_LENGTH  # 1 + len // 160 STFT frames, minus the dropped last one
+    padded = _padded_signal(waveform, length, N_FFT // 2)
+    num_frames = length // HOP_LENGTH  # 1 + length // 160 STFT frames, minus the dropped last one
     frames = padded.unfold(0, N_FFT, HOP_LENGTH)[:num_frames]
     spectrum = torch.fft.rfft(frames * _hann_window(device), dim=-1)  # [F, 201] complex
     squares = torch.view_as_real(spectrum)
@@ -226,21 +230,14 @@ def _clamp_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
 
 
 def _whisper_log_mel(audio: Any, n_mels: int) -> torch.Tensor:
-    waveform = _as_tensor(audio)
-    if waveform.numel() > SAMPLES_PER_WINDOW:
-        waveform = waveform[:SAMPLES_PER_WINDOW]
-    elif waveform.numel() < SAMPLES_PER_WINDOW:
-        waveform = torch.nn.functional.pad(waveform, (0, SAMPLES_PER_WINDOW - waveform.numel()))
-    return _clamp_and_scale_(_log10_mel(waveform, n_mels))
+    waveform = _as_tensor(audio)[:SAMPLES_PER_WINDOW]  # pad_or_trim: longer audio is cut, shorter zero-padded
+    return _clamp_and_scale_(_log10_mel(waveform, n_mels, SAMPLES_PER_WINDOW))
 
 
 def _eureka_clip(waveform: torch.Tensor, n_mels: int) -> tuple[torch.Tensor, int]:
     """One clip -> ([n_mels, 8 N] normalised log-mel, N) with N = ceil(len / 1280)."""
     tokens = audio_token_count(waveform.numel())
-    padded = tokens * SAMPLES_PER_TOKEN
-    if padded != waveform.numel():
-        waveform = torch.nn.functional.pad(waveform, (0, padded - waveform.numel()))
-    return _clamp_and_scale_(_log10_mel(waveform, n_mels)), tokens
+    return _clamp_and_scale_(_log10_mel(waveform, n_mels, tokens * SAMPLES_PER_TOKEN)), tokens
 
 
 def _window(frames: torch.Tensor) -> torch.Tensor:

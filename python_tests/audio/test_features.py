@@ -179,3 +179,13 @@ def test_integer_pcm_is_scaled():
     expected = log_mel(pcm.astype(np.float32) / 32768.0, 80).windows
     torch.testing.assert_close(log_mel(pcm, 80).windows, expected)
     torch.testing.assert_close(log_mel(torch.from_numpy(pcm), 80).windows, expected)
+
+
+@pytest.mark.parametrize("samples, padded_to", [(1000, 1280), (1280, 1280), (201, 1280), (300, 480000), (999, 999)])
+def test_padded_signal_equals_zero_pad_then_reflect_pad(samples, padded_to):
+    from eureka_fast.audio.features import _padded_signal
+
+    waveform = torch.randn(samples)
+    zero_padded = torch.nn.functional.pad(waveform, (0, padded_to - samples))
+    expected = torch.nn.functional.pad(zero_padded[None, None], (200, 200), mode="reflect")[0, 0]
+    torch.testing.assert_close(_padded_signal(waveform, padded_to, 200), expected, atol=0, rtol=0)
