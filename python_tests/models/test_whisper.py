@@ -318,3 +318,21 @@ def test_tiny_en_long_audio_is_decoded_window_by_window(tiny_model, espeak_sente
     long_audio = np.concatenate([audio, np.zeros(16000 * 30 - len(audio), np.float32), audio])
     text = normalise(tiny_model.transcribe(long_audio))
     assert text.count("bring these things") == 2, text
+
+
+def test_ctranslate2_model_bin_path_and_corrupt_file(transformers_dir, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from ctranslate2.converters import TransformersConverter
+
+    _, path = transformers_dir
+    out = tmp_path / "ct2"
+    TransformersConverter(path).convert(str(out), quantization="float16", force=True)
+    by_dir = load_whisper_encoder(str(out))
+    by_file = load_whisper_encoder(str(out / "model.bin"))
+    torch.testing.assert_close(by_dir.state_dict(), by_file.state_dict())
+    raw = (out / "model.bin").read_bytes()
+    (out / "model.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_whisper_encoder(str(out))
+    with pytest.raises(FileNotFoundError, match="known model name"):
+        load_whisper_encoder("whisper-gigantic")
