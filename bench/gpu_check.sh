@@ -60,7 +60,7 @@ if want tests; then
 stamp "CUDA op tests"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-if timeout 110 $PY -m pytest -q -p no:cacheprovider -m cuda $XDIST python_tests/ops >"$OUT/pytest.log" 2>&1; then
+if timeout 110 $PY -m pytest -q -p no:cacheprovider -o addopts="-ra" -m cuda $XDIST python_tests/ops >"$OUT/pytest.log" 2>&1; then
   STATUS[tests]=ok
 else
   STATUS[tests]=FAILED
