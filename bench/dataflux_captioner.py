@@ -11,7 +11,6 @@ synthetic.py), not from the espeak settings.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys

@@ -4,7 +4,6 @@ import json
 import os
 from collections import Counter
 
-import pytest
 
 from mock_openai import MockOpenAIServer, http_roles
 
