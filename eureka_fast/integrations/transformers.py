@@ -147,6 +147,9 @@ def register_experts_implementation() -> None:
 
 
 register_experts_implementation()
+# Load the compiled kernels (and their fake / autograd registrations) now, outside any torch.compile trace: the ops
+# load lazily on first call, and loading inside a dynamo trace (register_fake) breaks the graph there.
+ops.backend()
 
 
 # --------------------------------------------------------------------------------------------------------------
