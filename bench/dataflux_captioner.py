@@ -73,7 +73,7 @@ def main(argv=None):
                                "ref_wps": round(c.reference["words_per_second"], 2), "snr": facts.get("snr_db")})
     acc = {a: sum(v) / len(v) for a, v in correct.items()}
     result = {
-        "clips": len(clips), "asr": asr.name, "accuracy": acc,
+        "clips": len(clips), "asr": asr.name, "asr_fallback_redecodes": getattr(asr, "fallbacks", 0), "accuracy": acc,
         "accuracy_by_condition": {k: {a: sum(v) / len(v) for a, v in d.items()} for k, d in sorted(by_cond.items())},
         "gender_accuracy_by_voice": {v: sum(x) / len(x) for v, x in sorted(by_voice.items())},
         "wer": {k: e / n for k, (e, n) in wer.items()},
@@ -125,6 +125,7 @@ def markdown(r):
         cond = " | ".join(f"{100 * r['accuracy_by_condition'][k][a]:.1f}%" for k in r["accuracy_by_condition"])
         lines.append(f"| {a} | {100 * r['accuracy'][a]:.1f}% | {100 * TARGETS[a]:.0f}% | {cond} |")
     lines.append("")
+    lines.append(f"ASR repetition-loop re-decodes (faster-whisper beam 5): {r['asr_fallback_redecodes']}")
     lines.append("ASR WER: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["wer"].items()))
     lines.append("Gender accuracy by voice: " + ", ".join(f"{v} {100 * x:.0f}%"
                                                            for v, x in r["gender_accuracy_by_voice"].items()))

