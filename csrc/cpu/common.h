@@ -39,6 +39,32 @@ inline at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   return r;
 }
 
+}  // namespace cpu
+}  // namespace eureka_fast
+// MKL's per-thread thread-count override, exported by libtorch_cpu in the MKL builds (weak: absent elsewhere).
+// The C entry point: the lower-case mkl_set_num_threads_local export is the Fortran one (argument by pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+namespace eureka_fast {
+namespace cpu {
+
+// While alive, BLAS calls made on this thread run on this thread only (MKL would otherwise be free to start its
+// own team inside our parallel region when MKL_DYNAMIC is off); restores the previous setting on exit.
+struct SingleThreadedBlas {
+  int previous = 0;
+  bool active = false;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      previous = MKL_Set_Num_Threads_Local(1);
+      active = true;
+    }
+  }
+  ~SingleThreadedBlas() {
+    if (active) MKL_Set_Num_Threads_Local(previous);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+};
+
 // Runs task(i) for i in [0, n) on at::get_num_threads() workers that pull the next index from a shared counter,
 // so tasks of uneven cost (experts with skewed row counts) balance. Order the tasks from most to least expensive.
 template <typename F>
@@ -51,6 +77,7 @@ void run_tasks(int64_t n, const F& task) {
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SingleThreadedBlas blas_on_this_thread_only;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(i);
   });
 }
