@@ -100,3 +100,26 @@ def test_syllable_counting():
 def test_word_error_rate():
     assert word_error_rate("The cat sat", "the cat sat.") == (0, 3)
     assert word_error_rate("the cat sat", "the bat") == (2, 3)
+
+
+def test_asr_repetition_loop_is_redecoded():
+    from eureka_fast.dataflux.asr import COMPRESSION_RATIO_LIMIT, EurekaWhisperASR, compression_ratio
+
+    loop = "she's a little bit sick and " * 12
+    assert compression_ratio(loop) > COMPRESSION_RATIO_LIMIT > compression_ratio(
+        "The children played football in the park until the sun went down.")
+
+    class Model:
+        def __init__(self, text):
+            self.text = text
+
+        def transcribe(self, audio):
+            return self.text
+
+    import threading
+
+    asr = EurekaWhisperASR.__new__(EurekaWhisperASR)  # skip loading real weights
+    asr._lock, asr._model, asr._fallback_model = threading.Lock(), Model(loop), Model("she sells sea shells")
+    assert asr.transcribe(np.zeros(16000, np.float32)) == "she sells sea shells" and asr.fallbacks == 1
+    asr._model = Model("a normal sentence")
+    assert asr.transcribe(np.zeros(16000, np.float32)) == "a normal sentence" and asr.fallbacks == 1
