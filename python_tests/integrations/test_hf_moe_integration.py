@@ -312,13 +312,18 @@ def _opaque_reference_fused_experts():
     return _STAND_IN
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_torch_compile_has_no_graph_breaks_in_moe_blocks(family, monkeypatch):
+@pytest.mark.parametrize("family,path", [("qwen3_moe", "apply"), ("deepseek_v3", "apply"), ("qwen3_moe", "registry")])
+def test_torch_compile_has_no_graph_breaks_in_moe_blocks(family, path, monkeypatch):
     from eureka_fast import ops
 
     if not _fused_experts_is_a_compiled_op():
         monkeypatch.setattr(ops, "fused_experts", _opaque_reference_fused_experts())
-    reference, fast, _ = _pair(family)
+    if path == "apply":
+        reference, fast, _ = _pair(family)
+    else:  # experts_implementation="eureka_fast": its per-call support check must trace too
+        reference = tiny_model(family)
+        fast = copy.deepcopy(reference)
+        fast.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     name, block = moe_blocks(fast)[0]
     hidden = torch.randn(2, 9, reference.config.hidden_size, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
