@@ -79,6 +79,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(train_manifest, tmp_path, processor):
     # 4 steps, 2 micro-batches per step; 12 records / global batch 2 = 6 batches per epoch, so it crosses epochs
     common = dict(max_steps=4, grad_accum=2)
