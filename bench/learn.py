@@ -178,7 +178,7 @@ def plot(losses: list[dict], curve: list[dict], align_steps: int, path: str) -> 
     ax2.set_ylim(0, 100)
     ax2.axhline(90, color="tab:red", ls=":", lw=0.8)
     lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax1.legend(lines, [l.get_label() for l in lines], loc="center right")
+    ax1.legend(lines, [l.get_label() for l in lines], loc="upper center", fontsize=8)
     ax1.set_title("Eureka-Audio tiny (Whisper tiny.en + MoE adapter + tiny Qwen3) on espeak-ng digits, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -228,7 +228,7 @@ Machine: 2 CPU cores shared with ~6 other engineers running builds and tests at 
 
 ![loss and held-out accuracy](learn_curve.png)
 
-| stage | step | elapsed s | exact match % | digit accuracy % |
+| stage | global step | elapsed s | exact match % | digit accuracy % (by position) |
 |---|---|---|---|---|
 {curve_rows}
 
