@@ -8,7 +8,8 @@ Sections (each guarded, so one failure does not hide the rest):
   roofline   fused_experts vs transformers' grouped_mm experts path vs the eager per-expert loop, Qwen3-30B-A3B
              layer (H=2048, I=768, E=128, k=8) and Eureka adapter (H=2048, I=1280, E=8, k=4),
              T in {1, 8, 64, 512, 4096, 32768}; weight sets rotate so the 50 MB L2 does not hold them
-  regimes    weight-streaming vs tiled kernel at the crossover (tunes the S <= 4E switch)
+  regimes    weight-streaming vs tiled mma.sync vs wgmma (128x256 and 128x128) kernels (tunes the S <= 4E switch and
+             whether the opt-in wgmma kernel should become the default)
   backward   grouped_mm + grouped_mm_backward vs torch autograd through the transformers path (T=4096)
   audio      stack_norm_project (Eureka preset) vs the eager chain
 Writes OUT/results.json and OUT/RESULTS_section.md, and prints the markdown section last.

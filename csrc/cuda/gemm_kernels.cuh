@@ -9,6 +9,8 @@
 //                          (active expert, column slice); inactive experts cost no blocks.
 //   simt_grouped_kernel    plain fp32/fp64 SIMT tiles with arbitrary strides: float32/float64 inputs and shapes the
 //                          tensor-core path cannot take (K not a multiple of 8, misaligned pointers).
+//   wgmma_grouped_kernel   Hopper only (sm_90a): wgmma.mma_async from 128-byte-swizzled shared memory, 128x128 or
+//                          128x256 tiles, forward problems; opt-in until a GPU run has validated it.
 //
 // Logical problem: C[m, n] = sum_kk A(m, kk) * B_e(n, kk).
 //   GROUP_M (forward, dA): the rows m are grouped by expert through offsets[E+1]; e = expert of row m.
