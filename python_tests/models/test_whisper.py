@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, load_whisper_encoder, load_whisper_model,
-                                        read_ctranslate2_model_bin, sinusoids)
+from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, compression_ratio, load_whisper_encoder,
+                                        load_whisper_model, read_ctranslate2_model_bin, repeated_suffix, sinusoids)
 
 SMALL = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=51864,
              n_text_ctx=448, n_text_state=64, n_text_head=4, n_text_layer=2)
@@ -336,3 +336,85 @@ def test_ctranslate2_model_bin_path_and_corrupt_file(transformers_dir, tmp_path)
         load_whisper_encoder(str(out))
     with pytest.raises(FileNotFoundError, match="known model name"):
         load_whisper_encoder("whisper-gigantic")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding guards: repetition loops, fallback, beam search
+
+
+def test_compression_ratio_and_ngram_guard():
+    loop = "she's a little bit sick and " * 12
+    assert compression_ratio(loop) > 2.4 > compression_ratio(
+        "The children played football in the park until the sun went down.")
+    assert compression_ratio("") == 0.0
+    # a phrase three times in a row covering >= 16 tokens is a loop; the guard reports (period, copies)
+    assert repeated_suffix([1, 2, 3, 4, 5, 6] * 3) == (6, 3)
+    assert repeated_suffix([9] + [1, 2, 3, 4, 5, 6] * 3) == (6, 3)
+    assert repeated_suffix([1, 2, 3, 4, 5, 6] * 2) is None  # two copies: not yet
+    assert repeated_suffix([1, 2, 3, 4, 5, 6] * 3 + [7]) is None  # the loop broke off
+    assert repeated_suffix([7] * 15) is None and repeated_suffix([7] * 16) == (1, 16)
+    assert repeated_suffix([4, 5] * 7) is None and repeated_suffix([4, 5] * 8) == (2, 8)
+    assert repeated_suffix([1, 2, 3] * 4, min_repeats=4, min_tokens=12) == (3, 4)
+    assert repeated_suffix(list(range(40))) is None
+    assert repeated_suffix([1, 2] * 20, min_repeats=1) is None  # fewer than two copies never counts
+
+
+def _looping_clip():
+    """The DataFlux synthetic clip on which greedy tiny.en loops: 'She sells sea shells ...', voice m1, espeak pitch
+    15, 270 wpm, 10 dB white noise (greedy: "She's a little bit sick and" repeated up to the token cap)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    from eureka_fast.dataflux.synthetic import make_clip
+
+    clip = make_clip(2, "m1", 15, 270, 10.0)
+    return clip.audio, clip.text
+
+
+@needs_tiny
+def test_tiny_en_beam_search_with_beam_1_is_greedy(tiny_model, espeak_sentence):
+    from eureka_fast.audio import log_mel
+
+    audio, _ = espeak_sentence
+    prompt = tiny_model.tokenizer.prompt(multilingual=False)
+    features = tiny_model.encoder(log_mel(audio, 80, mode="whisper")[None])
+    greedy = tiny_model.greedy_decode(features, prompt)[0]
+    (ids, sum_logprob, stop), = [tiny_model.beam_search(features, prompt, beam_size=1)]
+    assert ids == greedy and stop == "eot"
+    (sampled_ids, sampled_logprob, _), = tiny_model.sample_decode(features, prompt)
+    assert sampled_ids == greedy and abs(sampled_logprob - sum_logprob) < 1e-3
+    # the token cap holds for both
+    assert tiny_model.beam_search(features, prompt, beam_size=1, max_new_tokens=3)[0] == greedy[:3]
+    assert tiny_model.greedy_decode(features, prompt, max_new_tokens=3)[0] == greedy[:3]
+    # beam 5 finds a sequence at least as likely per token as greedy's, and transcribes the sentence
+    ids5, logprob5, stop5 = tiny_model.beam_search(features, prompt, beam_size=5)
+    assert stop5 == "eot" and logprob5 / len(ids5) >= sum_logprob / len(greedy) - 1e-4
+    assert "bring these things" in normalise(tiny_model.tokenizer.decode(ids5))
+    with pytest.raises(ValueError, match="one window"):
+        tiny_model.beam_search(features.expand(2, -1, -1), prompt)
+
+
+@needs_tiny
+def test_tiny_en_repetition_loop_is_guarded():
+    from eureka_fast.dataflux.asr import word_error_rate
+
+    model = load_whisper_model("tiny.en")
+    audio, text = _looping_clip()
+    reference_words = len(text.split())
+    # plain greedy loops: the n-gram guard stops it after three copies and keeps one
+    greedy, = model.decode_windows(audio, beam_size=1, temperatures=(0.0,))
+    assert greedy.stop == "repetition" and len(greedy.tokens) < 20, greedy
+    assert "little bit sick" in greedy.text and normalise(greedy.text).count("little bit sick") == 1
+    # without the guard greedy runs to the cap of n_text_ctx / 2 tokens
+    unguarded, = model.decode_windows(audio, beam_size=1, temperatures=(0.0,), repetition_limit=None)
+    assert unguarded.stop == "length" and len(unguarded.tokens) == model.dims.n_text_ctx // 2
+    assert unguarded.compression_ratio > 2.4
+    # the default transcribe falls back (beam search, then seeded temperatures) to a short, sensible transcript
+    window, = model.decode_windows(audio)
+    assert window.fell_back and window.stop == "eot" and window.compression_ratio < 2.4
+    transcript = model.transcribe(audio)
+    assert transcript == window.text and transcript == model.transcribe(audio)  # seeded: reproducible
+    errors, words = word_error_rate(text, transcript)
+    assert words == reference_words and errors <= 9, transcript
+    assert len(transcript.split()) <= 2 * reference_words, transcript
