@@ -1,23 +1,28 @@
-// Elementwise activations for GEMM epilogues. The float versions use a Cephes-style exp (about 1 ulp over the
-// clamped range) written so that GCC auto-vectorises it; target_clones builds an AVX2+FMA copy next to the baseline
-// x86-64 one and picks at load time, so the library still runs on any x86-64 CPU (no -march=native).
+// Elementwise activations for GEMM epilogues and the few-rows GEMM. The float versions use a Cephes-style exp (about
+// 1 ulp over the clamped range) written so that GCC auto-vectorises it. Each float kernel body is compiled twice:
+// for baseline x86-64 and with target("avx2,fma"); the AVX2 copy is picked at run time from the CPU's feature bits
+// (__builtin_cpu_supports), so the library runs on any x86-64 CPU without -march=native.
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/moe_cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define EF_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EF_HAVE_AVX2_COPY 1
+#define EF_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define EF_MULTIVERSION
+#define EF_HAVE_AVX2_COPY 0
+#define EF_AVX2
 #endif
+#define EF_INLINE inline __attribute__((always_inline))
 
 namespace eureka_fast {
 namespace cpu {
 namespace {
 
-inline float exp_approx(float x) {
+EF_INLINE float exp_approx(float x) {
   // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2; clamp keeps 2^n a normal float.
   x = x < -87.0f ? -87.0f : x;  // ternaries (not fmin/fmax) so the clamp vectorises to min/max
   x = x > 88.0f ? 88.0f : x;
@@ -37,7 +42,7 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-inline float erf_approx(float x) {
+EF_INLINE float erf_approx(float x) {
   // Abramowitz & Stegun 7.1.26 on |x| (max abs error 1.5e-7), odd extension.
   const float ax = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
@@ -46,25 +51,99 @@ inline float erf_approx(float x) {
   return std::copysign(y, x);
 }
 
-inline float silu_f(float g) { return g / (1.0f + exp_approx(-g)); }
-inline float gelu_f(float g) { return 0.5f * g * (1.0f + erf_approx(g * 0.70710678118654752f)); }
+EF_INLINE float silu_f(float g) { return g / (1.0f + exp_approx(-g)); }
+EF_INLINE float gelu_f(float g) { return 0.5f * g * (1.0f + erf_approx(g * 0.70710678118654752f)); }
 inline double silu_d(double g) { return g / (1.0 + std::exp(-g)); }
 inline double gelu_d(double g) { return 0.5 * g * (1.0 + std::erf(g * 0.70710678118654752)); }
 
-}  // namespace
-
-EF_MULTIVERSION void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+EF_INLINE void silu_mul_body(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = silu_f(gate[i]) * up[i];
 }
-EF_MULTIVERSION void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
+EF_INLINE void gelu_mul_body(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gelu_f(gate[i]) * up[i];
 }
-EF_MULTIVERSION void silu_inplace(float* x, int64_t n) {
+EF_INLINE void silu_inplace_body(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = silu_f(x[i]);
 }
-EF_MULTIVERSION void gelu_inplace(float* x, int64_t n) {
+EF_INLINE void gelu_inplace_body(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = gelu_f(x[i]);
 }
+EF_INLINE void skinny_body(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                           float* c, int64_t ldc) {
+  // Blocks of 4 input rows x 2 weight rows: 8 independent accumulators keep the FMA pipes busy, each weight row
+  // is read from memory once and reused from L1 by every input row. Short blocks repeat their last row (the
+  // duplicate result is not stored) so one branch-free loop serves every shape.
+  for (int64_t j = 0; j < n; j += 2) {
+    const int64_t j1 = std::min(j + 1, n - 1);
+    const float* w0 = b + j * ldb;
+    const float* w1 = b + j1 * ldb;
+    for (int64_t i = 0; i < m; i += 4) {
+      const float* x0 = a + i * lda;
+      const float* x1 = a + std::min(i + 1, m - 1) * lda;
+      const float* x2 = a + std::min(i + 2, m - 1) * lda;
+      const float* x3 = a + std::min(i + 3, m - 1) * lda;
+      float s00 = 0, s10 = 0, s20 = 0, s30 = 0, s01 = 0, s11 = 0, s21 = 0, s31 = 0;
+#pragma omp simd reduction(+ : s00, s10, s20, s30, s01, s11, s21, s31)
+      for (int64_t kk = 0; kk < K; ++kk) {
+        const float u = w0[kk], v = w1[kk];
+        s00 += x0[kk] * u;
+        s10 += x1[kk] * u;
+        s20 += x2[kk] * u;
+        s30 += x3[kk] * u;
+        s01 += x0[kk] * v;
+        s11 += x1[kk] * v;
+        s21 += x2[kk] * v;
+        s31 += x3[kk] * v;
+      }
+      const float r0[4] = {s00, s10, s20, s30}, r1[4] = {s01, s11, s21, s31};
+      for (int64_t q = 0; q < 4 && i + q < m; ++q) {
+        c[(i + q) * ldc + j] = r0[q];
+        if (j1 != j) c[(i + q) * ldc + j1] = r1[q];
+      }
+    }
+  }
+}
+
+#if EF_HAVE_AVX2_COPY
+EF_AVX2 void silu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
+EF_AVX2 void gelu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { gelu_mul_body(g, u, o, n); }
+EF_AVX2 void silu_inplace_avx2(float* x, int64_t n) { silu_inplace_body(x, n); }
+EF_AVX2 void gelu_inplace_avx2(float* x, int64_t n) { gelu_inplace_body(x, n); }
+EF_AVX2 void skinny_avx2(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float* c, int64_t ldc) {
+  skinny_body(m, n, K, a, lda, b, ldb, c, ldc);
+}
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#define EF_DISPATCH(avx2_call, base_call) \
+  do {                                    \
+    if (cpu_has_avx2_fma()) {             \
+      avx2_call;                          \
+    } else {                              \
+      base_call;                          \
+    }                                     \
+  } while (0)
+#else
+#define EF_DISPATCH(avx2_call, base_call) base_call
+#endif
+
+}  // namespace
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  EF_DISPATCH(silu_mul_avx2(gate, up, out, n), silu_mul_body(gate, up, out, n));
+}
+void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  EF_DISPATCH(gelu_mul_avx2(gate, up, out, n), gelu_mul_body(gate, up, out, n));
+}
+void silu_inplace(float* x, int64_t n) { EF_DISPATCH(silu_inplace_avx2(x, n), silu_inplace_body(x, n)); }
+void gelu_inplace(float* x, int64_t n) { EF_DISPATCH(gelu_inplace_avx2(x, n), gelu_inplace_body(x, n)); }
+void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     float* c, int64_t ldc) {
+  EF_DISPATCH(skinny_avx2(m, n, K, a, lda, b, ldb, c, ldc), skinny_body(m, n, K, a, lda, b, ldb, c, ldc));
+}
+
 void silu_mul(const double* gate, const double* up, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = silu_d(gate[i]) * up[i];
 }

@@ -66,6 +66,20 @@ std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out)
   return tiles;
 }
 
+// One tile's product C = A B^T: the streaming kernel for a few rows of float with unit-stride weight rows, the BLAS
+// otherwise (a single row is a GEMV, which the BLAS already streams).
+template <typename scalar_t>
+void tile_gemm(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t b_row_stride,
+               int64_t b_col_stride, scalar_t* c, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (m >= kSkinnyMinRows && m <= kSkinnyMaxRows && b_col_stride == 1 && K > 0) {
+      skinny_gemm_abt(m, n, K, a, lda, b, b_row_stride, c, ldc);
+      return;
+    }
+  }
+  gemm_abt<scalar_t>(m, n, K, a, lda, b, b_row_stride, b_col_stride, c, ldc);
+}
+
 template <typename scalar_t>
 scalar_t* thread_scratch(int64_t elements) {
   thread_local std::vector<char> buffer;
@@ -89,18 +103,18 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
     const scalar_t* w_e = w + t.expert * w_expert_stride;
     scalar_t* o = out + t.row0 * ldo + t.col0;
     if (!gated) {
-      gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, o,
-                         ldo);
+      tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, o,
+                          ldo);
       return;
     }
     // Gate and up columns of this chunk side by side in a per-thread buffer, then the activation epilogue while
     // they are still in cache.
     scalar_t* buf = thread_scratch<scalar_t>(t.rows * 2 * t.cols);
     const int64_t ldb = 2 * t.cols;
-    gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, buf,
-                       ldb);
-    gemm_abt<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + (n_out + t.col0) * w_row_stride, w_row_stride,
-                       w_col_stride, buf + t.cols, ldb);
+    tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, buf,
+                        ldb);
+    tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + (n_out + t.col0) * w_row_stride, w_row_stride,
+                        w_col_stride, buf + t.cols, ldb);
     for (int64_t r = 0; r < t.rows; ++r) {
       const scalar_t* g = buf + r * ldb;
       if (act == GatedActivation::SiluMul)

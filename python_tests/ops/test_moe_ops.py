@@ -187,6 +187,20 @@ def test_grouped_mm_matches_reference(activation, layout, dtype):
     assert bool((out[65:] == 0).all())
 
 
+@pytest.mark.parametrize("N", [9, 32])
+def test_grouped_mm_every_small_row_count(N):
+    """Expert e gets e rows (0..17): covers the few-rows streaming kernel, its partial row blocks and odd N."""
+    gen = torch.Generator().manual_seed(15)
+    E, K = 18, 37
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(E).cumsum(0)])
+    a = torch.randn(int(offsets[-1]), K, generator=gen)
+    w = torch.randn(E, N, K, generator=gen)
+    torch.testing.assert_close(ops.grouped_mm(a, w, offsets), ref.grouped_mm(a, w, offsets), **FP32)
+    if N % 2 == 0:
+        torch.testing.assert_close(ops.grouped_mm(a, w, offsets, activation="silu_mul"),
+                                   ref.grouped_mm(a, w, offsets, "silu_mul"), **FP32)
+
+
 @pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
 def test_grouped_mm_gradients(activation):
     gen = torch.Generator().manual_seed(17)
