@@ -5,9 +5,11 @@ on the pure-PyTorch references in ``eureka_fast.ops.reference`` otherwise (with 
 ``backend()`` says which. Pass ``use_reference=True`` to force the reference path.
 """
 from .api import (  # noqa: F401
+    DOWNSAMPLE_PRESETS,
     MoEPlan,
     backend,
     combine,
+    downsample_preset,
     fused_experts,
     grouped_mm,
     moe_aux_loss,
