@@ -232,8 +232,8 @@ Machine: 2 CPU cores shared with ~6 other engineers running builds and tests at 
 |---|---|---|---|---|
 {curve_rows}
 
-Reproduce: `python bench/learn.py` (writes `bench/learn_run/`, `bench/learn_curve.png`, `bench/learn_results.json`
-and this section).
+Reproduce: `python bench/learn.py --align-steps {a['align_steps']} --sft-steps {a['sft_steps']} --eval-every {a['eval_every']}`
+(writes `bench/learn_run/`, `bench/learn_curve.png`, `bench/learn_results.json` and this section).
 {END}"""
 
 
@@ -261,13 +261,13 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=300)
     p.add_argument("--heldout", type=int, default=50)
     p.add_argument("--align-steps", type=int, default=20)
-    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--sft-steps", type=int, default=500)
     p.add_argument("--align-lr", type=float, default=2e-3)
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lm-hidden", type=int, default=128)
     p.add_argument("--lm-layers", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-results", action="store_true", help="do not write bench/RESULTS.md and the PNG")
     p.add_argument("--report-only", metavar="JSON",
