@@ -380,7 +380,7 @@ def test_tiny_en_beam_search_with_beam_1_is_greedy(tiny_model, espeak_sentence):
     prompt = tiny_model.tokenizer.prompt(multilingual=False)
     features = tiny_model.encoder(log_mel(audio, 80, mode="whisper")[None])
     greedy = tiny_model.greedy_decode(features, prompt)[0]
-    (ids, sum_logprob, stop), = [tiny_model.beam_search(features, prompt, beam_size=1)]
+    ids, sum_logprob, stop = tiny_model.beam_search(features, prompt, beam_size=1)
     assert ids == greedy and stop == "eot"
     (sampled_ids, sampled_logprob, _), = tiny_model.sample_decode(features, prompt)
     assert sampled_ids == greedy and abs(sampled_logprob - sum_logprob) < 1e-3
