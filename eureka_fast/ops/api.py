@@ -33,6 +33,7 @@ def _load_extension() -> bool:
 
             _EXT = True
             _register_python_parts()
+            _fill_kernel_cache()
         except ImportError as exc:  # depends on the build
             _EXT = False
             if not _WARNED:
@@ -59,6 +60,18 @@ def _has_kernel(op_name: str, device: torch.device) -> bool:
             or torch._C._dispatch_has_kernel_for_dispatch_key(f"eureka_fast::{op_name}", dispatch_key)
         )
     return _KERNEL_CACHE[key]
+
+
+_KERNEL_OPS = ("route_topk", "moe_aux_loss", "moe_plan", "permute", "combine", "grouped_mm", "fused_experts",
+               "stack_norm_project")
+
+
+def _fill_kernel_cache() -> None:
+    # Resolved once at load time: a dispatcher query inside a torch.compile trace returns a plain bool and would
+    # break the graph the first time an op runs in a process.
+    for op_name in _KERNEL_OPS:
+        for device_type in ("cpu", "cuda", "meta"):
+            _has_kernel(op_name, torch.device(device_type))
 
 
 def _use_kernel(op_name: str, device: torch.device, use_reference: bool) -> bool:
@@ -698,3 +711,7 @@ def _stack_norm_project_backward(ctx, grad):
     grads["x"] = (gx * valid_c)[:, :T].to(x.dtype)
     return (grads["x"], None, None, None, grads["norm_weight"], grads["norm_bias"], grads["w1"], grads["b1"], None,
             grads["w2"], grads["b2"], None, None)
+
+
+# Load the kernels at import, outside any trace (see _fill_kernel_cache).
+_load_extension()

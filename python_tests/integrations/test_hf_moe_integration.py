@@ -369,9 +369,6 @@ for reason in explanation.break_reasons:
 """
 
 
-@pytest.mark.xfail(strict=False, reason="ops: the first call of an op in a process resolves `_has_kernel` inside the "
-                   "dynamo trace (torch._C._dispatch_has_kernel_for_dispatch_key returns a bool: graph break); "
-                   "warm processes (every other test here) trace one graph")
 def test_torch_compile_in_a_fresh_process_has_no_graph_breaks():
     """Users compile right after patching, before any eager call: nothing may be lazily resolved inside the trace."""
     import subprocess
