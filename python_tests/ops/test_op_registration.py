@@ -184,9 +184,9 @@ def test_fallback_without_extension_warns_once_and_runs_references():
     code = (
         "import sys, warnings\n"
         "sys.modules['eureka_fast._C'] = None\n"  # makes `from .. import _C` raise ImportError
-        "import torch, eureka_fast.ops as ops\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
+        "    import torch, eureka_fast.ops as ops\n"  # the kernels load (and the warning fires) at import
         "    assert ops.backend() == 'reference'\n"
         "    w, ids = ops.route_topk(torch.randn(4, 6), 2)\n"
         "    ops.fused_experts(torch.randn(4, 3), torch.randn(6, 4, 3), torch.randn(6, 3, 2), w, ids)\n"
