@@ -20,33 +20,12 @@ from __future__ import annotations
 import json
 import os
 
+from ..fsutil import atomic_write  # also used by stats.py
+
 MANIFEST = "manifest.json"
 LEDGERS = ("captions.jsonl", "clips.jsonl")
 SHARD_DIRS = ("data", "rejected")
 _CRASH_ENV = "EUREKA_DATAFLUX_CRASH_AT"  # test hook: "<point>:<n>" exits hard at the n-th time `point` is reached
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def jsonl_bytes(records) -> bytes:

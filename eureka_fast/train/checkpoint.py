@@ -17,22 +17,10 @@ import shutil
 import numpy as np
 import torch
 
+from ..fsutil import fsync_dir as _fsync_dir
 from .distributed import DistInfo, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save(obj, path: str) -> None:
