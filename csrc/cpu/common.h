@@ -31,6 +31,13 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
+// The usual checks on a floating-point operand, in the order users hit them: device, rank, dtype.
+inline void check_float_tensor(const at::Tensor& t, int64_t dim, const char* name) {
+  check_cpu(t, name);
+  check_dim(t, dim, name);
+  check_floating(t, name);
+}
+
 // Rows contiguous (stride(-1) == 1) in the compute dtype; copies only when needed.
 inline at::Tensor rows_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   at::Tensor r = t.scalar_type() == dtype ? t : t.to(dtype);

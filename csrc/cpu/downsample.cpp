@@ -103,9 +103,7 @@ at::Tensor stack_norm_project_cpu(const at::Tensor& x, int64_t k, const c10::opt
                                   const c10::optional<at::Tensor>& b1, c10::string_view activation,
                                   const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, double eps,
                                   c10::string_view pool) {
-  check_cpu(x, "x");
-  check_dim(x, 3, "x");
-  check_floating(x, "x");
+  check_float_tensor(x, 3, "x");
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK(pool == "stack" || pool == "mean", "pool must be 'stack' or 'mean', got '", std::string(pool), "'");
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);

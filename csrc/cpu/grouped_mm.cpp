@@ -152,12 +152,8 @@ std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
 }
 
 void check_grouped_args(const at::Tensor& a, const at::Tensor& w, GatedActivation act) {
-  check_cpu(a, "a");
-  check_dim(a, 2, "a");
-  check_floating(a, "a");
-  check_cpu(w, "w");
-  check_dim(w, 3, "w");
-  check_floating(w, "w");
+  check_float_tensor(a, 2, "a");
+  check_float_tensor(w, 3, "w");
   TORCH_CHECK(w.size(2) == a.size(1), "w must have shape [E, N, K] with K = a.size(1) = ", a.size(1), ", got ",
               w.sizes());
   TORCH_CHECK(act == GatedActivation::None || w.size(1) % 2 == 0,
@@ -267,18 +263,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                              const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {
   const GatedActivation act = parse_gated_activation(std::string(activation), true);
-  check_cpu(x, "x");
-  check_dim(x, 2, "x");
-  check_floating(x, "x");
-  check_cpu(w_gate_up, "w_gate_up");
-  check_dim(w_gate_up, 3, "w_gate_up");
-  check_floating(w_gate_up, "w_gate_up");
-  check_cpu(w_down, "w_down");
-  check_dim(w_down, 3, "w_down");
-  check_floating(w_down, "w_down");
-  check_cpu(weights, "weights");
-  check_dim(weights, 2, "weights");
-  check_floating(weights, "weights");
+  check_float_tensor(x, 2, "x");
+  check_float_tensor(w_gate_up, 3, "w_gate_up");
+  check_float_tensor(w_down, 3, "w_down");
+  check_float_tensor(weights, 2, "weights");
   const int64_t T = x.size(0), H = x.size(1), E = w_gate_up.size(0), I2 = w_gate_up.size(1);
   TORCH_CHECK(I2 % 2 == 0 && w_gate_up.size(2) == H, "w_gate_up must have shape [E, 2I, H=", H, "], got ",
               w_gate_up.sizes());

@@ -110,12 +110,8 @@ template void combine_rows<double, double>(const double*, int64_t, const int64_t
 namespace {
 
 at::Tensor combine_cpu(const at::Tensor& y_sorted, const at::Tensor& inverse_rows, const at::Tensor& weights) {
-  check_cpu(y_sorted, "y_sorted");
-  check_dim(y_sorted, 2, "y_sorted");
-  check_floating(y_sorted, "y_sorted");
-  check_cpu(weights, "weights");
-  check_dim(weights, 2, "weights");
-  check_floating(weights, "weights");
+  check_float_tensor(y_sorted, 2, "y_sorted");
+  check_float_tensor(weights, 2, "weights");
   const int64_t T = weights.size(0), k = weights.size(1), S = y_sorted.size(0), H = y_sorted.size(1);
   at::Tensor inv = checked_rows(inverse_rows, S, "inverse_rows");
   TORCH_CHECK(inv.numel() == T * k, "inverse_rows must have T*k = ", T * k, " entries, got ", inv.numel());

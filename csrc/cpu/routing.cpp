@@ -85,9 +85,7 @@ void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool reno
 std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int64_t k, c10::string_view scoring,
                                                    bool renormalize, const c10::optional<at::Tensor>& correction_bias,
                                                    int64_t n_group, int64_t topk_group, double routed_scaling) {
-  check_cpu(logits, "logits");
-  check_dim(logits, 2, "logits");
-  check_floating(logits, "logits");
+  check_float_tensor(logits, 2, "logits");
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK(E >= 1, "logits must have at least one expert column, got shape ", logits.sizes());
   TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, num_experts=", E, "], got ", k);
@@ -119,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int6
 }
 
 at::Tensor moe_aux_loss_cpu(const at::Tensor& router_probs, const at::Tensor& ids) {
-  check_cpu(router_probs, "router_probs");
-  check_dim(router_probs, 2, "router_probs");
-  check_floating(router_probs, "router_probs");
+  check_float_tensor(router_probs, 2, "router_probs");
   const int64_t T = router_probs.size(0), E = router_probs.size(1);
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   TORCH_CHECK(ids.size(0) == T, "ids must have ", T, " rows (one per token of router_probs), got ", ids.size(0));
