@@ -5,19 +5,22 @@ import argparse
 import importlib
 import sys
 
-# subcommand module -> it defines add_subcommand(subparsers), which adds its parser and sets `func`.
-_SUBCOMMAND_MODULES = (
-    "eureka_fast.benchmarks",  # bench
-    "eureka_fast.inference",  # infer
-    "eureka_fast.train.cli",  # train, eval
-    "eureka_fast.dataflux.cli",  # dataflux run|stats|resume
-)
+# subcommand -> the module that defines add_subcommand(subparsers), which adds its parser and sets `func`.
+_SUBCOMMAND_MODULES = {
+    "bench": "eureka_fast.benchmarks",
+    "infer": "eureka_fast.inference",
+    "train": "eureka_fast.train.cli",
+    "eval": "eureka_fast.train.cli",
+    "dataflux": "eureka_fast.dataflux.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command=None) -> argparse.ArgumentParser:
+    """The full parser, or only `command`'s part of it (so `eureka-audio dataflux ...` never imports torch)."""
     parser = argparse.ArgumentParser(prog="eureka-audio", description="Eureka-Audio: fast kernels, model, training, DataFlux")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
+    names = [_SUBCOMMAND_MODULES[command]] if command in _SUBCOMMAND_MODULES else _SUBCOMMAND_MODULES.values()
+    for name in dict.fromkeys(names):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
