@@ -16,6 +16,8 @@
 #define EF_HAVE_AVX2_COPY 0
 #define EF_AVX2
 #endif
+#include <cstdlib>
+#include <string>
 #define EF_INLINE inline __attribute__((always_inline))
 
 namespace eureka_fast {
@@ -113,10 +115,23 @@ EF_AVX2 void skinny_avx2(int64_t m, int64_t n, int64_t K, const float* a, int64_
                          float* c, int64_t ldc) {
   skinny_body(m, n, K, a, lda, b, ldb, c, ldc);
 }
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+
+// The widest instruction set this CPU supports, capped by EUREKA_FAST_CPU_ISA=baseline|avx2|avx512 (read once;
+// lets tests and benchmarks run the narrower copies on a wide machine).
+CpuIsa detect_cpu_isa() {
+  CpuIsa isa = CpuIsa::Baseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = CpuIsa::Avx2;
+  if (isa == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    isa = CpuIsa::Avx512;
+  if (const char* cap = std::getenv("EUREKA_FAST_CPU_ISA")) {
+    const std::string v(cap);
+    const CpuIsa limit = v == "baseline" ? CpuIsa::Baseline : v == "avx2" ? CpuIsa::Avx2 : CpuIsa::Avx512;
+    isa = std::min(isa, limit);
+  }
+  return isa;
 }
+bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::Avx2; }
 #define EF_DISPATCH(avx2_call, base_call) \
   do {                                    \
     if (cpu_has_avx2_fma()) {             \
@@ -126,6 +141,7 @@ bool cpu_has_avx2_fma() {
     }                                     \
   } while (0)
 #else
+CpuIsa detect_cpu_isa() { return CpuIsa::Baseline; }
 #define EF_DISPATCH(avx2_call, base_call) base_call
 #endif
 
@@ -139,8 +155,27 @@ void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
 }
 void silu_inplace(float* x, int64_t n) { EF_DISPATCH(silu_inplace_avx2(x, n), silu_inplace_body(x, n)); }
 void gelu_inplace(float* x, int64_t n) { EF_DISPATCH(gelu_inplace_avx2(x, n), gelu_inplace_body(x, n)); }
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+SkinnyRows skinny_rows() {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return {1, kSkinnyMaxRowsAvx512};
+    case CpuIsa::Avx2: return {4, 8};
+    default: return {4, 8};
+  }
+}
+
 void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                      float* c, int64_t ldc) {
+#if EF_HAVE_AVX2_COPY
+  if (cpu_isa() == CpuIsa::Avx512) {
+    skinny_gemm_abt_avx512(m, n, K, a, lda, b, ldb, c, ldc);
+    return;
+  }
+#endif
   EF_DISPATCH(skinny_avx2(m, n, K, a, lda, b, ldb, c, ldc), skinny_body(m, n, K, a, lda, b, ldb, c, ldc));
 }
 

@@ -72,7 +72,8 @@ template <typename scalar_t>
 void tile_gemm(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t b_row_stride,
                int64_t b_col_stride, scalar_t* c, int64_t ldc) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (m >= kSkinnyMinRows && m <= kSkinnyMaxRows && b_col_stride == 1 && K > 0) {
+    static const SkinnyRows skinny = skinny_rows();
+    if (m >= skinny.min && m <= skinny.max && b_col_stride == 1 && K > 0) {
       skinny_gemm_abt(m, n, K, a, lda, b, b_row_stride, c, ldc);
       return;
     }

@@ -42,13 +42,25 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 void gelu_mul(const float* gate, const float* up, float* out, int64_t n);
 void silu_mul(const double* gate, const double* up, double* out, int64_t n);
 void gelu_mul(const double* gate, const double* up, double* out, int64_t n);
+// The instruction set the hand-vectorised kernels use: the widest the CPU has, capped by the environment variable
+// EUREKA_FAST_CPU_ISA=baseline|avx2|avx512 (read once per process).
+enum class CpuIsa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+CpuIsa cpu_isa();
+
 // Row-major C[m, n] = A[m, K] * B[n, K]^T for a few rows (the weight-streaming regime: B rows contiguous, each
-// read once and reused from L1 by every row of A; BLAS packs B first). Computes rows in blocks of 4.
+// read once and reused from L1 by every row of A; BLAS packs B first).
 void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                      float* c, int64_t ldc);
-// Row counts where skinny_gemm_abt beat MKL's sgemm on the development machine (4..8 rows; below 4 the 4-row
-// blocks waste work, above 8 the BLAS wins back its packing cost).
-constexpr int64_t kSkinnyMinRows = 4, kSkinnyMaxRows = 8;
+// Row counts [min, max] for which skinny_gemm_abt beats MKL's sgemm on this CPU: AVX2 4..8 (below 4 its 4-row
+// blocks waste work, above 8 the BLAS wins back its packing cost); AVX-512 1..kSkinnyMaxRowsAvx512.
+// The AVX-512 copy (skinny_avx512.cpp); call only when cpu_isa() == CpuIsa::Avx512.
+void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                            float* c, int64_t ldc);
+struct SkinnyRows {
+  int64_t min, max;
+};
+SkinnyRows skinny_rows();
+constexpr int64_t kSkinnyMaxRowsAvx512 = 16;
 
 // In-place elementwise activations (used by stack_norm_project).
 void silu_inplace(float* x, int64_t n);

@@ -201,6 +201,50 @@ def test_grouped_mm_every_small_row_count(N):
                                    ref.grouped_mm(a, w, offsets, "silu_mul"), **FP32)
 
 
+@pytest.mark.parametrize("K", [16, 53, 1000])
+def test_grouped_mm_few_rows_strided_weights(K):
+    """The few-rows (weight-streaming) kernel: rows 1..17 per expert, N not a multiple of the 4-row weight block,
+    K a multiple of 16 or with a masked tail, weight rows padded (row stride > K) so reads past a row would show."""
+    gen = torch.Generator().manual_seed(19)
+    E, N = 17, 23
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(1, E + 1).cumsum(0)])
+    a = torch.randn(int(offsets[-1]), K, generator=gen)
+    storage = torch.full((E, N + 1, K + 7), float("nan"))
+    storage[:, :N, :K] = torch.randn(E, N, K, generator=gen) / math.sqrt(K)
+    w = storage[:, :N, :K]  # NaN padding after every row and after the last row of each expert
+    torch.testing.assert_close(ops.grouped_mm(a, w, offsets), ref.grouped_mm(a, w, offsets), **FP32)
+    w_even = storage[:, : N - 1, :K]
+    torch.testing.assert_close(ops.grouped_mm(a, w_even, offsets, activation="silu_mul"),
+                               ref.grouped_mm(a, w_even, offsets, "silu_mul"), **FP32)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_grouped_mm_narrower_instruction_sets(isa):
+    """EUREKA_FAST_CPU_ISA caps the hand-vectorised kernels, so the AVX2 and portable copies stay tested on an
+    AVX-512 machine (the variable is read once per process, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import math, torch\n"
+        "import eureka_fast.ops as ops\n"
+        "from eureka_fast.ops import reference as ref\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "for K in (37, 64):\n"
+        "    offs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(1, 18).cumsum(0)])\n"
+        "    a = torch.randn(int(offs[-1]), K, generator=g)\n"
+        "    w = torch.randn(17, 22, K, generator=g) / math.sqrt(K)\n"
+        "    for act in ('none', 'silu_mul'):\n"
+        "        torch.testing.assert_close(ops.grouped_mm(a, w, offs, activation=None if act == 'none' else act),\n"
+        "                                   ref.grouped_mm(a, w, offs, act), atol=1e-5, rtol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, EUREKA_FAST_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
 @pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
 def test_grouped_mm_gradients(activation):
     gen = torch.Generator().manual_seed(17)

@@ -1,0 +1,120 @@
+// AVX-512 copy of the few-rows GEMM C[m, n] = A[m, K] * B[n, K]^T (the weight-streaming regime of grouped_mm:
+// a handful of token rows per expert, every weight row read from memory once). Compiled with a target attribute
+// and chosen at run time (activations.cpp, skinny_gemm_abt), so the library still runs on CPUs without AVX-512.
+// Self-contained (no ATen) so a stand-alone micro-benchmark can include it.
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EF_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define EF_AVX512_INLINE inline __attribute__((always_inline))
+
+namespace eureka_fast {
+namespace cpu {
+namespace skinny512 {
+
+// C[i, j] = dot(A row i, B row j) with a register block of MR input rows x NR weight rows, 16 floats per
+// accumulator: every weight vector loaded feeds MR FMAs and every input vector NR FMAs. With kPrefetch, the block
+// also prefetches the next NR weight rows, one line per line consumed, so their loads are in flight before that
+// block starts (the hardware prefetcher stops at every 4 KB page, i.e. at every row when K = 1024).
+// The K tail uses masked loads, which never touch memory past the row.
+template <int MR, int NR, bool kPrefetch, int kHint>
+EF_AVX512 EF_AVX512_INLINE void dot_block(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                          int64_t ldc, const float* next_b, int64_t next_rows) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  const float* pf[NR];
+  if constexpr (kPrefetch) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) pf[r] = next_b + std::min<int64_t>(r, next_rows - 1) * ldb;
+  }
+  int64_t kk = 0;
+  for (; kk + 16 <= K; kk += 16) {
+    if constexpr (kPrefetch) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + kk), static_cast<_mm_hint>(kHint));
+    }
+    __m512 wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(b + r * ldb + kk);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_loadu_ps(a + i * lda + kk);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+    }
+  }
+  if (kk < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - kk)) - 1u);
+    __m512 wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, b + r * ldb + kk);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, a + i * lda + kk);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) c[i * ldc + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+// Rows [0, rows) of A (rows <= MR) against NR weight rows.
+template <int MR, int NR, int kHint>
+EF_AVX512 EF_AVX512_INLINE void dot_rows(int64_t rows, int64_t K, const float* a, int64_t lda, const float* b,
+                                         int64_t ldb, float* c, int64_t ldc, const float* next_b, int64_t next_rows) {
+  if constexpr (MR > 1) {
+    if (rows < MR) {
+      dot_rows<MR - 1, NR, kHint>(rows, K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+      return;
+    }
+  }
+  if (next_rows > 0)
+    dot_block<MR, NR, true, kHint>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+  else
+    dot_block<MR, NR, false, kHint>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+}
+
+// All m rows of A against NR weight rows; only the first row block prefetches the following weight block.
+template <int MR, int NR, int kHint>
+EF_AVX512 void weight_block(int64_t m, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                            int64_t ldc, const float* next_b, int64_t next_rows) {
+  for (int64_t i = 0; i < m; i += MR)
+    dot_rows<MR, NR, kHint>(std::min<int64_t>(MR, m - i), K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, next_b,
+                            i == 0 ? next_rows : 0);
+}
+
+template <int MR, int NR, int kHint>
+EF_AVX512 void gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += NR) {
+    const int64_t cols = std::min<int64_t>(NR, n - j);
+    const int64_t next_rows = std::min<int64_t>(NR, n - j - cols);
+    const float* bj = b + j * ldb;
+    if (cols == NR) {
+      weight_block<MR, NR, kHint>(m, K, a, lda, bj, ldb, c + j, ldc, bj + cols * ldb, next_rows);
+    } else {
+      // last, partial weight block: one weight row at a time
+      for (int64_t r = 0; r < cols; ++r)
+        weight_block<MR, 1, kHint>(m, K, a, lda, bj + r * ldb, ldb, c + j + r, ldc, nullptr, 0);
+    }
+  }
+}
+
+}  // namespace skinny512
+
+void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
+                            float* c, int64_t ldc) {
+  skinny512::gemm_abt<4, 4, _MM_HINT_T0>(m, n, K, a, lda, b, ldb, c, ldc);
+}
+
+}  // namespace cpu
+}  // namespace eureka_fast
+#endif
