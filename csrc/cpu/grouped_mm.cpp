@@ -278,11 +278,11 @@ class WorkspaceLease {
       lock_ = std::unique_lock<std::mutex>(mutex, std::adopt_lock);
       if (!cached.defined() || cached.numel() < bytes) {
         cached = at::Tensor();  // release the old buffer before allocating the larger one
-        cached = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+        cached = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
       }
       data_ = cached.data_ptr();
     } else {
-      own_ = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+      own_ = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
       data_ = own_.data_ptr();
     }
   }
@@ -316,7 +316,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   const int64_t k = weights.size(1);
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   const at::ScalarType cd = compute_dtype(x.scalar_type());
-  at::Tensor out = at::empty({T, H}, x.options().dtype(cd));
+  at::Tensor out = empty_large_output({T, H}, x.options().dtype(cd));
   if (T == 0 || H == 0) return out.to(x.scalar_type());
   if (k == 0 || I == 0) return out.zero_().to(x.scalar_type());
   const int64_t S = T * k;

@@ -70,7 +70,7 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& sorted_rows, int64
   at::Tensor rows = checked_rows(sorted_rows, T * top_k, "sorted_rows");
   const int64_t S = rows.numel();
   at::Tensor xc = x.stride(1) == 1 || H <= 1 ? x : x.contiguous();
-  at::Tensor out = at::empty({S, H}, x.options());
+  at::Tensor out = empty_large_output({S, H}, x.options());
   if (S == 0 || H == 0) return out;
   const int64_t elem = xc.element_size(), src_stride = xc.stride(0) * elem, row_bytes = H * elem;
   const char* src = static_cast<const char*>(xc.data_ptr());
