@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 #include "cpu/common.h"
@@ -221,12 +222,22 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   const std::vector<int64_t> offs = checked_offsets(offsets, E, S, "offsets");
   const at::ScalarType cd = compute_dtype(a.scalar_type());
   at::Tensor g = grad_out.to(cd).contiguous(), ac = a.to(cd).contiguous(), wc = w.to(cd).contiguous();
-  at::Tensor grad_a = at::zeros({S, K}, ac.options());
-  at::Tensor grad_w = at::zeros({E, N, K}, ac.options());  // experts with no rows get exactly zero
-  if (S == 0 || K == 0 || N == 0) return {grad_a.to(a.scalar_type()), grad_w.to(w.scalar_type())};
+  if (S == 0 || K == 0 || N == 0)
+    return {at::zeros({S, K}, a.options().dtype(a.scalar_type())), at::zeros({E, N, K}, w.options())};
+  // Uninitialised: every active expert's rows of grad_a and its whole grad_w slice are overwritten by the GEMMs
+  // below (beta = 0); only rows outside the experts and experts with no rows (exactly zero) are cleared here,
+  // instead of zero-filling both tensors (grad_w is as large as the weights) and then overwriting them.
+  at::Tensor grad_a = at::empty({S, K}, ac.options());
+  at::Tensor grad_w = at::empty({E, N, K}, ac.options());
+  grad_a.narrow(0, 0, offs[0]).zero_();
+  grad_a.narrow(0, offs[E], S - offs[E]).zero_();
   std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e)
-    if (offs[e + 1] > offs[e]) active.push_back(e);
+  for (int64_t e = 0; e < E; ++e) {
+    if (offs[e + 1] > offs[e])
+      active.push_back(e);
+    else
+      grad_w[e].zero_();
+  }
   std::stable_sort(active.begin(), active.end(),
                    [&](int64_t x, int64_t y) { return offs[x + 1] - offs[x] > offs[y + 1] - offs[y]; });
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm_backward", [&] {
@@ -240,14 +251,15 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
       const scalar_t* w_e = wp + e * N * K;
       const scalar_t* a_e = ap + r0 * K;
       const scalar_t* dh = gp + r0 * n_out;
-      std::vector<scalar_t> dh_buf;
+      std::unique_ptr<scalar_t[]> dh_buf;
       if (act != GatedActivation::None) {
-        // Recompute the pre-activation h = a_e w_e^T, then turn it into dL/dh row by row.
-        std::vector<scalar_t> h(static_cast<size_t>(rows) * N);
-        gemm_abt<scalar_t>(rows, N, K, a_e, K, w_e, K, 1, h.data(), N);
-        dh_buf.resize(static_cast<size_t>(rows) * N);
-        for (int64_t r = 0; r < rows; ++r) gated_backward<scalar_t>(h.data() + r * N, n_out, dh + r * n_out, dh_buf.data() + r * N, act);
-        dh = dh_buf.data();
+        // Recompute the pre-activation h = a_e w_e^T, then turn it into dL/dh row by row (both fully written).
+        std::unique_ptr<scalar_t[]> h(new scalar_t[static_cast<size_t>(rows) * N]);
+        gemm_abt<scalar_t>(rows, N, K, a_e, K, w_e, K, 1, h.get(), N);
+        dh_buf.reset(new scalar_t[static_cast<size_t>(rows) * N]);
+        for (int64_t r = 0; r < rows; ++r)
+          gated_backward<scalar_t>(h.get() + r * N, n_out, dh + r * n_out, dh_buf.get() + r * N, act);
+        dh = dh_buf.get();
       }
       gemm_ab<scalar_t>(rows, K, N, dh, N, w_e, K, gap + r0 * K, K);           // grad_a = dh @ w_e
       gemm_atb<scalar_t>(N, K, rows, dh, N, a_e, K, gwp + e * N * K, K);       // grad_w = dh^T @ a_e
