@@ -1,12 +1,17 @@
 """DataFlux offline captioner accuracy and ASR WER on espeak-ng labelled speech, and offline pipeline throughput.
 
     python bench/dataflux_captioner.py [--limit N] [--asr auto|eureka|faster-whisper] [--json out.json]
-                                       [--throughput-clips N]
+                                       [--throughput-clips N] [--noise-cross] [--answerers]
 
 Labelled set: eureka_fast.dataflux.synthetic.labelled_grid(): 12 espeak-ng voices (m1-m7, f1-f5) x 3 pitch settings
 x 3 speeds = 108 clips, noise conditions round-robin (none, 30, 10, 5 dB SNR; white/pink alternating), 12 known
 sentences. Labels come from the issue's thresholds applied to reference measurements on the clean signal (see
-synthetic.py), not from the espeak settings.
+synthetic.py), not from the espeak settings. The gender model was fitted on synthetic.dev_grid() (other texts,
+pitch settings, speeds and SNRs; bench/dataflux_gender_fit.py), never on this set.
+
+--noise-cross additionally measures the signal-only attributes (gender, pitch, noise; transcript = the known text,
+no ASR) on the grid with every clip in every noise condition (432 clips). --answerers measures the two built-in
+answerers' own gender decisions on the grid (known transcript).
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--asr", default="auto")
     ap.add_argument("--json")
     ap.add_argument("--throughput-clips", type=int, default=12)
+    ap.add_argument("--noise-cross", action="store_true")
+    ap.add_argument("--answerers", action="store_true")
     args = ap.parse_args(argv)
 
     from eureka_fast.dataflux.asr import get_asr, word_error_rate
@@ -44,6 +51,7 @@ def main(argv=None):
     by_voice = defaultdict(list)
     wer = defaultdict(lambda: [0, 0])
     errors = []
+    gender_confusion = defaultdict(Counter)
     asr_s = analyse_s = 0.0
     audio_s = 0.0
     for c in clips:
@@ -66,22 +74,31 @@ def main(argv=None):
             by_cond[cond][a].append(ok)
             if a == "gender":
                 by_voice[c.voice].append(ok)
+                gender_confusion[c.labels["gender"]][facts["gender"]] += 1
             if not ok:
                 errors.append({"clip": c.clip_id, "attr": a, "got": facts[a], "label": c.labels[a],
                                "f0": facts.get("f0_median_hz"), "ref_f0": round(c.reference["f0_median_hz"], 1),
-                               "dispersion": facts.get("formant_dispersion_hz"), "wps": facts.get("words_per_second"),
+                               "dispersion": facts.get("formant_dispersion_hz"), "f0_range": facts.get("f0_range_hz"),
+                               "high_band_db": facts.get("high_band_db"), "gender_score": facts.get("gender_score"),
+                               "wps": facts.get("words_per_second"),
                                "ref_wps": round(c.reference["words_per_second"], 2), "snr": facts.get("snr_db")})
     acc = {a: sum(v) / len(v) for a, v in correct.items()}
     result = {
         "clips": len(clips), "asr": asr.name, "asr_fallback_redecodes": getattr(asr, "fallbacks", 0), "accuracy": acc,
         "accuracy_by_condition": {k: {a: sum(v) / len(v) for a, v in d.items()} for k, d in sorted(by_cond.items())},
         "gender_accuracy_by_voice": {v: sum(x) / len(x) for v, x in sorted(by_voice.items())},
+        "gender_confusion": {k: dict(v) for k, v in gender_confusion.items()},
+        "clips_per_second_analysis": len(clips) / analyse_s, "clips_per_second_asr": len(clips) / asr_s,
         "wer": {k: e / n for k, (e, n) in wer.items()},
         "label_counts": {a: dict(Counter(c.labels[a] for c in clips)) for a in ATTRS},
         "seconds": {"synthesis_and_labels": gen_s, "asr": asr_s, "analysis": analyse_s, "audio": audio_s},
         "errors": errors,
         "meets_targets": {a: acc[a] >= TARGETS[a] for a in ATTRS},
     }
+    if args.answerers:
+        result["answerer_gender_accuracy"] = answerer_gender(clips)
+    if args.noise_cross:
+        result["noise_cross"] = noise_cross(labelled_grid, analyse, args.limit)
     if args.throughput_clips:
         result["pipeline"] = pipeline_throughput(clips[: args.throughput_clips], args.asr, write_clips)
     print(markdown(result))
@@ -89,6 +106,56 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
+
+
+def answerer_gender(clips):
+    """Gender accuracy of built-in answerers a and b (their own measurements), transcript = the known text."""
+    from eureka_fast.dataflux.builtin_roles import MeasuringAnswerer
+
+    class KnownText:
+        name, text = "known-text", ""
+
+        def transcribe(self, audio):
+            return self.text
+
+    class Ctx:
+        def __init__(self, audio):
+            self.audio, self.cache = audio, {}
+
+    asr = KnownText()
+    out = {}
+    for method in ("a", "b"):
+        ans = MeasuringAnswerer(method, asr, [])
+        hits = 0
+        for c in clips:
+            asr.text = c.text
+            hits += ans.measure(Ctx(c.audio)).get("gender") == c.labels["gender"]
+        out[method] = hits / len(clips)
+    return out
+
+
+def noise_cross(labelled_grid, analyse, limit=None):
+    """Signal-only attributes on every grid clip in every noise condition; the transcript is the known text."""
+    clips = labelled_grid(limit=limit, noise_cross=True)
+    by_cond = defaultdict(lambda: defaultdict(list))
+    confusion = defaultdict(Counter)
+    errors = []
+    t = time.perf_counter()
+    for c in clips:
+        facts = analyse(c.audio, c.text)
+        cond = "clean" if c.snr_db is None else f"{int(c.snr_db)} dB"
+        for a in ("gender", "pitch_level", "noise"):
+            ok = facts[a] == c.labels[a]
+            by_cond[cond][a].append(ok)
+            by_cond["all"][a].append(ok)
+            if not ok:
+                errors.append({"clip": c.clip_id, "attr": a, "got": facts[a], "label": c.labels[a],
+                               "gender_score": facts.get("gender_score")})
+        confusion[c.labels["gender"]][facts["gender"]] += 1
+    secs = time.perf_counter() - t
+    return {"clips": len(clips), "seconds": secs, "clips_per_second": len(clips) / secs,
+            "accuracy_by_condition": {k: {a: sum(v) / len(v) for a, v in d.items()} for k, d in by_cond.items()},
+            "gender_confusion": {k: dict(v) for k, v in confusion.items()}, "errors": errors}
 
 
 def pipeline_throughput(clips, asr, write_clips):
@@ -103,6 +170,7 @@ def pipeline_throughput(clips, asr, write_clips):
         from eureka_fast.dataflux.asr import get_asr
 
         get_asr(asr).transcribe(clips[0].audio)
+        load_before = os.getloadavg()
         t = time.perf_counter()
         stats = run_dataflux(os.path.join(d, "audio"), os.path.join(d, "out"), cfg, progress=False,
                              log=lambda m: None)
@@ -110,6 +178,7 @@ def pipeline_throughput(clips, asr, write_clips):
     q = stats["questions"]
     agree = [c["agreement_rate"] for c in stats["categories"].values() if c["agreement_rate"] is not None]
     return {"clips": len(clips), "seconds": secs, "clips_per_second": len(clips) / secs,
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "questions_generated": q["generated"], "kept": q["kept"], "hard": q["hard"], "discarded": q["discarded"],
             "kept_per_second": q["kept"] / secs,
             "keep_rate_by_category": {k: c["keep_rate"] for k, c in stats["categories"].items()},
@@ -129,15 +198,35 @@ def markdown(r):
     lines.append("ASR WER: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["wer"].items()))
     lines.append("Gender accuracy by voice: " + ", ".join(f"{v} {100 * x:.0f}%"
                                                            for v, x in r["gender_accuracy_by_voice"].items()))
+    conf = r["gender_confusion"]
+    lines.append("Gender confusion (label -> predicted): " + ", ".join(
+        f"{k} -> {p}: {n}" for k in sorted(conf) for p, n in sorted(conf[k].items())))
     s = r["seconds"]
     lines.append(f"Captioner time: ASR {s['asr']:.1f} s + analysis {s['analysis']:.1f} s for {s['audio']:.0f} s "
-                 f"of audio")
+                 f"of audio ({r['clips_per_second_analysis']:.2f} clips/s signal analysis, "
+                 f"{r['clips_per_second_asr']:.2f} clips/s ASR)")
+    if "answerer_gender_accuracy" in r:
+        lines.append("Built-in answerers' gender accuracy (known transcript): " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in r["answerer_gender_accuracy"].items()))
+    if "noise_cross" in r:
+        n = r["noise_cross"]
+        lines += ["", f"Noise cross (every grid clip in every noise condition, known transcript): {n['clips']} clips, "
+                      f"{n['clips_per_second']:.2f} clips/s", "",
+                  "| attribute | " + " | ".join(n["accuracy_by_condition"]) + " |",
+                  "|---|" + "---|" * len(n["accuracy_by_condition"])]
+        for a in ("gender", "pitch_level", "noise"):
+            lines.append(f"| {a} | " + " | ".join(f"{100 * d[a]:.1f}%" for d in n["accuracy_by_condition"].values())
+                         + " |")
+        c = n["gender_confusion"]
+        lines.append("Gender confusion: " + ", ".join(f"{k} -> {p}: {x}" for k in sorted(c)
+                                                      for p, x in sorted(c[k].items())))
     if "pipeline" in r:
         p = r["pipeline"]
         lines.append(f"Offline pipeline: {p['clips']} clips in {p['seconds']:.1f} s = {p['clips_per_second']:.3f} "
                      f"clips/s ({p['kept_per_second']:.2f} kept records/s); {p['questions_generated']} questions, "
                      f"{p['kept']} kept ({p['hard']} hard), {p['discarded']} discarded; mean answerer agreement "
-                     f"{100 * (p['mean_agreement'] or 0):.0f}%")
+                     f"{100 * (p['mean_agreement'] or 0):.0f}%; load average before "
+                     f"{p['load_average_before'][0]:.1f}, after {p['load_average_after'][0]:.1f}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Each attribute has (at least) two independent methods, so the two built-in answerers measure differently:
 - F0: Praat autocorrelation and cross-correlation pitch (parselmouth), and a NumPy YIN tracker.
 - vocal-tract size for gender: Praat Burg formants and NumPy autocorrelation-LPC formants, both summarised as the
-  formant dispersion (mean spacing of F1..F4, inversely proportional to vocal-tract length).
+  formant dispersion (mean spacing of F1..F4, inversely proportional to vocal-tract length); with F0, F0 range and
+  the high-band spectral level they feed one logistic gender score (GENDER_MODEL).
 - speech span: WebRTC VAD confirmed by energy above the noise floor; and an energy-only endpoint detector.
 - SNR: speech-span power over out-of-span noise power; and a frame-power percentile estimator.
 - speaking rate: transcript words over the speech span; and syllable nuclei (intensity peaks) over the span.
@@ -24,14 +25,40 @@ FEMALE_PITCH_BANDS = (175.0, 235.0)
 SLOW_WPS, FAST_WPS = 2.0, 3.5
 CLEAN_SNR_DB = 20.0
 
-# Gender rule constants, from population norms rather than fitted to a test set:
-# F0 boundary ~165 Hz (between adult male ~120 and female ~210 Hz medians); formant dispersion boundary 1090 Hz
-# (a uniform tube of ~16 cm, between adult male ~17.5 cm and female ~14.5 cm vocal tracts, c = 35000 cm/s).
-# Formants weigh more than F0 because the issue's point is exactly that F0 overlaps (high male vs low female).
-GENDER_F0_REF_HZ = 165.0
-GENDER_DISPERSION_REF_HZ = 1090.0
-GENDER_F0_WEIGHT = 0.3 / math.log(1.65)  # log-ratio per typical female/male F0 ratio, down-weighted
-GENDER_DISPERSION_WEIGHT = 1.0 / math.log(1.15)  # typical female/male formant ratio
+# Gender model: a logistic score over four cues, each centred on the development set's mean so that a cue that
+# cannot be measured contributes 0. Fitted by bench/dataflux_gender_fit.py on espeak-ng clips disjoint from the
+# evaluation grid (other texts, pitch settings, speeds and SNRs); the printed constants are pasted here.
+# Cues (what espeak-ng's voice variants change, see voices/!v/m* and f*; and what differs between real speakers):
+# - log_f0: log median F0 (female variants start from a higher base pitch).
+# - log_dispersion: log formant dispersion, the spacing of F1..F4, inversely proportional to vocal-tract length
+#   (female variants scale formant frequencies by 110-135%, male ones by 90-106%).
+# - high_band_db: level of 4-8 kHz relative to 0-1 kHz in the long-term spectrum of the loudest voiced frames, in
+#   units of 10 dB (female variants raise and widen the upper formants and add breath noise).
+# - log_f0_range: log of the 10-90 percentile F0 spread in Hz (the variants' "pitch" lines set the intonation range
+#   in Hz: 58-100 Hz for f1-f5, 27-50 Hz for m1-m7; -p shifts the base pitch but not this range).
+GENDER_MODEL = {  # python bench/dataflux_gender_fit.py (lam 1.0): dev 100%, leave-one-variant-out 97.2%
+    "intercept": -0.7682,
+    "weights": {"log_f0": 0.9393, "log_dispersion": 14.1147, "high_band_db": 1.9126, "log_f0_range": 6.9390},
+    "means": {"log_f0": 4.9791, "log_dispersion": 7.0016, "high_band_db": -2.7046, "log_f0_range": 3.2157},
+}
+
+
+def gender_features(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None) -> dict:
+    """The gender model's inputs (None where a cue could not be measured)."""
+    def log_or_none(x):
+        return math.log(x) if x is not None and math.isfinite(x) and x > 0 else None
+
+    hb = high_band_db / 10.0 if high_band_db is not None and math.isfinite(high_band_db) else None
+    return {"log_f0": log_or_none(f0_hz), "log_dispersion": log_or_none(dispersion_hz), "high_band_db": hb,
+            "log_f0_range": log_or_none(max(f0_range_hz, 1.0) if f0_range_hz is not None
+                                        and math.isfinite(f0_range_hz) else None)}
+
+
+def gender_evidence(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None, model=None) -> dict:
+    """Each cue's contribution to the gender score (> 0 pushes towards female); missing cues contribute 0."""
+    model = model or GENDER_MODEL
+    feats = gender_features(f0_hz, dispersion_hz, f0_range_hz, high_band_db)
+    return {k: (0.0 if feats[k] is None else w * (feats[k] - model["means"][k])) for k, w in model["weights"].items()}
 
 
 def pitch_class(f0_hz: float, gender: str) -> str:
@@ -47,14 +74,35 @@ def noise_class(snr_db: float) -> str:
     return "clean" if snr_db >= CLEAN_SNR_DB else "noisy"
 
 
-def gender_score(f0_hz: float, dispersion_hz: float) -> float:
-    """> 0 means female. Combines F0 and formant dispersion on log scales."""
-    score = 0.0
-    if f0_hz and f0_hz > 0:
-        score += GENDER_F0_WEIGHT * math.log(f0_hz / GENDER_F0_REF_HZ)
-    if dispersion_hz and dispersion_hz > 0:
-        score += GENDER_DISPERSION_WEIGHT * math.log(dispersion_hz / GENDER_DISPERSION_REF_HZ)
-    return score
+def gender_score(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None, model=None) -> float:
+    """> 0 means female: the model's intercept plus each cue's contribution (see gender_evidence)."""
+    model = model or GENDER_MODEL
+    return model["intercept"] + sum(gender_evidence(f0_hz, dispersion_hz, f0_range_hz, high_band_db, model).values())
+
+
+def f0_range(f0: np.ndarray) -> float:
+    """10-90 percentile spread of the voiced F0 values in Hz (NaN with fewer than 3 voiced frames)."""
+    v = f0[f0 > 0]
+    return float(np.percentile(v, 90) - np.percentile(v, 10)) if v.size >= 3 else float("nan")
+
+
+def high_band_level_db(audio: np.ndarray, times: np.ndarray, frame_s: float = 0.04) -> float:
+    """Level of the 4-8 kHz band relative to the 0-1 kHz band (dB) in the long-term average power spectrum of
+    Hann-windowed frames centred at `times` (the loudest voiced frames). NaN when no frame fits."""
+    x = np.asarray(audio, dtype=np.float64)
+    half = int(frame_s * SR / 2)
+    centres = (np.asarray(times) * SR).astype(int)
+    centres = centres[(centres - half >= 0) & (centres + half <= x.size)]
+    if centres.size == 0:
+        return float("nan")
+    frames = x[centres[:, None] + np.arange(-half, half)[None, :]] * np.hanning(2 * half)
+    ltas = np.mean(np.abs(np.fft.rfft(frames, 1024, axis=1)) ** 2, axis=0)
+    freqs = np.fft.rfftfreq(1024, 1.0 / SR)
+    low = float(np.mean(ltas[freqs < 1000]))
+    high = float(np.mean(ltas[(freqs >= 4000) & (freqs < 8000)]))
+    if low <= 1e-20 or high <= 1e-20:
+        return float("nan")
+    return 10 * math.log10(high / low)
 
 
 def formant_dispersion(formants) -> float:

@@ -148,6 +148,8 @@ class MeasuringAnswerer:
             ctx.cache[key] = self.asr.transcribe(ctx.audio)
         return ctx.cache[key]
 
+    VOICE_KEYS = ("f0", "dispersion", "f0_range", "high_band", "score", "gender", "pitch_level")
+
     def _voice(self, audio, span, pitch_fn, formant_fn):
         seg = audio[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
         times, f0 = pitch_fn(seg)
@@ -159,9 +161,11 @@ class MeasuringAnswerer:
         vt = loudest_voiced_times(seg, times[f0 > 0])
         den = ac.spectral_subtract(audio, span)[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
         disp = ac.formant_dispersion(formant_fn(den, vt))
-        score = ac.gender_score(f0_med, disp)
+        f0_range, high_band = ac.f0_range(f0), ac.high_band_level_db(den, vt)
+        score = ac.gender_score(f0_med, disp, f0_range, high_band)
         gender = "female" if score > 0 else "male"
-        return {"f0": f0_med, "dispersion": disp, "score": score, "gender": gender,
+        return {"f0": f0_med, "dispersion": disp, "f0_range": f0_range, "high_band": high_band, "score": score,
+                "gender": gender,
                 "pitch_level": ac.pitch_class(f0_med, gender), "times": times[f0 > 0]}
 
     def _measure_a(self, ctx) -> dict:
@@ -175,7 +179,7 @@ class MeasuringAnswerer:
         v = self._voice(audio, span, lambda s: ac.praat_pitch(s, "cc", 60.0, 500.0),
                         lambda s, t: ac.praat_formants(s, t, 5500.0))
         if v:
-            m.update({k: v[k] for k in ("f0", "dispersion", "score", "gender", "pitch_level")})
+            m.update({k: v[k] for k in self.VOICE_KEYS})
         words = len(normalize_words(m["transcript"]))
         if words:
             m["wps"] = words / (span[1] - span[0])
@@ -191,7 +195,7 @@ class MeasuringAnswerer:
             return m
         v = self._voice(audio, span, lambda s: ac.yin_pitch(s), lambda s, t: ac.lpc_formants(s, t))
         if v:
-            m.update({k: v[k] for k in ("f0", "dispersion", "score", "gender", "pitch_level")})
+            m.update({k: v[k] for k in self.VOICE_KEYS})
             nuclei = ac.syllable_nuclei(audio, span, v["times"] + span[0])
             words = normalize_words(m["transcript"])
             syl_per_word = (sum(ac.count_syllables(w) for w in words) / len(words)) if words else 1.45
@@ -255,7 +259,8 @@ class MeasuringAnswerer:
         if fact in ("gender", "pitch_level"):
             if "gender" not in m:
                 return c, None, f"I found no voiced speech to measure with {tool}."
-            think = (f"Using {tool}: median F0 {m['f0']:.0f} Hz, formant dispersion {m['dispersion']:.0f} Hz, "
+            think = (f"Using {tool}: median F0 {m['f0']:.0f} Hz (10-90% spread {m['f0_range']:.0f} Hz), formant "
+                     f"dispersion {m['dispersion']:.0f} Hz, 4-8 kHz band {m['high_band']:.0f} dB re. 0-1 kHz; "
                      f"gender score {m['score']:+.2f} (> 0 female), so the voice is {m['gender']}.")
             if fact == "gender":
                 return c, m["gender"], think

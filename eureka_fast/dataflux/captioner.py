@@ -32,6 +32,22 @@ def loudest_voiced_times(seg: np.ndarray, voiced_times: np.ndarray, share: float
     return picked
 
 
+def voice_measurements(audio: np.ndarray, span: tuple[float, float]) -> dict:
+    """F0 track (Praat autocorrelation), median F0 and its 10-90% spread, formants and their dispersion, and the
+    high-band level, measured inside the speech span; the inputs of the gender score."""
+    seg = audio[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
+    times, f0 = ac.praat_pitch(seg, "ac", 60.0, 500.0)
+    voiced = f0 > 0
+    vt = loudest_voiced_times(seg, times[voiced])
+    # formants and spectrum on a spectrally-subtracted copy: broadband noise drags F3/F4 (and so the dispersion)
+    # and the high band upward
+    clean_seg = ac.spectral_subtract(audio, span)[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
+    formants = ac.praat_formants(clean_seg, vt, 5500.0)
+    return {"times": times, "f0": f0, "voiced": voiced, "f0_median_hz": ac.voiced_median(f0),
+            "f0_range_hz": ac.f0_range(f0), "formants_hz": formants, "dispersion_hz": ac.formant_dispersion(formants),
+            "high_band_db": ac.high_band_level_db(clean_seg, vt)}
+
+
 def analyse(audio: np.ndarray, transcript: str) -> dict:
     """Facts of one 16 kHz clip given its transcript."""
     duration = audio.size / ac.SR
@@ -44,17 +60,12 @@ def analyse(audio: np.ndarray, transcript: str) -> dict:
                      f0_median_hz=None, gender=None, pitch_level=None, words_per_second=0.0, speaking_rate=None,
                      voiced_ratio=0.0)
         return facts
-    seg = audio[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
-    times, f0 = ac.praat_pitch(seg, "ac", 60.0, 500.0)
-    voiced = f0 > 0
-    f0_med = ac.voiced_median(f0)
-    vt = loudest_voiced_times(seg, times[voiced])
-    # formants on a spectrally-subtracted copy: broadband noise drags F3/F4 (and so the dispersion) upward
-    clean_seg = ac.spectral_subtract(audio, span)[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
-    formants = ac.praat_formants(clean_seg, vt, 5500.0)
-    dispersion = ac.formant_dispersion(formants)
+    vm = voice_measurements(audio, span)
+    f0, voiced, f0_med = vm["f0"], vm["voiced"], vm["f0_median_hz"]
+    formants, dispersion = vm["formants_hz"], vm["dispersion_hz"]
     has_voice = math.isfinite(f0_med)
-    score = ac.gender_score(f0_med if has_voice else 0.0, dispersion) if has_voice else float("nan")
+    evidence = ac.gender_evidence(f0_med, dispersion, vm["f0_range_hz"], vm["high_band_db"]) if has_voice else {}
+    score = ac.GENDER_MODEL["intercept"] + sum(evidence.values()) if has_voice else float("nan")
     gender = ("female" if score > 0 else "male") if has_voice else None
     speech_dur = span[1] - span[0]
     words = len(normalize_words(transcript))
@@ -71,8 +82,10 @@ def analyse(audio: np.ndarray, transcript: str) -> dict:
         pauses=pauses, f0_median_hz=_round(f0_med, 1),
         f0_p10_hz=_round(float(np.percentile(f0[voiced], 10)), 1) if voiced.sum() >= 3 else None,
         f0_p90_hz=_round(float(np.percentile(f0[voiced], 90)), 1) if voiced.sum() >= 3 else None,
+        f0_range_hz=_round(vm["f0_range_hz"], 1), high_band_db=_round(vm["high_band_db"], 1),
         formants_hz=[_round(f, 0) for f in formants], formant_dispersion_hz=_round(dispersion, 1),
-        gender_score=_round(score, 3), gender=gender,
+        gender_score=_round(score, 3), gender_evidence={k: _round(x, 3) for k, x in evidence.items()},
+        gender=gender,
         pitch_level=ac.pitch_class(f0_med, gender) if gender else None,
         word_count=words, words_per_second=_round(wps, 2), speaking_rate=ac.rate_class(wps) if words else None)
     return facts

@@ -49,6 +49,23 @@ WORD_GAP = {80: 6}
 NOISE_SETTINGS = (None, 30.0, 10.0, 5.0)  # SNR dB; None = no noise
 LEAD_SILENCE_S, TRAIL_SILENCE_S = 0.4, 0.6
 
+# Development set for fitting the captioner's gender model (bench/dataflux_gender_fit.py). Disjoint from the
+# evaluation grid above in text, espeak pitch settings, speeds and SNRs (the voice variants are the same 12: espeak
+# has no others in this family; the fit script measures unseen-variant accuracy by leaving one variant out).
+DEV_TEXTS = (
+    "Yesterday the farmer sold three baskets of apples at the market.",
+    "Turn left at the second light and park behind the blue building.",
+    "Nobody expected the concert to finish so late on a weekday.",
+    "The engineer measured the bridge twice before signing the papers.",
+    "Fresh bread smells wonderful when it comes straight out of the oven.",
+    "Please lock the back door and switch off the kitchen lights.",
+)
+# male -p99 (~150-180 Hz) and female -p5 (~120-150 Hz) overlap in F0 even more than the evaluation grid's extremes
+DEV_PITCH_SETTINGS = {"male": (35, 80, 99), "female": (5, 35, 72)}
+DEV_SPEED_SETTINGS = (100, 175, 230)
+DEV_NOISE_SETTINGS = (None, 25.0, 15.0, 8.0)
+DEV_INDEX_BASE = 5000  # clip ids and noise seeds of the development set never collide with the grid's
+
 MALE_PITCH_BANDS = (95.0, 130.0)
 FEMALE_PITCH_BANDS = (175.0, 235.0)
 SLOW_WPS, FAST_WPS = 2.0, 3.5
@@ -161,9 +178,12 @@ def make_clip(index: int, voice: str, pitch: int, speed: int, snr_db: float | No
                         {"f0_median_hz": f0, "words_per_second": wps, "speech_span_s": span_s})
 
 
-def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE_SETTINGS, limit=None):
+def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE_SETTINGS, limit=None,
+                  noise_cross=False):
     """The labelled set: every voice x pitch x speed, with noise conditions assigned round-robin
-    (so every voice/pitch/speed sees every noise condition across the grid without multiplying its size)."""
+    (so every voice/pitch/speed sees every noise condition across the grid without multiplying its size).
+    noise_cross=True instead puts every voice x pitch x speed clip (same text, same noise seed) in every noise
+    condition: 4 times the clips."""
     voices = voices or (MALE_VOICES + FEMALE_VOICES)
     plan = []
     for v in voices:
@@ -173,7 +193,21 @@ def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE
                 plan.append((v, p, s))
     clips = []
     for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
-        clips.append(make_clip(i, v, p, s, noises[i % len(noises)]))
+        for snr in (noises if noise_cross else (noises[i % len(noises)],)):
+            clips.append(make_clip(i, v, p, s, snr))
+    return clips
+
+
+def dev_grid(voices=None, limit=None):
+    """The development set: every voice x DEV pitch x DEV speed with DEV_TEXTS and DEV noise conditions round-robin
+    (108 clips). Only for fitting; never for reported accuracy."""
+    voices = voices or (MALE_VOICES + FEMALE_VOICES)
+    plan = [(v, p, s) for v in voices for p in DEV_PITCH_SETTINGS["male" if v.startswith("m") else "female"]
+            for s in DEV_SPEED_SETTINGS]
+    clips = []
+    for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
+        clips.append(make_clip(DEV_INDEX_BASE + i, v, p, s, DEV_NOISE_SETTINGS[i % len(DEV_NOISE_SETTINGS)],
+                               text=DEV_TEXTS[i % len(DEV_TEXTS)]))
     return clips
 
 

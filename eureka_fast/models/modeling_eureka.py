@@ -237,16 +237,29 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
                 raise AudioInputError(f"request {b}: {tokens} <|audio_pad|> positions but its {windows} window(s) "
                                       f"hold only {windows * tokens_per_window} audio tokens")
 
-        encoder_dtype = next(self.audio_encoder.parameters()).dtype
-        frames = self.audio_encoder(input_features.to(encoder_dtype))  # [W, F/2, D]
-        fused = self.adapter.fuse(frames)  # [W, tokens_per_window, d]; 4 | F/2 so per-window stacking is exact
-        rows, start = [], 0
+        # Audio tokens each window contributes (the last window of a request is usually partly padding): only
+        # their encoder frames go through the adapter. Stacking is row-local, so the kept rows are exactly those
+        # of fusing whole windows.
+        keep = []
         for tokens, windows in zip(tokens_per_request, windows_per_request):
-            if tokens:
-                rows.append(fused[start:start + windows].reshape(-1, fused.shape[-1])[:tokens])
-            start += windows
-        kept = torch.cat(rows, 0) if rows else fused.new_zeros(0, fused.shape[-1])
+            keep.extend(max(0, min(tokens_per_window, tokens - j * tokens_per_window)) for j in range(windows))
+        frames = self.encode_windows(input_features, [stack * k for k in keep])  # [W, >= stack * max(keep), D]
+        longest = max(keep, default=0)
+        if longest:
+            fused = self.adapter.fuse(frames[:, :stack * longest])  # [W, max(keep), d]
+            kept = torch.cat([fused[w, :k] for w, k in enumerate(keep) if k], 0)
+        else:
+            kept = frames.new_zeros(0, self.adapter.input_proj.out_features)
         return self.adapter.mix(kept)
+
+    def encode_windows(self, input_features: torch.Tensor, frames_needed: Sequence[int]) -> torch.Tensor:
+        """Audio encoder output [W, T, D] (50 Hz) for mel windows [W, n_mels, F], T >= max(frames_needed).
+
+        Window w's frames from frames_needed[w] on are never read by the caller (they belong to padding past the
+        last audio token), so a replacement, e.g. a frozen-encoder feature cache, may leave anything there."""
+        del frames_needed  # the plain encoder computes whole windows
+        encoder_dtype = next(self.audio_encoder.parameters()).dtype
+        return self.audio_encoder(input_features.to(encoder_dtype))
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(

@@ -15,7 +15,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint of the output dir (no value), or from DIR")
     p.add_argument("--cache-frozen-encoder", action="store_true",
                    help="memoise the audio encoder's outputs; only allowed when the stage/freeze list keeps the "
-                        "encoder frozen (training is unchanged, it only skips recomputation)")
+                        "encoder frozen (training is unchanged, it only skips recomputation); same as "
+                        "--set train.cache_frozen_encoder=true; add --set train.encoder_cache_dir=DIR to keep them "
+                        "on disk for later runs")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 

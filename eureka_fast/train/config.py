@@ -82,6 +82,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"
+    # Memoise the audio encoder's outputs per mel window (only allowed while the encoder is frozen: the stage or
+    # `freeze` keeps it fixed); training is unchanged, only recomputation is skipped. `encoder_cache_dir` also
+    # keeps them on disk, keyed by the encoder weights' hash, so later runs and stages reuse them.
+    cache_frozen_encoder: bool = False
+    encoder_cache_dir: str | None = None
 
 
 @dataclass

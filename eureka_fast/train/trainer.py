@@ -121,8 +121,10 @@ class Trainer:
             processor = build_processor(cfg.model)
         self.processor = processor
         self.param_counts = apply_stage(model, cfg.train.stage, tuple(cfg.train.freeze))
-        if cache_frozen_encoder:
-            install_encoder_cache(model)  # raises if the encoder trains in this stage
+        self.encoder_cache = None
+        if cache_frozen_encoder or cfg.train.cache_frozen_encoder or cfg.train.encoder_cache_dir:
+            # raises if the encoder trains in this stage
+            self.encoder_cache = install_encoder_cache(model, cfg.train.encoder_cache_dir)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if hasattr(getattr(model, "language_model", None), "config"):
@@ -352,8 +354,11 @@ class Trainer:
         if self.info.is_main:
             with open(os.path.join(cfg.output.dir, "data_report.json"), "w", encoding="utf-8") as fh:
                 json.dump(skips.as_dict(), fh, indent=1)
+            cache = self.encoder_cache
+            cached = f"; encoder cache: {cache.hits} hits ({cache.disk_hits} from disk), {cache.misses} misses" \
+                if cache is not None else ""
             self._log_text(f"done: {self.step} steps in {time.time() - start:.1f}s; checkpoint {final_ckpt}; "
-                           f"model {final_dir}; {skips.report()}")
+                           f"model {final_dir}; {skips.report()}{cached}")
         self.writer.close()
         return TrainResult(steps=self.step, losses=list(self.losses), skips=skips.as_dict(),
                            output_dir=cfg.output.dir, final_dir=final_dir, elapsed_s=time.time() - start)

@@ -65,8 +65,45 @@ def test_formant_dispersion_and_gender_rule():
         formants = [(2 * i - 1) * 35000 / (4 * length_cm) for i in range(1, 5)]
         assert abs(ac.formant_dispersion(formants) - 35000 / (2 * length_cm)) < 1e-6
     assert ac.gender_score(120, 1000) < 0 < ac.gender_score(220, 1200)
-    # formants decide when F0 is ambiguous (a high male vs. a low female voice)
-    assert ac.gender_score(165, 1000) < 0 < ac.gender_score(140, 1200)
+    # the other cues decide when F0 is ambiguous (a high male vs. a low female voice): a high voice with a long
+    # vocal tract, a dull upper spectrum and a narrow F0 range is male; a lower one with the opposite cues is female
+    male_high = dict(f0_hz=160.0, dispersion_hz=1030.0, f0_range_hz=18.0, high_band_db=-28.0)
+    female_low = dict(f0_hz=135.0, dispersion_hz=1150.0, f0_range_hz=38.0, high_band_db=-21.0)
+    assert ac.gender_score(**male_high) < 0 < ac.gender_score(**female_low)
+    # each cue alone moves the score the way it should
+    for cue, lo, hi in (("dispersion_hz", 1000.0, 1200.0), ("f0_range_hz", 15.0, 45.0), ("high_band_db", -32, -18)):
+        assert ac.gender_score(**dict(male_high, **{cue: lo})) < ac.gender_score(**dict(male_high, **{cue: hi}))
+
+
+def test_gender_evidence_explains_the_score():
+    ev = ac.gender_evidence(150.0, 1100.0, 30.0, -24.0)
+    assert set(ev) == set(ac.GENDER_MODEL["weights"])
+    assert ac.gender_score(150.0, 1100.0, 30.0, -24.0) == pytest.approx(ac.GENDER_MODEL["intercept"] + sum(ev.values()))
+    # a cue that could not be measured contributes nothing (the others still decide)
+    missing = ac.gender_evidence(150.0, float("nan"), None, None)
+    assert missing["log_dispersion"] == missing["log_f0_range"] == missing["high_band_db"] == 0.0
+    assert missing["log_f0"] == pytest.approx(ev["log_f0"])
+    # at the development set's mean of every cue the score is the intercept
+    m = ac.GENDER_MODEL["means"]
+    at_mean = ac.gender_score(math.exp(m["log_f0"]), math.exp(m["log_dispersion"]), math.exp(m["log_f0_range"]),
+                              10 * m["high_band_db"])
+    assert at_mean == pytest.approx(ac.GENDER_MODEL["intercept"], abs=1e-9)
+
+
+def test_f0_range_and_high_band_level():
+    track = np.concatenate([np.zeros(10), np.linspace(100.0, 200.0, 101)])
+    assert ac.f0_range(track) == pytest.approx(80.0)  # 10-90 percentile of the voiced values only
+    assert math.isnan(ac.f0_range(np.array([0.0, 120.0, 0.0])))
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal(SR).astype(np.float32)
+    times = np.linspace(0.1, 0.9, 20)
+    assert abs(ac.high_band_level_db(white, times)) < 1.0  # flat spectrum: equal power density in both bands
+    from scipy.signal import butter, sosfilt
+
+    dull = sosfilt(butter(6, 2000, fs=SR, output="sos"), white).astype(np.float32)
+    bright = sosfilt(butter(6, 3000, btype="high", fs=SR, output="sos"), white).astype(np.float32)
+    assert ac.high_band_level_db(dull, times) < -40 and ac.high_band_level_db(bright, times) > 20
+    assert math.isnan(ac.high_band_level_db(white, np.array([0.001])))  # no frame fits
 
 
 def test_lpc_formants_of_synthetic_vowel():
