@@ -55,3 +55,11 @@ TORCH_LIBRARY(eureka_fast, m) {
 #ifndef EUREKA_FAST_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
 #endif
+
+// ---- BEGIN audio block (issue 4, perf-audio): Whisper encoder attention ----
+// Non-causal attention, forward only: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None ->
+// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v. Autograd goes through SDPA in Python.
+TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor");
+}
+// ---- END audio block ----

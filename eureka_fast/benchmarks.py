@@ -250,20 +250,35 @@ def eager_downsample_chain(x, lengths, *, k, pool, norm, norm_weight=None, norm_
     return h * keep.unsqueeze(-1)
 
 
+def downsample_flops(preset: dict, rows: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the projections of `rows` output rows (the GEMM roofline's numerator)."""
+    flops = 0.0
+    for w in (preset.get("w1"), preset.get("w2")):
+        if w is not None:
+            flops += 2.0 * rows * w.shape[0] * w.shape[1]
+    return flops
+
+
 def run_downsample_table(cases, repeats: int = 3) -> str:
+    """ours vs the eager chain per case, with the GEMM roofline (projection FLOPs of the valid rows / fp32 GEMM
+    rate measured in the same run, best of a square GEMM and the case's own first projection)."""
     from . import ops
     from .ops.api import downsample_preset
 
     lines = [
-        f"fp32, {torch.get_num_threads()} threads; time of one batch (all clips padded to the longest).",
+        f"fp32, {torch.get_num_threads()} threads; time of one batch (all clips padded to the longest); GEMM roofline "
+        "= projection FLOPs of the valid rows / the best fp32 GEMM rate measured in this run.",
         "",
-        "| case | preset | B x T x D | ours ms | eager chain ms | eager / ours |",
-        "|---|---|---|---|---|---|",
+        "| case | preset | B x T x D | ours ms | eager chain ms | eager / ours | GEMM roofline ms | ours / roofline "
+        "| eager / roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    square = torch.randn(2048, 2048)
     for label, preset_name, D, out, frames in cases:
         gen = torch.Generator().manual_seed(0)
         preset = downsample_preset(preset_name, D, out, generator=gen)
         B, T = len(frames), max(frames)
+        k = preset["k"]
         x = torch.randn(B, T, D, generator=gen)
         lengths = torch.tensor(frames)
         ragged = any(f != T for f in frames)
@@ -271,11 +286,25 @@ def run_downsample_table(cases, repeats: int = 3) -> str:
         methods = {
             "ours": lambda: ops.stack_norm_project(x, **ours_kwargs),
             "eager": lambda: eager_downsample_chain(x, lengths, **preset),
+            "square GEMM": lambda: torch.mm(square, square),
         }
+        w1 = preset.get("w1")
+        if w1 is not None:
+            a = torch.randn(B * (-(-T // k)), w1.shape[1], generator=gen)
+            methods["own GEMM"] = lambda: torch.mm(a, w1.t())
         with torch.inference_mode():
             times = interleaved_best(methods, repeats)
+        rate = 2.0 * 2048 ** 3 / times["square GEMM"]
+        if w1 is not None:
+            rate = max(rate, 2.0 * a.shape[0] * w1.shape[0] * w1.shape[1] / times["own GEMM"])
+        flops = downsample_flops(preset, sum(-(-f // k) for f in frames))
+        if flops:
+            roof = flops / rate
+            roof_cells = f"{roof * 1e3:.2f} | {times['ours'] / roof:.2f}x | {times['eager'] / roof:.2f}x"
+        else:
+            roof_cells = "- | - | -"
         lines.append(f"| {label} | {preset_name} | {B} x {T} x {D} | {times['ours'] * 1e3:.2f} | "
-                     f"{times['eager'] * 1e3:.2f} | {times['eager'] / times['ours']:.2f}x |")
+                     f"{times['eager'] * 1e3:.2f} | {times['eager'] / times['ours']:.2f}x | {roof_cells} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.attention import attention as attention_op
+
 __all__ = [
     "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "sinusoids", "load_whisper_encoder",
     "load_whisper_model", "load_whisper_state", "resolve_whisper_path", "read_ctranslate2_model_bin",
@@ -181,20 +183,26 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(d, 4 * d)
         self.fc2 = nn.Linear(4 * d, d)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, key_lengths: Tensor | None = None) -> Tensor:
+        """attn_mask [B, 1, 1, T] (keys to attend to) and key_lengths [B] describe the same prefix mask; the
+        in-place inference path uses key_lengths (our attention kernel), the autograd path the mask (SDPA)."""
         if _needs_autograd(x, self.fc1.weight):
             x = x + self.attn(self.attn_norm(x), attn_mask)
             return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
-        return self._forward_inplace(x, attn_mask)
+        return self._forward_inplace(x, attn_mask, key_lengths)
 
-    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None) -> Tensor:
         """Same math without autograd: the residual stream `x` (contiguous, owned by the encoder) is updated in
         place, each residual add folded into its GEMM as C += A B^T (`addmm_`), GELU fused into fc1."""
         batch, length, d = x.shape
         flat = x.view(batch * length, d)
         q, k, v = self.attn.project_qkv(self.attn_norm(x))
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        # SDPA's CPU kernels return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
+        if key_lengths is not None or attn_mask is None:
+            # our fused CPU kernel (one pass of exps between two GEMMs per block of query rows); SDPA elsewhere
+            attended = attention_op(q, k, v, key_lengths)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
         flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())
         hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias)
@@ -239,7 +247,8 @@ class WhisperEncoder(nn.Module):
             raise ValueError("%d mel frames exceed the encoder context of %d frames; cut the audio into windows"
                              % (frames, 2 * self.dims.n_audio_ctx))
         mel = mel.to(self.conv1.weight.dtype)
-        attn_mask = None
+        attn_mask = out_lengths = None
+        in_valid = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=mel.device).long()
             if lengths.shape != (mel.shape[0],):
@@ -249,9 +258,10 @@ class WhisperEncoder(nn.Module):
             in_valid = torch.arange(frames, device=mel.device)[None, :] < lengths[:, None]
             out_lengths = self.output_lengths(lengths)
             out_valid = torch.arange(out_frames, device=mel.device)[None, :] < out_lengths[:, None]
+            attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
+        if in_valid is not None:
             mel = mel * in_valid[:, None, :].to(mel.dtype)
             x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
-            attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
         else:
             x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)
@@ -263,7 +273,7 @@ class WhisperEncoder(nn.Module):
         else:
             x = x.contiguous().add_(position)
         for layer in self.layers:
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, out_lengths)
         return self.final_norm(x)
 
 

@@ -240,8 +240,11 @@ def test_tiny_en_encoder_matches_ctranslate2(tiny_model, ctranslate2_tiny):
     expected = torch.from_numpy(np.array(reference.encode(ctranslate2.StorageView.from_array(mel.numpy()))))
     with torch.no_grad():
         got = encoder(mel)
+        from_full_model = tiny_model.encoder(mel)
     assert (got - expected).abs().max().item() < 1e-3
-    torch.testing.assert_close(tiny_model.encoder(mel), got)
+    torch.testing.assert_close(from_full_model, got)
+    # the autograd path (SDPA, conv modules) computes the same function up to fp32 rounding
+    assert (tiny_model.encoder(mel) - got).abs().max().item() < 1e-4
 
 
 @needs_tiny

@@ -154,3 +154,19 @@ def test_low_precision_matches_fp32_reference(dtype):
     want = ref.stack_norm_project(x, 4, torch.tensor([13, 6]), "layer", p["norm_weight"], p["norm_bias"], p["w1"],
                                   p["b1"], "gelu", p["w2"], p["b2"])
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("D", [1280, 7])  # a row of 5120 floats (the Eureka width) and one shorter than the 16 lanes
+def test_norm_statistics_with_large_mean(norm, D):
+    # encoder activations with a large common offset: the row statistics must not lose the small variance
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 10, D, generator=gen) * 0.5 + 100.0
+    width = 4 * D
+    nw = torch.rand(width, generator=gen) + 0.5
+    nb = torch.randn(width, generator=gen) if norm == "layer" else None
+    w1 = torch.randn(16, width, generator=gen) / math.sqrt(width)
+    got = ops.stack_norm_project(x, 4, norm=norm, norm_weight=nw, norm_bias=nb, w1=w1, activation="silu")
+    expected = ref.stack_norm_project(x.double(), 4, None, norm, nw.double(), None if nb is None else nb.double(),
+                                      w1.double(), None, "silu", None, None, 1e-5, "stack")
+    torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-4)

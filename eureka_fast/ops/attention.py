@@ -1,0 +1,65 @@
+"""Non-causal multi-head attention for the Whisper encoder (inference): the compiled CPU kernel
+``torch.ops.eureka_fast.attention`` (forward only), with ``scaled_dot_product_attention`` as the reference and as the
+path whenever autograd records the call.
+
+``attention(q, k, v, key_lengths=None, scale=None)`` takes q [B, H, Tq, dh], k and v [B, H, Tk, dh] and returns
+[B, H, Tq, dh] (a transposed view of a contiguous [B, Tq, H, dh] buffer, like SDPA's CPU kernels, so merging the
+heads is free). ``key_lengths`` [B] masks keys at or past key_lengths[b]; ``scale`` defaults to 1 / sqrt(dh).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import api
+
+_REGISTERED = False
+
+
+def _register_fake() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+
+    @torch.library.register_fake("eureka_fast::attention")
+    def _(q, k, v, key_lengths, scale):
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+
+def _kernel_available(device: torch.device) -> bool:
+    if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):
+        return False
+    _register_fake()
+    return api._has_kernel("attention", device)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """The same function with PyTorch's SDPA (differentiable): [B, H, Tq, dh]."""
+    mask = None
+    if key_lengths is not None:
+        mask = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])[:, None, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None, *, use_reference: bool = False) -> torch.Tensor:
+    """softmax(scale * q k^T) v over the first key_lengths[b] keys; q [B, H, Tq, dh], k/v [B, H, Tk, dh] ->
+    [B, H, Tq, dh]. The compiled kernel runs when autograd does not record the call; otherwise SDPA does."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (use_reference or needs_grad or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or not _kernel_available(q.device)):
+        return reference_attention(q, k, v, key_lengths, scale)
+    out = torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale))
+    return out.transpose(1, 2)
