@@ -213,6 +213,9 @@ def results_section(res: dict) -> str:
               f"{'within' if within else 'over'} 15 min on the shared machine, process CPU time "
               f"{res['train_total_cpu_s'] / 60:.1f} min (= about {res['train_total_cpu_s'] / 120:.1f} min on 2 idle "
               f"cores, {'fits' if cpu_fits else 'does not fit'}).**")
+    if cache.get("disk_hits"):
+        status += (f" (Encoder outputs of {cache['disk_hits']} windows were read from a disk feature cache, so these "
+                   "times leave out the encoder.)")
     return f"""{BEGIN}
 ## Learning proof (`bench/learn.py`, issue 6)
 
@@ -312,17 +315,17 @@ class LoadSampler:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(HERE, "learn_run"))
-    p.add_argument("--train", type=int, default=300)
+    p.add_argument("--train", type=int, default=1200)
     p.add_argument("--heldout", type=int, default=50)
     p.add_argument("--align-steps", type=int, default=20)
-    p.add_argument("--sft-steps", type=int, default=500)
+    p.add_argument("--sft-steps", type=int, default=1200)
     p.add_argument("--align-lr", type=float, default=2e-3)
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lm-hidden", type=int, default=128)
     p.add_argument("--lm-layers", type=int, default=3)
-    p.add_argument("--lm-heads", type=int, default=0, help="attention heads of the LM (0: width / 64)")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--lm-heads", type=int, default=4, help="attention heads of the LM (0: width / 64)")
+    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature-cache", metavar="DIR", default=None,
                    help="keep the frozen encoder's outputs on disk in DIR (train.encoder_cache_dir) so a later run "
