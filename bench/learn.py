@@ -203,6 +203,9 @@ def results_section(res: dict) -> str:
                            f"{100 * c['digit_accuracy']:.1f} |" for c in res["curve"])
     reached = res.get("reached_target_s")
     load = res["load_avg"]
+    quiet = load["mean"] <= (res.get("torch_threads") or 2) + 0.5
+    machine_state = ("nothing else running during the run" if quiet else
+                     "shared with other jobs during the run, so wall times are pessimistic: compare process CPU time")
     heads = a.get("lm_heads") or max(1, a["lm_hidden"] // 64)
     cache = res["encoder_cache"]
     met = res["final_exact_match"] >= 0.9
@@ -238,9 +241,9 @@ hash, trimmed to the frames up to the clip's last audio token): every clip goes 
 first training batch ({cache['misses']} encoder windows computed, {cache['hits']} reused). The model runs the
 adapter only on the audio tokens the LM sees (about 25 of a 30 s window's 375 for a 2 s clip).
 
-Machine: 2 CPU cores, {res.get('torch_threads')} torch threads, shared with other engineers' benchmarks during the run
+Machine: 2 CPU cores, {res.get('torch_threads')} torch threads, {machine_state}
 (1-minute load average: {load['start']:.1f} at the start, mean {load['mean']:.1f}, max {load['max']:.1f}, end
-{load['end']:.1f}; on a quiet machine it would be about 2), so wall times are pessimistic: compare process CPU time.
+{load['end']:.1f}; this run alone makes it about {res.get('torch_threads')}).
 
 | | value |
 |---|---|
@@ -264,7 +267,8 @@ Machine: 2 CPU cores, {res.get('torch_threads')} torch threads, shared with othe
 |---|---|---|---|---|
 {curve_rows}
 
-Reproduce (seeded, deterministic data and training): `{res.get('command', 'python bench/learn.py')}`
+Reproduce (seeded data, initialisation and batch order; the BLAS may split its work differently under load, so
+runs of the same command can end a few held-out clips apart): `{res.get('command', 'python bench/learn.py')}`
 (writes `bench/learn_run/`, `bench/learn_curve.png`, `bench/learn_results.json` and this section; add
 `--feature-cache DIR` to keep the encoder outputs on disk between runs, which is how the recipe was tuned).
 {END}"""
