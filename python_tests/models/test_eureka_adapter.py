@@ -6,14 +6,7 @@ from eureka_fast.models import EurekaAdapterConfig, MoEAdapter
 from eureka_reference import reference_adapter, reference_aux_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many small ops (loop references, tiny models), which intra-op threads only slow down, badly
-    so when the cores are shared; one thread keeps them fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ENC, LLM = 24, 40

@@ -13,14 +13,7 @@ from eureka_fast.audio import AudioError, audio_token_count, log_mel
 from eureka_fast.models import MessageFormatError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many small ops (loop references, tiny models), which intra-op threads only slow down, badly
-    so when the cores are shared; one thread keeps them fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ASR_SYSTEM = "You are an advanced ASR (Automatic Speech Recognition) AI assistant."
