@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/moe_cpu.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -101,10 +102,8 @@ __attribute__((target("avx512f"))) float exp_shift_sum_avx512(float* s, int64_t 
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
+// The shared ISA choice (moe_cpu.h): also honours the EUREKA_FAST_CPU_ISA cap the tests use.
+bool cpu_has_avx512f() { return cpu_isa() == CpuIsa::Avx512; }
 #endif
 
 inline float row_max(const float* s, int64_t n) {
@@ -200,18 +199,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
   TORCH_CHECK(Tk >= 1 || Tq == 0 || B * H == 0, "attention needs at least one key, got Tk = 0");
   std::vector<int64_t> lens;
-  if (key_lengths.has_value()) {
-    check_cpu(*key_lengths, "key_lengths");
-    TORCH_CHECK(key_lengths->dim() == 1 && key_lengths->size(0) == B, "key_lengths must have shape [", B, "], got ",
-                key_lengths->sizes());
-    TORCH_CHECK(!at::isFloatingType(key_lengths->scalar_type()) && key_lengths->scalar_type() != at::kBool,
-                "key_lengths must be an integer tensor, got ", key_lengths->scalar_type());
-    at::Tensor l = key_lengths->to(at::kLong).contiguous();
-    lens.assign(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + B);
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(lens[b] >= 1 && lens[b] <= Tk, "key_lengths must lie in [1, Tk=", Tk, "], found ", lens[b],
-                  " at position ", b);
-  }
+  if (key_lengths.has_value()) lens = checked_lengths(*key_lengths, B, 1, Tk, "key_lengths", "Tk");
   const at::ScalarType cd = compute_dtype(q.scalar_type());
   // the GEMMs need a unit stride along dh and row strides the BLAS accepts (>= dh)
   auto operand = [&](const at::Tensor& t) {

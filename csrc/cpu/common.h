@@ -213,6 +213,22 @@ inline std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t n
   return v;
 }
 
+// Per-batch lengths [B] of an integer type, every entry in [lo, hi], as int64 (ragged batches: frames, keys).
+inline std::vector<int64_t> checked_lengths(const at::Tensor& lengths, int64_t batch, int64_t lo, int64_t hi,
+                                            const char* name, const char* hi_name) {
+  check_cpu(lengths, name);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, name, " must have shape [", batch, "], got ",
+              lengths.sizes());
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) && lengths.scalar_type() != at::kBool, name,
+              " must be an integer tensor, got ", lengths.scalar_type());
+  at::Tensor l = lengths.to(at::kLong).contiguous();
+  std::vector<int64_t> v(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + batch);
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(v[b] >= lo && v[b] <= hi, name, " must lie in [", lo, ", ", hi_name, "=", hi, "], found ", v[b],
+                " at position ", b);
+  return v;
+}
+
 // ids [T, k] of an integer type, every entry in [0, num_experts), as int64.
 inline at::Tensor checked_ids(const at::Tensor& ids, int64_t num_experts, const char* name) {
   check_cpu(ids, name);

@@ -178,20 +178,8 @@ at::Tensor stack_norm_project_cpu(const at::Tensor& x, int64_t k, const c10::opt
   }
 
   // Frames of clip b are [0, frame_limit[b]); output rows [0, ceil(frame_limit[b] / k)) are computed, the rest zero.
-  std::vector<int64_t> frame_limit(B, T);
-  if (lengths.has_value()) {
-    check_cpu(*lengths, "lengths");
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "lengths must have shape [", B, "], got ",
-                lengths->sizes());
-    TORCH_CHECK(!at::isFloatingType(lengths->scalar_type()) && lengths->scalar_type() != at::kBool,
-                "lengths must be an integer tensor, got ", lengths->scalar_type());
-    at::Tensor l = lengths->to(at::kLong).contiguous();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t v = l.data_ptr<int64_t>()[b];
-      TORCH_CHECK(v >= 0 && v <= T, "lengths must lie in [0, T=", T, "], found ", v, " at position ", b);
-      frame_limit[b] = v;
-    }
-  }
+  const std::vector<int64_t> frame_limit =
+      lengths.has_value() ? checked_lengths(*lengths, B, 0, T, "lengths", "T") : std::vector<int64_t>(B, T);
   std::vector<int64_t> row_batch, row_time, row_dest;
   row_batch.reserve(B * T_out);
   row_time.reserve(B * T_out);

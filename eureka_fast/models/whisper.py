@@ -248,7 +248,6 @@ class WhisperEncoder(nn.Module):
                              % (frames, 2 * self.dims.n_audio_ctx))
         mel = mel.to(self.conv1.weight.dtype)
         attn_mask = out_lengths = None
-        in_valid = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=mel.device).long()
             if lengths.shape != (mel.shape[0],):
@@ -259,7 +258,6 @@ class WhisperEncoder(nn.Module):
             out_lengths = self.output_lengths(lengths)
             out_valid = torch.arange(out_frames, device=mel.device)[None, :] < out_lengths[:, None]
             attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
-        if in_valid is not None:
             mel = mel * in_valid[:, None, :].to(mel.dtype)
             x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
         else:

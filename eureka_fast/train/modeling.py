@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import os
 
 import torch
 
+from ..fsutil import atomic_write
 from .config import ModelConfig
 
 
@@ -147,10 +149,6 @@ class FrozenEncoderCache:
     def _store(self, weights: str, key: str, rows: torch.Tensor) -> None:
         self._remember(weights, key, rows)
         if self.directory:
-            import io
-
-            from eureka_fast.fsutil import atomic_write
-
             path = self._path(weights, key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             buf = io.BytesIO()
