@@ -129,17 +129,19 @@ class MoERow:
     notes: List[str] = field(default_factory=list)
 
 
-def bench_moe_shape(shape, repeats: int = 3, seed: int = 0) -> MoERow:
+def bench_moe_shape(shape, repeats: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> MoERow:
+    """One shape, every tensor in `dtype` (fp32 for the issue's table; bf16 for the transformers-model case)."""
     from . import ops
 
     T, H, I, E, k = shape
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=gen)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)
-    w_down = torch.randn(E, H, I, generator=gen) / math.sqrt(I)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)).to(dtype)
+    w_down = (torch.randn(E, H, I, generator=gen) / math.sqrt(I)).to(dtype)
     logits = torch.randn(T, E, generator=gen)
     weights, ids = ops.route_topk(logits, k, renormalize=True)
-    y_sorted = torch.randn(T * k, H, generator=gen)
+    weights = weights.to(dtype)
+    y_sorted = torch.randn(T * k, H, generator=gen).to(dtype)
     args = (x, w_gate_up, w_down, weights, ids)
 
     plan = ops.moe_plan(ids, E)
@@ -163,14 +165,16 @@ def bench_moe_shape(shape, repeats: int = 3, seed: int = 0) -> MoERow:
         times = interleaved_best(methods, repeats)
     touched = int(torch.unique(ids).numel())
     flops = 2.0 * T * k * 3 * H * I
-    bytes_moved = touched * 3 * H * I * 4 + 2 * T * H * 4
+    size = torch.finfo(dtype).bits // 8
+    bytes_moved = touched * 3 * H * I * size + 2 * T * H * size
     routing_time = sum(times.pop(name) for name in ("route_topk", "moe_plan", "permute", "combine"))
     return MoERow(shape, times, flops, bytes_moved, routing_time, notes)
 
 
-def format_moe_table(rows: Sequence[MoERow], rates: MachineRates) -> str:
+def format_moe_table(rows: Sequence[MoERow], rates: MachineRates, dtype: torch.dtype = torch.float32) -> str:
     lines = [
-        f"fp32, {torch.get_num_threads()} threads; measured GEMM {rates.gemm_flops / 1e9:.0f} GFLOP/s, "
+        f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads; measured fp32 GEMM "
+        f"{rates.gemm_flops / 1e9:.0f} GFLOP/s, "
         f"copy bandwidth {rates.bandwidth / 1e9:.1f} GB/s (best seen in this run).",
         "",
         "| T, H, I, E, k | ours ms | eager loop ms | torch._grouped_mm ms | roofline ms | ours / roofline "
@@ -189,17 +193,18 @@ def format_moe_table(rows: Sequence[MoERow], rates: MachineRates) -> str:
     return "\n".join(lines)
 
 
-def run_moe_table(shapes, repeats: int = 3, log: Optional[Callable[[str], None]] = None) -> Tuple[str, List[MoERow]]:
+def run_moe_table(shapes, repeats: int = 3, log: Optional[Callable[[str], None]] = None,
+                  dtype: torch.dtype = torch.float32) -> Tuple[str, List[MoERow]]:
     # The roofline uses the best GEMM rate and bandwidth measured before and after the shapes: on a shared machine
     # that is the closest estimate of what the hardware can do.
     rates_before = measure_rates()
     rows = []
     for shape in shapes:
-        rows.append(bench_moe_shape(shape, repeats))
+        rows.append(bench_moe_shape(shape, repeats, dtype=dtype))
         if log:
             log(f"  measured {shape}")
     rates = merge_rates(rates_before, measure_rates())
-    return format_moe_table(rows, rates), rows
+    return format_moe_table(rows, rates, dtype), rows
 
 
 # --------------------------------------------------------------------------------------------------------------

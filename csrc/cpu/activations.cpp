@@ -176,6 +176,20 @@ void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t ld
   EF_DISPATCH(skinny_avx2(m, n, K, a, lda, b, ldb, c, ldc), skinny_body(m, n, K, a, lda, b, ldb, c, ldc));
 }
 
+void widen_to_float(const uint16_t* src, int64_t n, WeightFormat format, float* dst) {
+#if EF_HAVE_AVX2_COPY
+  if (cpu_isa() == CpuIsa::Avx512) {
+    widen_to_float_avx512(src, n, format, dst);
+    return;
+  }
+#endif
+  if (format == WeightFormat::BFloat16) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
+  }
+}
+
 void silu_mul(const double* gate, const double* up, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = silu_d(gate[i]) * up[i];
 }

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -36,6 +37,23 @@ struct Tile {
 // Rows per tile: large enough for an efficient GEMM, small enough that several tiles exist per expert in prefill.
 constexpr int64_t kRowBlock = 256;
 
+// Experts with at least this many rows run as one multi-threaded BLAS call each (all their rows, all columns)
+// instead of single-threaded tiles: with 512-750 rows per expert MKL's own threading reaches ~270-300 GFLOP/s on
+// two cores against ~220-240 for tiles (cold weights), while at 128 rows the tiles win (~218 vs ~200).
+// EUREKA_FAST_WHOLE_EXPERT_ROWS overrides the switch (read once; for tuning on other machines).
+int64_t whole_expert_rows() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("EUREKA_FAST_WHOLE_EXPERT_ROWS");
+    return env != nullptr && *env != '\0' ? std::max<int64_t>(1, std::atoll(env)) : int64_t(384);
+  }();
+  return rows;
+}
+
+bool runs_whole(const std::vector<int64_t>& offsets, int64_t e) {
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && offsets[e + 1] - offsets[e] >= whole_expert_rows();
+}
+
+// Tiles for the experts that do not run whole.
 std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   struct Block {
@@ -44,7 +62,7 @@ std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out)
   std::vector<Block> blocks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    if (rows <= 0) continue;
+    if (rows <= 0 || runs_whole(offsets, e)) continue;
     const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
     const int64_t per = (rows + n_blocks - 1) / n_blocks;  // even split: no tiny trailing block
     for (int64_t r = 0; r < rows; r += per) blocks.push_back({e, offsets[e] + r, std::min(per, rows - r)});
@@ -83,12 +101,49 @@ void tile_gemm(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, 
   gemm_abt<scalar_t>(m, n, K, a, lda, b, b_row_stride, b_col_stride, c, ldc);
 }
 
-template <typename scalar_t>
+// Per-thread scratch, grown on demand and kept; kSlot tells apart buffers a tile uses at the same time.
+template <typename scalar_t, int kSlot = 0>
 scalar_t* thread_scratch(int64_t elements) {
   thread_local std::vector<char> buffer;
   const size_t bytes = static_cast<size_t>(elements) * sizeof(scalar_t);
   if (buffer.size() < bytes) buffer.resize(bytes);
   return reinterpret_cast<scalar_t*>(buffer.data());
+}
+
+// out[r, :cols] = act(h[r, :cols]) * h[r, cols:2 cols] for `rows` rows of h (leading dimension ldh).
+template <typename scalar_t>
+void gated_epilogue(const scalar_t* h, int64_t rows, int64_t cols, int64_t ldh, GatedActivation act, scalar_t* out,
+                    int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* g = h + r * ldh;
+    if (act == GatedActivation::SiluMul)
+      silu_mul(g, g + cols, out + r * ldo, cols);
+    else
+      gelu_mul(g, g + cols, out + r * ldo, cols);
+  }
+}
+
+// One expert's rows through the BLAS with its own threading: straight into `out` without activation; with a gated
+// activation, blocks of rows into a [rows, N] buffer (gate and up side by side, one GEMM over both halves), then
+// the activation epilogue in parallel over the rows.
+template <typename scalar_t>
+void whole_expert_gemm(int64_t rows, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* w_e,
+                       int64_t w_row_stride, int64_t w_col_stride, int64_t N, GatedActivation act, scalar_t* out,
+                       int64_t ldo) {
+  if (act == GatedActivation::None) {
+    gemm_abt<scalar_t>(rows, N, K, a, lda, w_e, w_row_stride, w_col_stride, out, ldo);
+    return;
+  }
+  const int64_t n_out = N / 2;
+  constexpr int64_t kRowsPerCall = 1024;  // bounds the buffer (<= 1024 x N) without shrinking the GEMM much
+  scalar_t* buf = thread_scratch<scalar_t>(std::min(rows, kRowsPerCall) * N);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerCall) {
+    const int64_t m = std::min(kRowsPerCall, rows - r0);
+    gemm_abt<scalar_t>(m, N, K, a + r0 * lda, lda, w_e, w_row_stride, w_col_stride, buf, N);
+    at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
+      gated_epilogue(buf + i0 * N, i1 - i0, n_out, N, act, out + (r0 + i0) * ldo, ldo);
+    });
+  }
 }
 
 }  // namespace
@@ -99,6 +154,12 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
                           GatedActivation act, scalar_t* out, int64_t ldo) {
   const bool gated = act != GatedActivation::None;
   const int64_t n_out = gated ? N / 2 : N;
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    if (runs_whole(offsets, e))
+      whole_expert_gemm<scalar_t>(offsets[e + 1] - offsets[e], K, a + offsets[e] * lda, lda, w + e * w_expert_stride,
+                                  w_row_stride, w_col_stride, N, act, out + offsets[e] * ldo, ldo);
+  }
   const std::vector<Tile> tiles = plan_tiles(offsets, n_out);
   run_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
@@ -118,19 +179,78 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
                         ldb);
     tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + (n_out + t.col0) * w_row_stride, w_row_stride,
                         w_col_stride, buf + t.cols, ldb);
-    for (int64_t r = 0; r < t.rows; ++r) {
-      const scalar_t* g = buf + r * ldb;
-      if (act == GatedActivation::SiluMul)
-        silu_mul(g, g + t.cols, o + r * ldo, t.cols);
-      else
-        gelu_mul(g, g + t.cols, o + r * ldo, t.cols);
-    }
+    gated_epilogue(buf, t.rows, t.cols, ldb, act, o, ldo);
   });
 }
 template void grouped_gemm_forward<float>(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                                           int64_t, const std::vector<int64_t>&, GatedActivation, float*, int64_t);
 template void grouped_gemm_forward<double>(const double*, int64_t, int64_t, const double*, int64_t, int64_t, int64_t,
                                            int64_t, const std::vector<int64_t>&, GatedActivation, double*, int64_t);
+
+namespace {
+
+// rows x K weights (row stride ld) widened to a dense float [rows, K] buffer.
+void widen_rows(const uint16_t* w, int64_t rows, int64_t K, int64_t ld, WeightFormat format, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) widen_to_float(w + r * ld, K, format, dst + r * K);
+}
+
+// grouped_gemm_forward<float> on 2-byte weights read as stored (row-major [E, N, K], unit inner stride): the
+// few-rows kernel widens them in registers; other tiles widen their own weight rows into a per-thread buffer just
+// before the GEMM. So a call reads only the experts it routes to, at 2 bytes per weight, and never materialises an
+// fp32 copy of the whole tensor (which cost 170 ms at one token for 64 experts of 1024 x 512).
+void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const uint16_t* w, WeightFormat format,
+                                int64_t w_expert_stride, int64_t w_row_stride, int64_t N,
+                                const std::vector<int64_t>& offsets, GatedActivation act, float* out, int64_t ldo) {
+  const bool gated = act != GatedActivation::None;
+  const int64_t n_out = gated ? N / 2 : N;
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    if (!runs_whole(offsets, e)) continue;
+    at::Tensor widened = at::empty({N, K}, at::kFloat);
+    float* wf = widened.data_ptr<float>();
+    const uint16_t* w_e = w + e * w_expert_stride;
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      widen_rows(w_e + n0 * w_row_stride, n1 - n0, K, w_row_stride, format, wf + n0 * K);
+    });
+    whole_expert_gemm<float>(offsets[e + 1] - offsets[e], K, a + offsets[e] * lda, lda, wf, K, 1, N, act,
+                             out + offsets[e] * ldo, ldo);
+  }
+  const std::vector<Tile> tiles = plan_tiles(offsets, n_out);
+  const bool skinny_2byte = cpu_isa() == CpuIsa::Avx512;
+  run_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
+    const Tile& t = tiles[i];
+    const float* a_rows = a + t.row0 * lda;
+    const uint16_t* w_e = w + t.expert * w_expert_stride;
+    // C[rows, cols] = a_rows * (weight rows starting at b)^T
+    auto product = [&](const uint16_t* b, float* c, int64_t ldc) {
+      if (skinny_2byte && t.rows <= kSkinnyMaxRowsAvx512) {
+        skinny_gemm_abt_avx512(t.rows, t.cols, K, a_rows, lda, b, w_row_stride, format, c, ldc);
+        return;
+      }
+      float* wf = thread_scratch<float, 1>(t.cols * K);
+      widen_rows(b, t.cols, K, w_row_stride, format, wf);
+      tile_gemm<float>(t.rows, t.cols, K, a_rows, lda, wf, K, 1, c, ldc);
+    };
+    float* o = out + t.row0 * ldo + t.col0;
+    if (!gated) {
+      product(w_e + t.col0 * w_row_stride, o, ldo);
+      return;
+    }
+    float* buf = thread_scratch<float>(t.rows * 2 * t.cols);
+    product(w_e + t.col0 * w_row_stride, buf, 2 * t.cols);
+    product(w_e + (n_out + t.col0) * w_row_stride, buf + t.cols, 2 * t.cols);
+    gated_epilogue(buf, t.rows, t.cols, 2 * t.cols, act, o, ldo);
+  });
+}
+
+// bf16 / fp16 weights with unit inner stride, when the compute dtype is float: read as stored.
+bool reads_2byte_weights(const at::Tensor& w, at::ScalarType cd) {
+  const at::ScalarType t = w.scalar_type();
+  return cd == at::kFloat && (t == at::kBFloat16 || t == at::kHalf) && (w.stride(2) == 1 || w.size(2) <= 1) &&
+         (w.stride(1) >= w.size(2) || w.size(1) <= 1);
+}
+
+}  // namespace
 
 namespace {
 
@@ -154,6 +274,25 @@ std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
   return {sN, sK};
 }
 
+// One grouped GEMM (+ activation) over w as the caller passed it: 2-byte weights read in place, anything else via
+// a BLAS-ready copy in the compute dtype cd (the type of a and out).
+template <typename scalar_t>
+void grouped_forward_weights(const scalar_t* a, int64_t lda, int64_t K, const at::Tensor& w, at::ScalarType cd,
+                             const std::vector<int64_t>& offsets, GatedActivation act, scalar_t* out, int64_t ldo) {
+  const int64_t N = w.size(1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (reads_2byte_weights(w, cd)) {
+      const WeightFormat format = w.scalar_type() == at::kBFloat16 ? WeightFormat::BFloat16 : WeightFormat::Half;
+      grouped_gemm_forward_2byte(a, lda, K, static_cast<const uint16_t*>(w.data_ptr()), format, w.stride(0),
+                                 N <= 1 ? K : w.stride(1), N, offsets, act, out, ldo);
+      return;
+    }
+  }
+  const at::Tensor wc = blas_ready_weight(w, cd);
+  auto [sN, sK] = inner_strides(wc);
+  grouped_gemm_forward<scalar_t>(a, lda, K, wc.data_ptr<scalar_t>(), wc.stride(0), sN, sK, N, offsets, act, out, ldo);
+}
+
 void check_grouped_args(const at::Tensor& a, const at::Tensor& w, GatedActivation act) {
   check_float_tensor(a, 2, "a");
   check_float_tensor(w, 3, "w");
@@ -175,16 +314,14 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& w, const at::Te
   at::Tensor out = covers_all ? at::empty({S, n_out}, a.options().dtype(cd)) : at::zeros({S, n_out}, a.options().dtype(cd));
   if (S == 0 || n_out == 0) return out.to(a.scalar_type());
   at::Tensor ac = rows_contiguous(a, cd);
-  at::Tensor wc = blas_ready_weight(w, cd);
-  auto [sN, sK] = inner_strides(wc);
   if (K == 0) {
     // Empty reduction: the product is zero, the activation of zero gates times zero is zero.
     out.zero_();
     return out.to(a.scalar_type());
   }
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm", [&] {
-    grouped_gemm_forward<scalar_t>(ac.data_ptr<scalar_t>(), ac.stride(0), K, wc.data_ptr<scalar_t>(), wc.stride(0),
-                                   sN, sK, N, offs, act, out.data_ptr<scalar_t>(), n_out);
+    grouped_forward_weights<scalar_t>(ac.data_ptr<scalar_t>(), ac.stride(0), K, w, cd, offs, act,
+                                      out.data_ptr<scalar_t>(), n_out);
   });
   return out.scalar_type() == a.scalar_type() ? out : out.to(a.scalar_type());
 }
@@ -336,10 +473,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   build_plan(ids_l.data_ptr<int64_t>(), S, E, 0, counts.data(), offsets.data(), padded.data(), sorted_rows.data(),
              inverse_rows.data());
   at::Tensor xc = rows_contiguous(x, cd);
-  at::Tensor wgu = blas_ready_weight(w_gate_up, cd), wd = blas_ready_weight(w_down, cd);
   at::Tensor wts = weights.to(cd).contiguous();
-  auto [gu_sN, gu_sK] = inner_strides(wgu);
-  auto [d_sN, d_sK] = inner_strides(wd);
   AT_DISPATCH_FLOATING_TYPES(cd, "fused_experts", [&] {
     // 1. gather token rows into expert-contiguous order (uninitialised scratch: every row is written below)
     const int64_t xs_bytes = (S * H * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 * 64;
@@ -353,11 +487,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     });
     // 2. gate+up GEMM with the gated activation in the epilogue -> [S, I]
     scalar_t* hidden = workspace.at_offset<scalar_t>(xs_bytes);
-    grouped_gemm_forward<scalar_t>(xs, H, H, wgu.data_ptr<scalar_t>(), wgu.stride(0), gu_sN, gu_sK, I2, offsets,
-                                   act, hidden, I);
+    grouped_forward_weights<scalar_t>(xs, H, H, w_gate_up, cd, offsets, act, hidden, I);
     // 3. down GEMM -> [S, H] (reuses the gather buffer)
-    grouped_gemm_forward<scalar_t>(hidden, I, I, wd.data_ptr<scalar_t>(), wd.stride(0), d_sN, d_sK, H, offsets,
-                                   GatedActivation::None, xs, H);
+    grouped_forward_weights<scalar_t>(hidden, I, I, w_down, cd, offsets, GatedActivation::None, xs, H);
     // 4. each token sums its own k rows in slot order: deterministic, no atomics
     combine_rows<scalar_t, scalar_t>(xs, H, inverse_rows.data(), wts.data_ptr<scalar_t>(), T, k, H,
                                      out.data_ptr<scalar_t>());

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/weight_format.h"
 
 namespace eureka_fast {
 namespace cpu {
@@ -56,6 +57,13 @@ void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t ld
 // The AVX-512 copy (skinny_avx512.cpp); call only when cpu_isa() == CpuIsa::Avx512.
 void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                             float* c, int64_t ldc);
+// The same with 2-byte weights (bf16 / fp16, widened in registers: half the bytes streamed, no fp32 copy).
+void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const uint16_t* b,
+                            int64_t ldb, WeightFormat format, float* c, int64_t ldc);
+// dst[i] = float(src[i]) for 2-byte weights: the AVX-512 copy (call only when cpu_isa() == CpuIsa::Avx512) and the
+// portable entry point that dispatches.
+void widen_to_float_avx512(const uint16_t* src, int64_t n, WeightFormat format, float* dst);
+void widen_to_float(const uint16_t* src, int64_t n, WeightFormat format, float* dst);
 struct SkinnyRows {
   int64_t min, max;
 };

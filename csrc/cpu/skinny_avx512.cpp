@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/weight_format.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define EF_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
@@ -14,33 +16,63 @@ namespace eureka_fast {
 namespace cpu {
 namespace skinny512 {
 
+// How 16 consecutive weights become 16 floats: fp32 as they are; bf16 is the top half of an fp32 (shift left by
+// 16); fp16 through the hardware conversion. Masked loads never touch memory past the row.
+struct F32Weights {
+  using T = float;
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct Bf16Weights {
+  using T = uint16_t;
+  static EF_AVX512 EF_AVX512_INLINE __m512 widen(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(const uint16_t* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(__mmask16 m, const uint16_t* p) {
+    return widen(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+struct F16Weights {
+  using T = uint16_t;
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static EF_AVX512 EF_AVX512_INLINE __m512 load(__mmask16 m, const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
 // C[i, j] = dot(A row i, B row j) with a register block of MR input rows x NR weight rows, 16 floats per
 // accumulator: every weight vector loaded feeds MR FMAs and every input vector NR FMAs. With kPrefetch, the block
 // also prefetches the next NR weight rows, one line per line consumed, so their loads are in flight before that
 // block starts (the hardware prefetcher stops at every 4 KB page, i.e. at every row when K = 1024).
 // The K tail uses masked loads, which never touch memory past the row.
-template <int MR, int NR, bool kPrefetch, int kHint>
-EF_AVX512 EF_AVX512_INLINE void dot_block(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                                          int64_t ldc, const float* next_b, int64_t next_rows) {
+template <int MR, int NR, bool kPrefetch, int kHint, typename W>
+EF_AVX512 EF_AVX512_INLINE void dot_block(int64_t K, const float* a, int64_t lda, const typename W::T* b, int64_t ldb,
+                                          float* c, int64_t ldc, const typename W::T* next_b, int64_t next_rows) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  const float* pf[NR];
+  const typename W::T* pf[NR];
   if constexpr (kPrefetch) {
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) pf[r] = next_b + std::min<int64_t>(r, next_rows - 1) * ldb;
   }
   int64_t kk = 0;
   for (; kk + 16 <= K; kk += 16) {
-    if constexpr (kPrefetch) {
+    // one prefetch per 64-byte line: every step for fp32, every other step for 2-byte weights
+    if (kPrefetch && (sizeof(typename W::T) == 4 || (kk & 31) == 0)) {
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf[r] + kk), static_cast<_mm_hint>(kHint));
     }
     __m512 wv[NR];
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(b + r * ldb + kk);
+    for (int r = 0; r < NR; ++r) wv[r] = W::load(b + r * ldb + kk);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_loadu_ps(a + i * lda + kk);
@@ -52,7 +84,7 @@ EF_AVX512 EF_AVX512_INLINE void dot_block(int64_t K, const float* a, int64_t lda
     const __mmask16 mask = static_cast<__mmask16>((1u << (K - kk)) - 1u);
     __m512 wv[NR];
 #pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, b + r * ldb + kk);
+    for (int r = 0; r < NR; ++r) wv[r] = W::load(mask, b + r * ldb + kk);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, a + i * lda + kk);
@@ -67,44 +99,67 @@ EF_AVX512 EF_AVX512_INLINE void dot_block(int64_t K, const float* a, int64_t lda
 }
 
 // Rows [0, rows) of A (rows <= MR) against NR weight rows.
-template <int MR, int NR, int kHint>
-EF_AVX512 EF_AVX512_INLINE void dot_rows(int64_t rows, int64_t K, const float* a, int64_t lda, const float* b,
-                                         int64_t ldb, float* c, int64_t ldc, const float* next_b, int64_t next_rows) {
+template <int MR, int NR, int kHint, typename W>
+EF_AVX512 EF_AVX512_INLINE void dot_rows(int64_t rows, int64_t K, const float* a, int64_t lda, const typename W::T* b,
+                                         int64_t ldb, float* c, int64_t ldc, const typename W::T* next_b,
+                                         int64_t next_rows) {
   if constexpr (MR > 1) {
     if (rows < MR) {
-      dot_rows<MR - 1, NR, kHint>(rows, K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+      dot_rows<MR - 1, NR, kHint, W>(rows, K, a, lda, b, ldb, c, ldc, next_b, next_rows);
       return;
     }
   }
   if (next_rows > 0)
-    dot_block<MR, NR, true, kHint>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+    dot_block<MR, NR, true, kHint, W>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
   else
-    dot_block<MR, NR, false, kHint>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
+    dot_block<MR, NR, false, kHint, W>(K, a, lda, b, ldb, c, ldc, next_b, next_rows);
 }
 
 // All m rows of A against NR weight rows; only the first row block prefetches the following weight block.
-template <int MR, int NR, int kHint>
-EF_AVX512 void weight_block(int64_t m, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                            int64_t ldc, const float* next_b, int64_t next_rows) {
+template <int MR, int NR, int kHint, typename W>
+EF_AVX512 void weight_block(int64_t m, int64_t K, const float* a, int64_t lda, const typename W::T* b, int64_t ldb,
+                            float* c, int64_t ldc, const typename W::T* next_b, int64_t next_rows) {
   for (int64_t i = 0; i < m; i += MR)
-    dot_rows<MR, NR, kHint>(std::min<int64_t>(MR, m - i), K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, next_b,
-                            i == 0 ? next_rows : 0);
+    dot_rows<MR, NR, kHint, W>(std::min<int64_t>(MR, m - i), K, a + i * lda, lda, b, ldb, c + i * ldc, ldc, next_b,
+                               i == 0 ? next_rows : 0);
 }
 
-template <int MR, int NR, int kHint>
-EF_AVX512 void gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                        float* c, int64_t ldc) {
+template <int MR, int NR, int kHint, typename W>
+EF_AVX512 void gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const typename W::T* b,
+                        int64_t ldb, float* c, int64_t ldc) {
   for (int64_t j = 0; j < n; j += NR) {
     const int64_t cols = std::min<int64_t>(NR, n - j);
     const int64_t next_rows = std::min<int64_t>(NR, n - j - cols);
-    const float* bj = b + j * ldb;
+    const typename W::T* bj = b + j * ldb;
     if (cols == NR) {
-      weight_block<MR, NR, kHint>(m, K, a, lda, bj, ldb, c + j, ldc, bj + cols * ldb, next_rows);
+      weight_block<MR, NR, kHint, W>(m, K, a, lda, bj, ldb, c + j, ldc, bj + cols * ldb, next_rows);
     } else {
       // last, partial weight block: one weight row at a time
       for (int64_t r = 0; r < cols; ++r)
-        weight_block<MR, 1, kHint>(m, K, a, lda, bj + r * ldb, ldb, c + j + r, ldc, nullptr, 0);
+        weight_block<MR, 1, kHint, W>(m, K, a, lda, bj + r * ldb, ldb, c + j + r, ldc, nullptr, 0);
     }
+  }
+}
+
+// Up to 4 rows, the next weight block is prefetched into L1; with more rows the input rows themselves fill most
+// of L1, so it goes to L2 only (measured on 400 MB of fp32 weights, one thread: T0 ahead by ~3% at 1 row, T1 ahead
+// by ~10% at 8 rows).
+template <typename W>
+EF_AVX512 void gemm_abt_rows(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const typename W::T* b,
+                             int64_t ldb, float* c, int64_t ldc) {
+  if (m <= 4)
+    gemm_abt<4, 4, _MM_HINT_T0, W>(m, n, K, a, lda, b, ldb, c, ldc);
+  else
+    gemm_abt<4, 4, _MM_HINT_T1, W>(m, n, K, a, lda, b, ldb, c, ldc);
+}
+
+template <typename W>
+EF_AVX512 void widen(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, W::load(src + i));
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(dst + i, mask, W::load(mask, src + i));
   }
 }
 
@@ -112,13 +167,22 @@ EF_AVX512 void gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t
 
 void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                             float* c, int64_t ldc) {
-  // Up to 4 rows, the next weight block is prefetched into L1; with more rows the input rows themselves fill most
-  // of L1, so it goes to L2 only (measured on 400 MB of weights, one thread: T0 ahead by ~3% at 1 row, T1 ahead by
-  // ~10% at 8 rows).
-  if (m <= 4)
-    skinny512::gemm_abt<4, 4, _MM_HINT_T0>(m, n, K, a, lda, b, ldb, c, ldc);
+  skinny512::gemm_abt_rows<skinny512::F32Weights>(m, n, K, a, lda, b, ldb, c, ldc);
+}
+
+void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const uint16_t* b,
+                            int64_t ldb, WeightFormat format, float* c, int64_t ldc) {
+  if (format == WeightFormat::BFloat16)
+    skinny512::gemm_abt_rows<skinny512::Bf16Weights>(m, n, K, a, lda, b, ldb, c, ldc);
   else
-    skinny512::gemm_abt<4, 4, _MM_HINT_T1>(m, n, K, a, lda, b, ldb, c, ldc);
+    skinny512::gemm_abt_rows<skinny512::F16Weights>(m, n, K, a, lda, b, ldb, c, ldc);
+}
+
+void widen_to_float_avx512(const uint16_t* src, int64_t n, WeightFormat format, float* dst) {
+  if (format == WeightFormat::BFloat16)
+    skinny512::widen<skinny512::Bf16Weights>(src, n, dst);
+  else
+    skinny512::widen<skinny512::F16Weights>(src, n, dst);
 }
 
 }  // namespace cpu

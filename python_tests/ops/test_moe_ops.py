@@ -238,11 +238,99 @@ def test_grouped_mm_narrower_instruction_sets(isa):
         "    for act in ('none', 'silu_mul'):\n"
         "        torch.testing.assert_close(ops.grouped_mm(a, w, offs, activation=None if act == 'none' else act),\n"
         "                                   ref.grouped_mm(a, w, offs, act), atol=1e-5, rtol=1e-4)\n"
+        "        for wd in (torch.bfloat16, torch.float16):\n"
+        "            w2 = w.to(wd)\n"
+        "            torch.testing.assert_close(ops.grouped_mm(a, w2, offs, activation=None if act == 'none' else act),\n"
+        "                                       ref.grouped_mm(a, w2.float(), offs, act), atol=1e-5, rtol=1e-4)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, EUREKA_FAST_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "padded"])
+def test_grouped_mm_whole_expert_path(activation, layout):
+    """Experts with hundreds of rows run as one multi-threaded BLAS call each (gated: blocks of 1024 rows into a
+    buffer, then the activation); the row counts straddle the switch (384) and the 1024-row block, next to small
+    experts on the tile path. The same result on one thread (tiles only)."""
+    gen = torch.Generator().manual_seed(29)
+    K, N = 45, 38
+    counts = [383, 0, 384, 1030, 5, 700]
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    a = torch.randn(int(offsets[-1]) + 3, K, generator=gen)  # 3 trailing rows outside every expert
+    dense = torch.randn(len(counts), N, K, generator=gen) / math.sqrt(K)
+    if layout == "transposed":
+        w = dense.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "padded":  # NaN after every weight row: a read past the row would show
+        storage = torch.full((len(counts), N, K + 3), float("nan"))
+        storage[:, :, :K] = dense
+        w = storage[:, :, :K]
+    else:
+        w = dense
+    want = ref.grouped_mm(a, w, offsets, activation or "none")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out = ops.grouped_mm(a, w, offsets, activation=activation)
+            torch.testing.assert_close(out, want, **FP32)
+            assert bool((out[-3:] == 0).all())
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", [None, "silu_mul"])
+@pytest.mark.parametrize("K", [37, 64])
+def test_grouped_mm_two_byte_weights_read_in_place(wdtype, activation, K):
+    """bf16 / fp16 weights with fp32 inputs are read as stored (widened in registers for few rows, per tile
+    otherwise, per expert on the whole-expert path): exactly the fp32 product of the widened weights. Rows per
+    expert 0..20 plus 400 (both kernels and the whole-expert switch), K with and without a 16-wide tail, NaN after
+    every weight row, and a trailing run of rows outside every expert."""
+    gen = torch.Generator().manual_seed(31)
+    N = 22
+    counts = list(range(21)) + [400]
+    E = len(counts)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    a = torch.randn(int(offsets[-1]) + 2, K, generator=gen)
+    storage = torch.full((E, N, K + 5), float("nan"), dtype=wdtype)
+    storage[:, :, :K] = (torch.randn(E, N, K, generator=gen) / math.sqrt(K)).to(wdtype)
+    w = storage[:, :, :K]
+    want = ref.grouped_mm(a, w.float(), offsets, activation or "none")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out = ops.grouped_mm(a, w, offsets, activation=activation)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, want, **FP32)
+            assert bool((out[-2:] == 0).all())
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_fused_experts_two_byte_weights(wdtype, T):
+    """The transformers-style bf16/fp16 model: 2-byte weights (one of them a transposed view, which takes the copy
+    path) against the fp32 layer on the widened weights."""
+    gen = torch.Generator().manual_seed(37)
+    H, I, E, k = 40, 24, 16, 4
+    x = torch.randn(T, H, generator=gen)
+    w_gate_up, w_down = (w.to(wdtype) for w in expert_weights(E, H, I, gen=gen))
+    ids = make_ids(T, E, k, "skewed", gen)
+    weights = torch.rand(T, k, generator=gen)
+    want = ref.fused_experts(x, w_gate_up.float(), w_down.float(), weights, ids)
+    torch.testing.assert_close(ops.fused_experts(x, w_gate_up, w_down, weights, ids), want, **FP32)
+    w_down_t = w_down.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, I] view of [E, I, H] storage
+    torch.testing.assert_close(ops.fused_experts(x, w_gate_up, w_down_t, weights, ids), want, **FP32)
+    out_low = ops.fused_experts(x.to(wdtype), w_gate_up, w_down, weights.to(wdtype), ids)
+    assert out_low.dtype == wdtype
+    torch.testing.assert_close(out_low.float(), ref.fused_experts(x.to(wdtype).float(), w_gate_up.float(),
+                                                                  w_down.float(), weights.to(wdtype).float(), ids),
+                               atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
