@@ -16,6 +16,7 @@ LM (attention, norms and LM head included, so its ratios are diluted by the non-
     python bench/hf_moe.py                # all sizes, 5 rounds
     python bench/hf_moe.py --quick        # the tiny sizes only, 3 rounds
     python bench/hf_moe.py --json out.json
+    python bench/hf_moe.py --dtype bf16   # the model and its inputs in bf16 (how transformers models usually run)
 """
 from __future__ import annotations
 
@@ -112,12 +113,12 @@ def check_outputs(models, hidden):
 
 
 def bench_size(name, family, hidden_size, inter, experts, top_k, layers, *, batch, seq, rounds, timer,
-               budget_s=10.0):
-    model = build_model(family, hidden_size, inter, experts, top_k, layers)
+               budget_s=10.0, dtype=torch.float32):
+    model = build_model(family, hidden_size, inter, experts, top_k, layers).to(dtype)
     models = variants(model)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
-    hidden = torch.randn(batch, seq, hidden_size, generator=g)
+    hidden = torch.randn(batch, seq, hidden_size, generator=g).to(dtype)
     max_err = check_outputs(models, hidden)
     rows = []
     for scope in ("block", "model"):
@@ -183,19 +184,21 @@ def main(argv=None):
                         help="torch intra-op threads (default: torch's). On a shared machine, --threads 1 --timer cpu "
                              "measures the work itself: waiting for the CPU is not counted")
     parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model and input dtype")
     args = parser.parse_args(argv)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rounds = args.rounds or (3 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [s for s in SIZES if (args.sizes is None or s[0] in args.sizes) and (not args.quick or "tiny" in s[0])]
     env = environment()
     print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, best of {rounds} interleaved rounds, "
-          f"{args.timer} time")
+    print(f"{args.batch} x {args.seq} = {args.batch * args.seq} tokens, {args.dtype}, best of {rounds} interleaved "
+          f"rounds, {args.timer} time")
     all_results = []
     for size in sizes:
         res = bench_size(*size, batch=args.batch, seq=args.seq, rounds=rounds,
-                         timer=time.perf_counter if args.timer == "wall" else time.process_time)
+                         timer=time.perf_counter if args.timer == "wall" else time.process_time, dtype=dtype)
         all_results.append(res)
         print(f"\n{res['size']}: H={res['hidden']} I={res['moe_intermediate']} E={res['experts']} k={res['top_k']} "
               f"layers={res['layers']}, {res['rows_per_expert']:.0f} rows/expert; max |out - eager| "
@@ -207,7 +210,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, batch=args.batch, seq=args.seq, rounds=rounds, timer=args.timer,
-                           sizes=all_results), f,
+                           dtype=args.dtype, sizes=all_results), f,
                       indent=1)
     return all_results
 

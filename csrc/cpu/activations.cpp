@@ -160,6 +160,15 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
+bool cpu_has_bf16_matmul() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 SkinnyRows skinny_rows() {
   // AVX2 and the scalar copy: 4-row blocks waste work below 4 rows, the BLAS wins back its packing above 8
   return cpu_isa() == CpuIsa::Avx512 ? SkinnyRows{1, kSkinnyMaxRowsAvx512} : SkinnyRows{4, 8};

@@ -123,15 +123,14 @@ void gated_epilogue(const scalar_t* h, int64_t rows, int64_t cols, int64_t ldh, 
   }
 }
 
-// One expert's rows through the BLAS with its own threading: straight into `out` without activation; with a gated
-// activation, blocks of rows into a [rows, N] buffer (gate and up side by side, one GEMM over both halves), then
-// the activation epilogue in parallel over the rows.
-template <typename scalar_t>
-void whole_expert_gemm(int64_t rows, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* w_e,
-                       int64_t w_row_stride, int64_t w_col_stride, int64_t N, GatedActivation act, scalar_t* out,
-                       int64_t ldo) {
+// One expert's rows with the GEMM's own threading (product(m, a_rows, c, ldc) computes c = a_rows * w_e^T over all
+// N columns): straight into `out` without activation; with a gated activation, blocks of rows into a [rows, N]
+// buffer (gate and up side by side, one GEMM over both halves), then the activation epilogue in parallel.
+template <typename scalar_t, typename Product>
+void whole_expert_rows(int64_t rows, const scalar_t* a, int64_t lda, int64_t N, GatedActivation act, scalar_t* out,
+                       int64_t ldo, const Product& product) {
   if (act == GatedActivation::None) {
-    gemm_abt<scalar_t>(rows, N, K, a, lda, w_e, w_row_stride, w_col_stride, out, ldo);
+    product(rows, a, out, ldo);
     return;
   }
   const int64_t n_out = N / 2;
@@ -139,11 +138,52 @@ void whole_expert_gemm(int64_t rows, int64_t K, const scalar_t* a, int64_t lda, 
   scalar_t* buf = thread_scratch<scalar_t>(std::min(rows, kRowsPerCall) * N);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerCall) {
     const int64_t m = std::min(kRowsPerCall, rows - r0);
-    gemm_abt<scalar_t>(m, N, K, a + r0 * lda, lda, w_e, w_row_stride, w_col_stride, buf, N);
+    product(m, a + r0 * lda, buf, N);
     at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
       gated_epilogue(buf + i0 * N, i1 - i0, n_out, N, act, out + (r0 + i0) * ldo, ldo);
     });
   }
+}
+
+template <typename scalar_t>
+void whole_expert_gemm(int64_t rows, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* w_e,
+                       int64_t w_row_stride, int64_t w_col_stride, int64_t N, GatedActivation act, scalar_t* out,
+                       int64_t ldo) {
+  whole_expert_rows<scalar_t>(rows, a, lda, N, act, out, ldo, [&](int64_t m, const scalar_t* a_rows, scalar_t* c,
+                                                                  int64_t ldc) {
+    gemm_abt<scalar_t>(m, N, K, a_rows, lda, w_e, w_row_stride, w_col_stride, c, ldc);
+  });
+}
+
+// Rows of fp32 activations rounded to bf16 (nearest even), dense [m, K].
+void round_rows_to_bf16(const float* a, int64_t m, int64_t K, int64_t lda, c10::BFloat16* dst) {
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (cpu_has_bf16_matmul()) {
+        narrow_to_bf16_avx512bf16(a + r * lda, K, reinterpret_cast<uint16_t*>(dst + r * K));
+      } else {
+        for (int64_t kk = 0; kk < K; ++kk) dst[r * K + kk] = c10::BFloat16(a[r * lda + kk]);
+      }
+    }
+  });
+}
+
+// C[m, n] (fp32, leading dimension ldc) = A16[m, K] * B^T for bf16 activations (dense) and bf16 weight rows B (row
+// stride ldb), through ATen's bf16 matmul (oneDNN: AMX or AVX512-BF16 where the CPU has them, several times the fp32
+// FMA rate). The products of bf16 values are exact in fp32 and oneDNN accumulates in fp32; its result comes back
+// rounded to bf16, as in transformers' own bf16 experts, and is widened here. Multi-threaded outside a parallel
+// region, single-threaded inside one.
+void bf16_matmul_abt(int64_t m, int64_t n, int64_t K, const c10::BFloat16* a16, const uint16_t* b, int64_t ldb,
+                     float* c, int64_t ldc) {
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  c10::BFloat16* c16 = thread_scratch<c10::BFloat16, 3>(m * n);
+  at::Tensor out = at::from_blob(c16, {m, n}, bf16);
+  at::mm_out(out, at::from_blob(const_cast<c10::BFloat16*>(a16), {m, K}, bf16),
+             at::from_blob(const_cast<uint16_t*>(b), {n, K}, {ldb, 1}, bf16).t());
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      widen_to_float(reinterpret_cast<const uint16_t*>(c16 + r * n), n, WeightFormat::BFloat16, c + r * ldc);
+  });
 }
 
 }  // namespace
@@ -198,14 +238,29 @@ void widen_rows(const uint16_t* w, int64_t rows, int64_t K, int64_t ld, WeightFo
 // few-rows kernel widens them in registers; other tiles widen their own weight rows into a per-thread buffer just
 // before the GEMM. So a call reads only the experts it routes to, at 2 bytes per weight, and never materialises an
 // fp32 copy of the whole tensor (which cost 170 ms at one token for 64 experts of 1024 x 512).
+// With bf16_inputs (the caller's activations were bf16, so rounding them to bf16 loses nothing the caller had) and
+// bf16 weights on a CPU with bf16 matrix instructions, tiles beyond the few-rows kernel's range and whole experts
+// run as bf16 matmuls (bf16_matmul_abt).
 void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const uint16_t* w, WeightFormat format,
                                 int64_t w_expert_stride, int64_t w_row_stride, int64_t N,
-                                const std::vector<int64_t>& offsets, GatedActivation act, float* out, int64_t ldo) {
+                                const std::vector<int64_t>& offsets, GatedActivation act, float* out, int64_t ldo,
+                                bool bf16_inputs) {
   const bool gated = act != GatedActivation::None;
   const int64_t n_out = gated ? N / 2 : N;
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  const bool bf16_matmul = bf16_inputs && format == WeightFormat::BFloat16 && cpu_has_bf16_matmul();
   for (int64_t e = 0; e < E; ++e) {
     if (!runs_whole(offsets, e)) continue;
+    if (bf16_matmul) {
+      const uint16_t* w_e = w + e * w_expert_stride;
+      whole_expert_rows<float>(offsets[e + 1] - offsets[e], a + offsets[e] * lda, lda, N, act, out + offsets[e] * ldo,
+                               ldo, [&](int64_t m, const float* a_rows, float* c, int64_t ldc) {
+                                 at::Tensor a16 = at::empty({m, K}, at::kBFloat16);
+                                 round_rows_to_bf16(a_rows, m, K, lda, a16.data_ptr<c10::BFloat16>());
+                                 bf16_matmul_abt(m, N, K, a16.data_ptr<c10::BFloat16>(), w_e, w_row_stride, c, ldc);
+                               });
+      continue;
+    }
     at::Tensor widened = at::empty({N, K}, at::kFloat);
     float* wf = widened.data_ptr<float>();
     const uint16_t* w_e = w + e * w_expert_stride;
@@ -221,6 +276,25 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
     const Tile& t = tiles[i];
     const float* a_rows = a + t.row0 * lda;
     const uint16_t* w_e = w + t.expert * w_expert_stride;
+    float* o = out + t.row0 * ldo + t.col0;
+    if (bf16_matmul && !(skinny_2byte && t.rows <= kSkinnyMaxRowsAvx512)) {
+      c10::BFloat16* a16 = thread_scratch<c10::BFloat16, 2>(t.rows * K);
+      round_rows_to_bf16(a_rows, t.rows, K, lda, a16);
+      if (!gated) {
+        bf16_matmul_abt(t.rows, t.cols, K, a16, w_e + t.col0 * w_row_stride, w_row_stride, o, ldo);
+        return;
+      }
+      float* buf = thread_scratch<float>(t.rows * 2 * t.cols);
+      if (t.cols == n_out) {  // gate and up rows are one contiguous block of N weight rows: one matmul
+        bf16_matmul_abt(t.rows, N, K, a16, w_e, w_row_stride, buf, N);
+      } else {
+        bf16_matmul_abt(t.rows, t.cols, K, a16, w_e + t.col0 * w_row_stride, w_row_stride, buf, 2 * t.cols);
+        bf16_matmul_abt(t.rows, t.cols, K, a16, w_e + (n_out + t.col0) * w_row_stride, w_row_stride, buf + t.cols,
+                        2 * t.cols);
+      }
+      gated_epilogue(buf, t.rows, t.cols, 2 * t.cols, act, o, ldo);
+      return;
+    }
     // C[rows, cols] = a_rows * (weight rows starting at b)^T
     auto product = [&](const uint16_t* b, float* c, int64_t ldc) {
       if (skinny_2byte && t.rows <= kSkinnyMaxRowsAvx512) {
@@ -231,7 +305,6 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
       widen_rows(b, t.cols, K, w_row_stride, format, wf);
       tile_gemm<float>(t.rows, t.cols, K, a_rows, lda, wf, K, 1, c, ldc);
     };
-    float* o = out + t.row0 * ldo + t.col0;
     if (!gated) {
       product(w_e + t.col0 * w_row_stride, o, ldo);
       return;
@@ -278,13 +351,14 @@ std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
 // a BLAS-ready copy in the compute dtype cd (the type of a and out).
 template <typename scalar_t>
 void grouped_forward_weights(const scalar_t* a, int64_t lda, int64_t K, const at::Tensor& w, at::ScalarType cd,
-                             const std::vector<int64_t>& offsets, GatedActivation act, scalar_t* out, int64_t ldo) {
+                             const std::vector<int64_t>& offsets, GatedActivation act, scalar_t* out, int64_t ldo,
+                             bool bf16_inputs) {
   const int64_t N = w.size(1);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (reads_2byte_weights(w, cd)) {
       const WeightFormat format = w.scalar_type() == at::kBFloat16 ? WeightFormat::BFloat16 : WeightFormat::Half;
       grouped_gemm_forward_2byte(a, lda, K, static_cast<const uint16_t*>(w.data_ptr()), format, w.stride(0),
-                                 N <= 1 ? K : w.stride(1), N, offsets, act, out, ldo);
+                                 N <= 1 ? K : w.stride(1), N, offsets, act, out, ldo, bf16_inputs);
       return;
     }
   }
@@ -321,7 +395,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& w, const at::Te
   }
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm", [&] {
     grouped_forward_weights<scalar_t>(ac.data_ptr<scalar_t>(), ac.stride(0), K, w, cd, offs, act,
-                                      out.data_ptr<scalar_t>(), n_out);
+                                      out.data_ptr<scalar_t>(), n_out, a.scalar_type() == at::kBFloat16);
   });
   return out.scalar_type() == a.scalar_type() ? out : out.to(a.scalar_type());
 }
@@ -487,9 +561,12 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     });
     // 2. gate+up GEMM with the gated activation in the epilogue -> [S, I]
     scalar_t* hidden = workspace.at_offset<scalar_t>(xs_bytes);
-    grouped_forward_weights<scalar_t>(xs, H, H, w_gate_up, cd, offsets, act, hidden, I);
+    // bf16 activations: the hidden activations are rounded to bf16 before the down GEMM when that GEMM runs in
+    // bf16, as in the model's own bf16 layer.
+    const bool bf16_inputs = x.scalar_type() == at::kBFloat16;
+    grouped_forward_weights<scalar_t>(xs, H, H, w_gate_up, cd, offsets, act, hidden, I, bf16_inputs);
     // 3. down GEMM -> [S, H] (reuses the gather buffer)
-    grouped_forward_weights<scalar_t>(hidden, I, I, w_down, cd, offsets, GatedActivation::None, xs, H);
+    grouped_forward_weights<scalar_t>(hidden, I, I, w_down, cd, offsets, GatedActivation::None, xs, H, bf16_inputs);
     // 4. each token sums its own k rows in slot order: deterministic, no atomics
     combine_rows<scalar_t, scalar_t>(xs, H, inverse_rows.data(), wts.data_ptr<scalar_t>(), T, k, H,
                                      out.data_ptr<scalar_t>());

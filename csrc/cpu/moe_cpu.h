@@ -64,6 +64,11 @@ void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int
 // portable entry point that dispatches.
 void widen_to_float_avx512(const uint16_t* src, int64_t n, WeightFormat format, float* dst);
 void widen_to_float(const uint16_t* src, int64_t n, WeightFormat format, float* dst);
+// Whether bf16 matmuls (oneDNN) have hardware support here: AVX512-BF16 or AMX-BF16, and EUREKA_FAST_CPU_ISA
+// does not cap the kernels below AVX-512.
+bool cpu_has_bf16_matmul();
+// dst[i] = bf16(src[i]) (nearest even) with the AVX512-BF16 instruction; call only when cpu_has_bf16_matmul().
+void narrow_to_bf16_avx512bf16(const float* src, int64_t n, uint16_t* dst);
 struct SkinnyRows {
   int64_t min, max;
 };

@@ -163,6 +163,21 @@ EF_AVX512 void widen(const uint16_t* src, int64_t n, float* dst) {
   }
 }
 
+// dst[i] = bf16(src[i]), round to nearest even (NaN stays NaN): the AVX512-BF16 conversion instruction.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void narrow(const float* src, int64_t n,
+                                                                             uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(v));
+  }
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + i));
+    _mm256_mask_storeu_epi16(dst + i, mask, reinterpret_cast<const __m256i&>(v));
+  }
+}
+
 }  // namespace skinny512
 
 void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
@@ -177,6 +192,8 @@ void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int
   else
     skinny512::gemm_abt_rows<skinny512::F16Weights>(m, n, K, a, lda, b, ldb, c, ldc);
 }
+
+void narrow_to_bf16_avx512bf16(const float* src, int64_t n, uint16_t* dst) { skinny512::narrow(src, n, dst); }
 
 void widen_to_float_avx512(const uint16_t* src, int64_t n, WeightFormat format, float* dst) {
   if (format == WeightFormat::BFloat16)

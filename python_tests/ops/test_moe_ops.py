@@ -311,6 +311,30 @@ def test_grouped_mm_two_byte_weights_read_in_place(wdtype, activation, K):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
+def test_grouped_mm_bf16_activations_and_weights(activation):
+    """bf16 inputs with bf16 weights: tiles past the few-rows kernel and whole experts may run as bf16 matmuls
+    (oneDNN) whose results are rounded to bf16, so the tolerance is bf16's; the few-rows rows stay exact-fp32."""
+    gen = torch.Generator().manual_seed(41)
+    K, N = 72, 40
+    counts = [3, 16, 17, 90, 0, 400]
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    a = torch.randn(int(offsets[-1]), K, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(len(counts), N, K, generator=gen) / math.sqrt(K)).to(torch.bfloat16)
+    want = ref.grouped_mm(a.float(), w.float(), offsets, activation or "none")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out = ops.grouped_mm(a, w, offsets, activation=activation)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), want, **BF16)
+            # the few-rows experts are computed in fp32 and rounded once: within one bf16 step of the exact value
+            torch.testing.assert_close(out[:19].float(), want[:19], atol=1e-6, rtol=2**-8)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 5, 300])
 def test_fused_experts_two_byte_weights(wdtype, T):
