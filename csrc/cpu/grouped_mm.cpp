@@ -420,6 +420,46 @@ void gated_backward(const scalar_t* h, int64_t half, const scalar_t* grad, scala
   }
 }
 
+// Backward of the plain (no activation) grouped GEMM when everything is bf16: per expert grad_a = g w_e and
+// grad_w = g^T a_e as bf16 matmuls (oneDNN accumulates in fp32 and rounds once, as the fp32 route followed by the
+// final cast to bf16 does, since every input is exactly representable either way), with no fp32 copies of the
+// operands. Inactive experts get exactly zero weight gradient, rows outside the experts zero input gradient.
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_bf16(const at::Tensor& grad_out, const at::Tensor& a,
+                                                            const at::Tensor& w, const std::vector<int64_t>& offs) {
+  const int64_t S = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  const at::Tensor g = grad_out.contiguous(), ac = a.contiguous(), wc = w.contiguous();
+  at::Tensor grad_a = at::empty({S, K}, ac.options());
+  at::Tensor grad_w = at::empty({E, N, K}, wc.options());
+  grad_a.narrow(0, 0, offs[0]).zero_();
+  grad_a.narrow(0, offs[E], S - offs[E]).zero_();
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e) {
+    if (offs[e + 1] > offs[e])
+      active.push_back(e);
+    else
+      grad_w[e].zero_();
+  }
+  std::stable_sort(active.begin(), active.end(),
+                   [&](int64_t x, int64_t y) { return offs[x + 1] - offs[x] > offs[y + 1] - offs[y]; });
+  auto expert_backward = [&](int64_t idx) {
+    // The saved a and w still require grad; these matmuls belong to no graph. Set on the thread that runs them
+    // (grad mode is thread-local and the parallel workers do not inherit it).
+    const at::NoGradGuard no_grad;
+    const int64_t e = active[idx], r0 = offs[e], rows = offs[e + 1] - r0;
+    const at::Tensor g_e = g.narrow(0, r0, rows);
+    at::Tensor grad_a_e = grad_a.narrow(0, r0, rows), grad_w_e = grad_w[e];
+    at::mm_out(grad_a_e, g_e, wc[e]);
+    at::mm_out(grad_w_e, g_e.t(), ac.narrow(0, r0, rows));
+  };
+  const int64_t n_active = static_cast<int64_t>(active.size());
+  if (n_active >= 2 * at::get_num_threads()) {
+    run_tasks(n_active, expert_backward);  // many small experts: one single-threaded expert per worker
+  } else {
+    for (int64_t i = 0; i < n_active; ++i) expert_backward(i);  // few big experts: multi-threaded matmuls each
+  }
+  return {grad_a, grad_w};
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& a,
                                                            const at::Tensor& w, const at::Tensor& offsets,
                                                            c10::string_view activation) {
@@ -431,6 +471,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == S && grad_out.size(1) == n_out, "grad_out must have shape [",
               S, ", ", n_out, "], got ", grad_out.sizes());
   const std::vector<int64_t> offs = checked_offsets(offsets, E, S, "offsets");
+  if (act == GatedActivation::None && a.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+      grad_out.scalar_type() == at::kBFloat16 && cpu_has_bf16_matmul() && S > 0 && K > 0 && N > 0)
+    return grouped_mm_backward_bf16(grad_out, a, w, offs);
   const at::ScalarType cd = compute_dtype(a.scalar_type());
   at::Tensor g = grad_out.to(cd).contiguous(), ac = a.to(cd).contiguous(), wc = w.to(cd).contiguous();
   if (S == 0 || K == 0 || N == 0)
