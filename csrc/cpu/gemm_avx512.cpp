@@ -215,8 +215,9 @@ EF_AVX512 void tail_chunk(int64_t nr, int64_t m, int64_t kc, bool first, bool la
 // Partial sums kept per group of weight-row blocks (L2-resident), see gemm_abt_packed_avx512.
 constexpr int64_t kPartialBytes = 96 << 10;
 
+// Per-thread 64-byte aligned scratch, one per slot (0: this file's chunk and partial-sum buffer, 1: packed A).
+template <int kSlot>
 float* scratch(int64_t floats) {
-  // per-thread scratch: the weight chunk in use (kNr x kKc floats), then the partial sums
   struct Buffer {
     float* p = nullptr;
     int64_t n = 0;
@@ -225,7 +226,10 @@ float* scratch(int64_t floats) {
   thread_local Buffer buf;
   if (buf.n < floats) {
     std::free(buf.p);
-    buf.p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(floats) * sizeof(float)));
+    buf.p = nullptr;
+    buf.n = 0;
+    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
     if (buf.p == nullptr) throw std::bad_alloc();
     buf.n = floats;
   }
@@ -235,6 +239,8 @@ float* scratch(int64_t floats) {
 }  // namespace gemm512
 
 int64_t packed_a_floats(int64_t m, int64_t K) { return (m + gemm512::kPanel - 1) / gemm512::kPanel * gemm512::kPanel * K; }
+
+float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
 
 EF_AVX512 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed) {
   using gemm512::kPanel;
@@ -261,7 +267,7 @@ EF_AVX512 void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const flo
   const int64_t block_floats = np * kNr * kPanel;
   const int64_t G = std::max<int64_t>(1, gemm512::kPartialBytes / (block_floats * 4));
   const int64_t group_rows = G * kNr;
-  float* wbuf = gemm512::scratch(kNr * kKc + G * block_floats);
+  float* wbuf = gemm512::scratch<0>(kNr * kKc + G * block_floats);
   float* partials = wbuf + kNr * kKc;
   const int64_t pstride = kPanel * K;
   for (int64_t j0 = 0; j0 < n; j0 += group_rows) {
