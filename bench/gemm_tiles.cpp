@@ -86,6 +86,7 @@ int main(int argc, char** argv) {
       {"gate/up m=128", 128, 512, 1024, 2},  {"gate/up m=256", 256, 512, 1024, 2},
       {"down m=128", 128, 1024, 512, 1},     {"adapter gate/up m=250", 250, 1280, 2048, 2},
       {"adapter down m=250", 250, 2048, 1280, 1}, {"odd m=129 n=509 K=1000", 129, 509, 1000, 1},
+      {"adapter down m=187", 187, 2048, 1280, 1}, {"adapter gate/up m=187", 187, 1280, 2048, 2},
       {"gate/up m=119", 119, 512, 1024, 2},  {"gate/up m=140", 140, 512, 1024, 2},
   };
   std::mt19937 rng(1);
@@ -97,7 +98,7 @@ int main(int argc, char** argv) {
     if (only && std::string(s.name).find(only) == std::string::npos) continue;
     const size_t wsize = static_cast<size_t>(s.n) * s.K;
     int pool = std::max<int>(64, static_cast<int>((320ull << 20) / (wsize * 4)) + 1);
-    if (std::getenv("HOT")) pool = 2;  // warm-weights ceiling (both matrices stay in L2/L3)
+    if (std::getenv("HOT")) pool = std::atoi(std::getenv("HOT"));  // warm-weights ceiling (pool stays in L3)
     std::vector<float*> w(pool);
     for (int i = 0; i < pool; ++i) {
       w[i] = static_cast<float*>(std::aligned_alloc(64, wsize * 4));
