@@ -16,24 +16,9 @@
 #include <vector>
 
 #include "cpu/gemm_avx512.cpp"
-#ifdef VARIANTS
-#include <immintrin.h>
-#undef EF_GEMM512_KC
-#define EF_GEMM512_KC 128
-namespace v128 {
-#include "cpu/gemm_avx512.cpp"
-}
-#undef EF_GEMM512_KC
-#define EF_GEMM512_KC 512
-namespace v512 {
-#include "cpu/gemm_avx512.cpp"
-}
-#undef EF_GEMM512_KC
-#define EF_GEMM512_KC 256
-#undef EF_GEMM512_PF_HINT
-#define EF_GEMM512_PF_HINT _MM_HINT_T0
-namespace vt0 {
-#include "cpu/gemm_avx512.cpp"
+#ifdef VARIANT_FILE  // a second copy of the kernel (other macros or source) for A/B runs in one process
+namespace vx {
+#include VARIANT_FILE
 }
 #endif
 
@@ -74,10 +59,9 @@ int main(int argc, char** argv) {
   std::vector<Kernel> kernels = {{"ours", ef::packed_a_floats, ef::pack_a_avx512, ef::gemm_abt_packed_avx512, 0}};
   if (argc > 3 && std::string(argv[3]).find("split") != std::string::npos)
     kernels.push_back({"ours/128", ef::packed_a_floats, ef::pack_a_avx512, ef::gemm_abt_packed_avx512, 128});
-#ifdef VARIANTS
-  kernels.push_back({"kc128", v128::eureka_fast::cpu::packed_a_floats, v128::eureka_fast::cpu::pack_a_avx512, v128::eureka_fast::cpu::gemm_abt_packed_avx512, 0});
-  kernels.push_back({"kc512", v512::eureka_fast::cpu::packed_a_floats, v512::eureka_fast::cpu::pack_a_avx512, v512::eureka_fast::cpu::gemm_abt_packed_avx512, 0});
-  kernels.push_back({"pfT0", vt0::eureka_fast::cpu::packed_a_floats, vt0::eureka_fast::cpu::pack_a_avx512, vt0::eureka_fast::cpu::gemm_abt_packed_avx512, 0});
+#ifdef VARIANT_FILE
+  kernels.push_back({"variant", vx::eureka_fast::cpu::packed_a_floats, vx::eureka_fast::cpu::pack_a_avx512,
+                     vx::eureka_fast::cpu::gemm_abt_packed_avx512, 0});
 #endif
   const Shape shapes[] = {
       {"gate/up m=17", 17, 512, 1024, 2},    {"gate/up m=24", 24, 512, 1024, 2},
