@@ -86,12 +86,28 @@ std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out)
   return tiles;
 }
 
-// One tile's product C = A B^T: the streaming kernel for a few rows of float with unit-stride weight rows, the BLAS
-// otherwise (a single row is a GEMV, which the BLAS already streams).
+// Whether a tile of m rows of float goes to the AVX-512 many-rows GEMM (unit-stride weight rows only).
+template <typename scalar_t>
+bool use_packed_gemm(int64_t m, int64_t K, int64_t b_col_stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static const bool avx512 = cpu_isa() == CpuIsa::Avx512;
+    return avx512 && m >= kPackedGemmMinRowsAvx512 && b_col_stride == 1 && K > 0;
+  }
+  return false;
+}
+
+// One tile's product C = A B^T: the streaming kernel for a few rows of float with unit-stride weight rows, the
+// AVX-512 many-rows GEMM for more rows, the BLAS otherwise (a single row is a GEMV, which the BLAS already streams).
 template <typename scalar_t>
 void tile_gemm(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t b_row_stride,
                int64_t b_col_stride, scalar_t* c, int64_t ldc) {
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_packed_gemm<float>(m, K, b_col_stride)) {
+      float* packed = packed_a_scratch(m, K);
+      pack_a_avx512(m, K, a, lda, packed);
+      gemm_abt_packed_avx512(m, n, K, packed, b, b_row_stride, c, ldc);
+      return;
+    }
     static const SkinnyRows skinny = skinny_rows();
     if (m >= skinny.min && m <= skinny.max && b_col_stride == 1 && K > 0) {
       skinny_gemm_abt(m, n, K, a, lda, b, b_row_stride, c, ldc);
@@ -215,10 +231,23 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
     // they are still in cache.
     scalar_t* buf = thread_scratch<scalar_t>(t.rows * 2 * t.cols);
     const int64_t ldb = 2 * t.cols;
-    tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride, w_row_stride, w_col_stride, buf,
-                        ldb);
-    tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + (n_out + t.col0) * w_row_stride, w_row_stride,
-                        w_col_stride, buf + t.cols, ldb);
+    const scalar_t* w_gate = w_e + t.col0 * w_row_stride;
+    const scalar_t* w_up = w_e + (n_out + t.col0) * w_row_stride;
+    bool done = false;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (use_packed_gemm<float>(t.rows, K, w_col_stride)) {
+        // the token rows packed once, for both the gate and the up weights
+        float* packed = packed_a_scratch(t.rows, K);
+        pack_a_avx512(t.rows, K, a_rows, lda, packed);
+        gemm_abt_packed_avx512(t.rows, t.cols, K, packed, w_gate, w_row_stride, buf, ldb);
+        gemm_abt_packed_avx512(t.rows, t.cols, K, packed, w_up, w_row_stride, buf + t.cols, ldb);
+        done = true;
+      }
+    }
+    if (!done) {
+      tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_gate, w_row_stride, w_col_stride, buf, ldb);
+      tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_up, w_row_stride, w_col_stride, buf + t.cols, ldb);
+    }
     gated_epilogue(buf, t.rows, t.cols, ldb, act, o, ldo);
   });
 }

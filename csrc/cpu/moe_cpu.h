@@ -69,6 +69,17 @@ void widen_to_float(const uint16_t* src, int64_t n, WeightFormat format, float* 
 bool cpu_has_bf16_matmul();
 // dst[i] = bf16(src[i]) (nearest even) with the AVX512-BF16 instruction; call only when cpu_has_bf16_matmul().
 void narrow_to_bf16_avx512bf16(const float* src, int64_t n, uint16_t* dst);
+// The many-rows AVX-512 GEMM (gemm_avx512.cpp), C[m, n] = A[m, K] * B[n, K]^T with B's rows contiguous (ldb >= K)
+// and read in place: A is packed once (pack_a_avx512, into packed_a_floats(m, K) floats, 64-byte aligned, e.g.
+// packed_a_scratch: per thread, valid until the next call on that thread) and reused for any number of weight
+// matrices (gate and up). Call only when cpu_isa() == CpuIsa::Avx512; grouped_mm uses it for
+// kPackedGemmMinRowsAvx512 or more rows (fewer: skinny_gemm_abt_avx512).
+int64_t packed_a_floats(int64_t m, int64_t K);
+float* packed_a_scratch(int64_t m, int64_t K);
+void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed);
+void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const float* packed, const float* b, int64_t ldb,
+                            float* c, int64_t ldc);
+constexpr int64_t kPackedGemmMinRowsAvx512 = 17;
 struct SkinnyRows {
   int64_t min, max;
 };

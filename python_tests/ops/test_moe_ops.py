@@ -218,10 +218,45 @@ def test_grouped_mm_few_rows_strided_weights(K):
                                ref.grouped_mm(a, w_even, offsets, "silu_mul"), **FP32)
 
 
+def nan_tailed(shape, gen, scale=1.0, row_pad=0):
+    """randn * scale of `shape` whose last dimension is the first shape[-1] of shape[-1] + row_pad columns (NaN
+    padding after every row when row_pad > 0), carved from the front of a larger NaN buffer: reads past the tensor,
+    or past a row, show up as NaN."""
+    *lead, last = shape
+    width = last + row_pad
+    flat = torch.full((math.prod(lead) * width + 1024,), float("nan"))
+    t = flat[: math.prod(lead) * width].view(*lead, width)[..., :last]
+    t.copy_(torch.randn(*shape, generator=gen) * scale)
+    return t
+
+
+MANY_ROWS = [17, 31, 33, 0, 127, 129, 1, 255, 257, 16, 300]  # rows per expert: the many-rows GEMM's odd counts
+
+
+@pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29)])
+@pytest.mark.parametrize("row_pad", [0, 5])
+def test_grouped_mm_many_rows(K, N, row_pad):
+    """The many-rows GEMM (17+ rows per tile on AVX-512): row counts around its 32-row panels and 16-row halves,
+    N around its 14-row weight blocks, K around its 256-column blocks and 16-column steps; NaN right after the
+    input and weight tensors (and after every row when padded) to catch over-reads; float64 reference."""
+    gen = torch.Generator().manual_seed(K * 100 + N + row_pad)
+    E = len(MANY_ROWS)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(MANY_ROWS).cumsum(0)])
+    S = int(offsets[-1])
+    a = nan_tailed((S, K), gen, row_pad=row_pad)
+    for activation, n_rows in ((None, N), ("silu_mul", 2 * N), ("gelu_mul", 2 * N)):
+        w = nan_tailed((E, n_rows, K), gen, scale=1 / math.sqrt(K), row_pad=row_pad)
+        out = ops.grouped_mm(a, w, offsets, activation=activation)
+        want = ref.grouped_mm(a.double(), w.double(), offsets, activation or "none")
+        assert out.dtype == torch.float32 and not bool(out.isnan().any())
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_grouped_mm_narrower_instruction_sets(isa):
-    """EUREKA_FAST_CPU_ISA caps the hand-vectorised kernels, so the AVX2 and portable copies stay tested on an
-    AVX-512 machine (the variable is read once per process, hence the subprocess)."""
+    """EUREKA_FAST_CPU_ISA caps the hand-vectorised kernels, so the AVX2 and portable copies (and the BLAS for the
+    row counts the AVX-512 many-rows GEMM takes otherwise) stay tested on an AVX-512 machine (the variable is read
+    once per process, hence the subprocess)."""
     import os
     import subprocess
     import sys
@@ -231,10 +266,10 @@ def test_grouped_mm_narrower_instruction_sets(isa):
         "import eureka_fast.ops as ops\n"
         "from eureka_fast.ops import reference as ref\n"
         "g = torch.Generator().manual_seed(3)\n"
-        "for K in (37, 64):\n"
-        "    offs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(1, 18).cumsum(0)])\n"
+        "for K, rows in ((37, list(range(1, 18))), (64, list(range(1, 18))), (257, [17, 31, 33, 129, 257, 300])):\n"
+        "    offs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(rows).cumsum(0)])\n"
         "    a = torch.randn(int(offs[-1]), K, generator=g)\n"
-        "    w = torch.randn(17, 22, K, generator=g) / math.sqrt(K)\n"
+        "    w = torch.randn(len(rows), 22, K, generator=g) / math.sqrt(K)\n"
         "    for act in ('none', 'silu_mul'):\n"
         "        torch.testing.assert_close(ops.grouped_mm(a, w, offs, activation=None if act == 'none' else act),\n"
         "                                   ref.grouped_mm(a, w, offs, act), atol=1e-5, rtol=1e-4)\n"

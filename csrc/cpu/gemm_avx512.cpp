@@ -1,0 +1,320 @@
+// AVX-512 fp32 GEMM C[m, n] = A[m, K] * B[n, K]^T for the many-rows regime of grouped_mm (tens to hundreds of
+// token rows per expert, K = 256..2048), with B an expert's weight matrix read in place: row-major [n, K], cold
+// (each expert's weights are touched once per layer call), never packed.
+//
+// It computes the transposed tile C^T[n][m] = sum_k B[n][k] * A^T[k][m]. Only A is packed, once per tile, into
+// panels of 32 rows stored k-major ([K][32], zero-padded rows), and reused for every weight row (gate and up alike:
+// pack_a_avx512, then gemm_abt_packed_avx512 per weight matrix). The microkernel keeps a kNr x 32 block of C^T in
+// 2 * kNr zmm registers (kNr = 14: 28 accumulators); per k step it loads two panel vectors, broadcasts one value of
+// each of the kNr weight rows and issues 2 * kNr FMAs. K is blocked (kKc = 256): the first panel copies the
+// kNr x kKc weight chunk it reads into a small L1 buffer, 16 columns at a time, and the other panels broadcast from
+// that copy. (Weight rows 4 KB apart, K = 1024 or 2048, all map to one L1 set, so read in place by every panel
+// they evict each other: a K = 1024 tile ran at ~0.9x of MKL that way, ~1.1x with the copy.) While one chunk is in
+// use the next is prefetched into L2 (the hardware prefetcher stops at every 4 KB page, i.e. every row). A last
+// panel of at most 16 rows runs a one-vector kernel (half the work). Loop order and partial sums: see
+// gemm_abt_packed_avx512.
+// Self-contained (no ATen) so a stand-alone micro-benchmark (bench/gemm_tiles.cpp) can include it.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EF_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define EF_AVX512_INLINE inline __attribute__((always_inline))
+
+namespace eureka_fast {
+namespace cpu {
+namespace gemm512 {
+
+constexpr int64_t kPanel = 32;  // token rows per packed panel: two zmm vectors per k step
+constexpr int kNr = 14;         // weight rows per register block
+#ifndef EF_GEMM512_KC
+#define EF_GEMM512_KC 256
+#endif
+constexpr int64_t kKc = EF_GEMM512_KC;  // K block: kNr * kKc * 4 bytes = 14 KB of weights resident in L1
+#ifndef EF_GEMM512_PF_HINT
+#define EF_GEMM512_PF_HINT _MM_HINT_T1
+#endif
+
+// In-register transpose of a 16 x 16 block: r[i] holds row i on entry and column i on exit.
+EF_AVX512 EF_AVX512_INLINE void transpose16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // interleave row pairs within each 128-bit lane
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];  // u[4g + c], lane L: rows 4g..4g+3 of column 4L + c
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // gather lane L of the four row groups into column 4L + c
+    const __m512 x_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 x_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 y_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 y_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+    r[c] = _mm512_shuffle_f32x4(x_lo, y_lo, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + c] = _mm512_shuffle_f32x4(x_lo, y_lo, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + c] = _mm512_shuffle_f32x4(x_hi, y_hi, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + c] = _mm512_shuffle_f32x4(x_hi, y_hi, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Rows [0, rows) of a (rows <= 16; missing rows read as zero) into dst[k][0..16) for k in [0, K) (dst stride 32).
+EF_AVX512 void pack_half_panel(const float* a, int64_t lda, int64_t rows, int64_t K, float* dst) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t width = std::min<int64_t>(16, K - k0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, a + i * lda + k0) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int64_t j = 0; j < width; ++j) _mm512_store_ps(dst + (k0 + j) * kPanel, r[j]);
+  }
+}
+
+// acc[r][h] += sum_{k < kc} W[r][k] * panel[k][16h .. 16h + 16) for NR weight rows of kc values each, read from
+// wbuf ([NR][kKc], a fixed stride: constant displacements and no L1 set conflicts, whereas weight rows 4 KB apart
+// (K = 1024, 2048) all fall in one L1 set and more than 12 of them evict each other).
+// With kCopy, the rows are first copied from b (stride ldb) into wbuf, 16 columns at a time just before use (the
+// first panel of a block); with kPrefetch, the rows at pf (stride ldb) are prefetched into L2 alongside.
+// H = 2: all 32 rows of the panel; H = 1: its first 16 only (a last panel of at most 16 rows).
+template <int NR, int H, bool kCopy, bool kPrefetch>
+EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel, const float* b, int64_t ldb,
+                                      float* __restrict wbuf, const float* pf, __m512 (&acc)[NR][2]) {
+  for (int64_t k = 0; k < kc; k += 16) {
+    const int64_t width = std::min<int64_t>(16, kc - k);
+    if constexpr (kCopy) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) _mm512_store_ps(wbuf + r * kKc + k, _mm512_maskz_loadu_ps(mask, b + r * ldb + k));
+    }
+    if constexpr (kPrefetch) {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ldb + k), EF_GEMM512_PF_HINT);
+    }
+    const float* pk = panel + k * kPanel;
+    const float* wk = wbuf + k;
+    if (width == 16) {
+#pragma GCC unroll 16
+      for (int kk = 0; kk < 16; ++kk) {
+        const __m512 a0 = _mm512_load_ps(pk + kk * kPanel);
+        const __m512 a1 = H == 2 ? _mm512_load_ps(pk + kk * kPanel + 16) : a0;
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) {
+          const __m512 bv = _mm512_set1_ps(wk[r * kKc + kk]);
+          acc[r][0] = _mm512_fmadd_ps(a0, bv, acc[r][0]);
+          if constexpr (H == 2) acc[r][1] = _mm512_fmadd_ps(a1, bv, acc[r][1]);
+        }
+      }
+    } else {
+      for (int64_t kk = 0; kk < width; ++kk) {
+        const __m512 a0 = _mm512_load_ps(pk + kk * kPanel);
+        const __m512 a1 = H == 2 ? _mm512_load_ps(pk + kk * kPanel + 16) : a0;
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) {
+          const __m512 bv = _mm512_set1_ps(wk[r * kKc + kk]);
+          acc[r][0] = _mm512_fmadd_ps(a0, bv, acc[r][0]);
+          if constexpr (H == 2) acc[r][1] = _mm512_fmadd_ps(a1, bv, acc[r][1]);
+        }
+      }
+    }
+  }
+}
+
+// Writes the NR x 32 block of C^T in acc to C rows [0, rows) (rows <= 32), columns [0, NR).
+template <int NR>
+EF_AVX512 EF_AVX512_INLINE void store_block(__m512 (&acc)[NR][2], int64_t rows, float* c, int64_t ldc) {
+  constexpr __mmask16 kCols = static_cast<__mmask16>((1u << NR) - 1u);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const int64_t hr = std::min<int64_t>(16, rows - 16 * h);
+    if (hr <= 0) break;
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) r[i] = i < NR ? acc[i < NR ? i : 0][h] : _mm512_setzero_ps();
+    transpose16x16(r);
+    float* ch = c + 16 * h * ldc;
+    if (hr == 16) {
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(ch + t * ldc, kCols, r[t]);
+    } else {
+      for (int t = 0; t < hr; ++t) _mm512_mask_storeu_ps(ch + t * ldc, kCols, r[t]);
+    }
+  }
+}
+
+// One chunk: NR weight rows x kc columns of K (b, stride ldb) against every panel (panels: the first panel at this
+// K offset, panel stride pstride), accumulated into `partial` (np x NR x 32 floats) or, on the last K block, stored
+// into C[:, 0..NR). pf: the rows of the chunk after this one (same stride), prefetched into L2 meanwhile.
+template <int NR>
+EF_AVX512 void chunk(int64_t m, int64_t kc, bool first, bool last, const float* panels, int64_t pstride,
+                     const float* b, int64_t ldb, float* wbuf, const float* pf, float* partial, float* c,
+                     int64_t ldc) {
+  const int64_t np = (m + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < np; ++p) {
+    __m512 acc[NR][2];
+    float* part = partial + p * (NR * kPanel);
+    if (first) {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        acc[r][0] = _mm512_load_ps(part + r * kPanel);
+        acc[r][1] = _mm512_load_ps(part + r * kPanel + 16);
+      }
+    }
+    const float* panel = panels + p * pstride;
+    const int64_t prow = std::min<int64_t>(kPanel, m - p * kPanel);
+    if (prow > 16) {
+      if (p > 0)
+        micro<NR, 2, false, false>(kc, panel, b, ldb, wbuf, pf, acc);
+      else if (pf != nullptr)
+        micro<NR, 2, true, true>(kc, panel, b, ldb, wbuf, pf, acc);
+      else
+        micro<NR, 2, true, false>(kc, panel, b, ldb, wbuf, pf, acc);
+    } else {  // a last panel of at most 16 rows: half the work
+      if (p > 0)
+        micro<NR, 1, false, false>(kc, panel, b, ldb, wbuf, pf, acc);
+      else if (pf != nullptr)
+        micro<NR, 1, true, true>(kc, panel, b, ldb, wbuf, pf, acc);
+      else
+        micro<NR, 1, true, false>(kc, panel, b, ldb, wbuf, pf, acc);
+    }
+    if (last) {
+      store_block<NR>(acc, prow, c + p * kPanel * ldc, ldc);
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        _mm512_store_ps(part + r * kPanel, acc[r][0]);
+        _mm512_store_ps(part + r * kPanel + 16, acc[r][1]);
+      }
+    }
+  }
+}
+
+// chunk<nr> for the last, partial block of nr < kNr weight rows.
+template <int NR>
+EF_AVX512 void tail_chunk(int64_t nr, int64_t m, int64_t kc, bool first, bool last, const float* panels,
+                          int64_t pstride, const float* b, int64_t ldb, float* wbuf, const float* pf, float* partial,
+                          float* c, int64_t ldc) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return tail_chunk<NR - 1>(nr, m, kc, first, last, panels, pstride, b, ldb, wbuf, pf, partial, c, ldc);
+  }
+  chunk<NR>(m, kc, first, last, panels, pstride, b, ldb, wbuf, pf, partial, c, ldc);
+}
+
+// Partial sums kept per group of weight-row blocks (L2-resident), see gemm_abt_packed_avx512.
+constexpr int64_t kPartialBytes = 96 << 10;
+
+// Per-thread 64-byte aligned scratch, one per slot (0: this file's chunk and partial-sum buffer, 1: packed A).
+template <int kSlot>
+float* scratch(int64_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (buf.n < floats) {
+    std::free(buf.p);
+    buf.p = nullptr;
+    buf.n = 0;
+    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (buf.p == nullptr) throw std::bad_alloc();
+    buf.n = floats;
+  }
+  return buf.p;
+}
+
+}  // namespace gemm512
+
+int64_t packed_a_floats(int64_t m, int64_t K) { return (m + gemm512::kPanel - 1) / gemm512::kPanel * gemm512::kPanel * K; }
+
+float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
+
+EF_AVX512 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed) {
+  using gemm512::kPanel;
+  for (int64_t p = 0; p * kPanel < m; ++p) {
+    float* dst = packed + p * kPanel * K;
+    const int64_t prow = std::min<int64_t>(kPanel, m - p * kPanel);
+    const float* src = a + p * kPanel * lda;
+    gemm512::pack_half_panel(src, lda, std::min<int64_t>(prow, 16), K, dst);  // padding rows: zero, never stored
+    gemm512::pack_half_panel(prow > 16 ? src + 16 * lda : src, lda, std::max<int64_t>(0, prow - 16), K, dst + 16);
+  }
+}
+
+// Loop order: groups of G weight-row blocks (G * kNr rows), then K blocks, then the blocks of the group, then the
+// panels. The live A data is one K block of every panel (m x kKc floats, L2), reused by the G blocks of a group;
+// the partial sums of a group (G x np x kNr x 32 floats) stay in L2 across K blocks. Each weight element is
+// loaded once, copied into the L1 chunk buffer by the first panel and read from there by the others.
+EF_AVX512 void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const float* packed, const float* b,
+                                      int64_t ldb, float* c, int64_t ldc) {
+  using gemm512::kKc;
+  using gemm512::kNr;
+  using gemm512::kPanel;
+  if (m <= 0 || n <= 0 || K <= 0) return;
+  const int64_t np = (m + kPanel - 1) / kPanel;
+  const int64_t block_floats = np * kNr * kPanel;
+  const int64_t G = std::max<int64_t>(1, gemm512::kPartialBytes / (block_floats * 4));
+  const int64_t group_rows = G * kNr;
+  float* wbuf = gemm512::scratch<0>(kNr * kKc + G * block_floats);
+  float* partials = wbuf + kNr * kKc;
+  const int64_t pstride = kPanel * K;
+  for (int64_t j0 = 0; j0 < n; j0 += group_rows) {
+    const int64_t j1 = std::min(n, j0 + group_rows);
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min<int64_t>(kKc, K - k0);
+      const bool first = k0 == 0, last = k0 + kc >= K;
+      for (int64_t j = j0; j < j1; j += kNr) {
+        const int64_t nr = std::min<int64_t>(kNr, j1 - j);
+        // the chunk after this one: the next block of the group, the group's next K block, or the next group
+        int64_t pj = -1, pk = 0;
+        if (j + nr < j1) {
+          pj = j + nr, pk = k0;
+        } else if (!last) {
+          pj = j0, pk = k0 + kc;
+        } else if (j1 < n) {
+          pj = j1, pk = 0;
+        }
+        // prefetch whole kNr-row blocks, clamped to rows that exist
+        const float* pf = pj < 0 ? nullptr : b + std::max<int64_t>(0, std::min<int64_t>(pj, n - kNr)) * ldb + pk;
+        if (pf != nullptr && n < kNr) pf = nullptr;
+        float* part = partials + (j - j0) / kNr * block_floats;
+        const float* bj = b + j * ldb + k0;
+        if (nr == kNr)
+          gemm512::chunk<kNr>(m, kc, first, last, packed + k0 * kPanel, pstride, bj, ldb, wbuf, pf, part, c + j, ldc);
+        else
+          gemm512::tail_chunk<kNr - 1>(nr, m, kc, first, last, packed + k0 * kPanel, pstride, bj, ldb, wbuf, pf,
+                                       part, c + j, ldc);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace eureka_fast
+#else
+// Not x86-64 / GCC: never called (cpu_isa() is never Avx512 there), defined so the library links.
+#include <cstdint>
+namespace eureka_fast {
+namespace cpu {
+int64_t packed_a_floats(int64_t, int64_t) { return 0; }
+float* packed_a_scratch(int64_t, int64_t) { return nullptr; }
+void pack_a_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
+void gemm_abt_packed_avx512(int64_t, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t) {}
+}  // namespace cpu
+}  // namespace eureka_fast
+#endif
