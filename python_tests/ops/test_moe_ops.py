@@ -233,12 +233,13 @@ def nan_tailed(shape, gen, scale=1.0, row_pad=0):
 MANY_ROWS = [17, 31, 33, 0, 127, 129, 1, 255, 257, 16, 300]  # rows per expert: the many-rows GEMM's odd counts
 
 
-@pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29)])
+@pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29), (1300, 14)])
 @pytest.mark.parametrize("row_pad", [0, 5])
 def test_grouped_mm_many_rows(K, N, row_pad):
     """The many-rows GEMM (17+ rows per tile on AVX-512): row counts around its 32-row panels and 16-row halves,
-    N around its 14-row weight blocks, K around its 256-column blocks and 16-column steps; NaN right after the
-    input and weight tensors (and after every row when padded) to catch over-reads; float64 reference."""
+    N around its 14-row weight blocks, K around its 512-column blocks (1, 2 or 3 of them) and 16-column steps;
+    NaN right after the input and weight tensors (and after every row when padded) to catch over-reads; float64
+    reference."""
     gen = torch.Generator().manual_seed(K * 100 + N + row_pad)
     E = len(MANY_ROWS)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(MANY_ROWS).cumsum(0)])
