@@ -1,6 +1,6 @@
-"""One-thread CPU time (or, with --threads N > 1, wall time) of fused_experts on the given shapes (inputs as in bench/moe.py, seed 0): best of --calls
-per shape, printed as one JSON line. Used to compare two builds (PYTHONPATH picks the build) in alternating
-processes on a shared machine:
+"""One-thread CPU time (or, with --threads N > 1, wall time) of fused_experts on the given shapes (inputs as in
+bench/moe.py, seed 0): best of --calls per shape, printed as one JSON line. Used to compare two builds (PYTHONPATH
+picks the build) in alternating processes on a shared machine:
 
     for i in 1 2 3; do for p in /work/main /work/wt-gemm; do PYTHONPATH=$p python bench/fused_cpu_time.py; done; done
 """

@@ -6,13 +6,13 @@
 // panels of 32 rows stored k-major ([K][32], zero-padded rows), and reused for every weight row (gate and up alike:
 // pack_a_avx512, then gemm_abt_packed_avx512 per weight matrix). The microkernel keeps a kNr x 32 block of C^T in
 // 2 * kNr zmm registers (kNr = 14: 28 accumulators); per k step it loads two panel vectors, broadcasts one value of
-// each of the kNr weight rows and issues 2 * kNr FMAs. K is blocked (kKc = 256): the first panel copies the
-// kNr x kKc weight chunk it reads into a small L1 buffer, 16 columns at a time, and the other panels broadcast from
-// that copy. (Weight rows 4 KB apart, K = 1024 or 2048, all map to one L1 set, so read in place by every panel
-// they evict each other: a K = 1024 tile ran at ~0.9x of MKL that way, ~1.1x with the copy.) While one chunk is in
-// use the next is prefetched into L2 (the hardware prefetcher stops at every 4 KB page, i.e. every row). A last
-// panel of at most 16 rows runs a one-vector kernel (half the work). Loop order and partial sums: see
-// gemm_abt_packed_avx512.
+// each of the kNr weight rows and issues 2 * kNr FMAs. K is blocked (kKc = 512, measured 1-5% ahead of 256): the
+// first panel copies the kNr x kKc weight chunk it reads into a small L1 buffer, 16 columns at a time, and the other
+// panels broadcast from that copy. (Weight rows 4 KB apart, K = 1024 or 2048, all map to one L1 set, so read in
+// place by every panel they evict each other: a K = 1024 tile ran at ~0.9x of MKL that way, ~1.1x with the copy.)
+// While one chunk is in use the next is prefetched into L2 (the hardware prefetcher stops at every 4 KB page, i.e.
+// every row). A last panel of at most 16 rows runs a one-vector kernel (half the work). Loop order and partial
+// sums: see gemm_abt_packed_avx512.
 // Self-contained (no ATen) so a stand-alone micro-benchmark (bench/gemm_tiles.cpp) can include it.
 #include <algorithm>
 #include <cstdint>
@@ -31,9 +31,9 @@ namespace gemm512 {
 constexpr int64_t kPanel = 32;  // token rows per packed panel: two zmm vectors per k step
 constexpr int kNr = 14;         // weight rows per register block
 #ifndef EF_GEMM512_KC
-#define EF_GEMM512_KC 256
+#define EF_GEMM512_KC 512
 #endif
-constexpr int64_t kKc = EF_GEMM512_KC;  // K block: kNr * kKc * 4 bytes = 14 KB of weights resident in L1
+constexpr int64_t kKc = EF_GEMM512_KC;  // K block: kNr * kKc * 4 bytes = 28 KB of weights resident in L1
 #ifndef EF_GEMM512_PF_HINT
 #define EF_GEMM512_PF_HINT _MM_HINT_T1
 #endif
@@ -241,7 +241,9 @@ float* scratch(int64_t floats) {
 
 }  // namespace gemm512
 
-int64_t packed_a_floats(int64_t m, int64_t K) { return (m + gemm512::kPanel - 1) / gemm512::kPanel * gemm512::kPanel * K; }
+int64_t packed_a_floats(int64_t m, int64_t K) {
+  return (m + gemm512::kPanel - 1) / gemm512::kPanel * gemm512::kPanel * K;
+}
 
 float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
 

@@ -117,6 +117,24 @@ void tile_gemm(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, 
   gemm_abt<scalar_t>(m, n, K, a, lda, b, b_row_stride, b_col_stride, c, ldc);
 }
 
+// The gate and up products of one tile, side by side in c (columns [0, n) and [n, 2n)): with the AVX-512 many-rows
+// GEMM the token rows are packed once for both.
+template <typename scalar_t>
+void tile_gemm_gate_up(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64_t lda, const scalar_t* w_gate,
+                       const scalar_t* w_up, int64_t b_row_stride, int64_t b_col_stride, scalar_t* c, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_packed_gemm<float>(m, K, b_col_stride)) {
+      float* packed = packed_a_scratch(m, K);
+      pack_a_avx512(m, K, a, lda, packed);
+      gemm_abt_packed_avx512(m, n, K, packed, w_gate, b_row_stride, c, ldc);
+      gemm_abt_packed_avx512(m, n, K, packed, w_up, b_row_stride, c + n, ldc);
+      return;
+    }
+  }
+  tile_gemm<scalar_t>(m, n, K, a, lda, w_gate, b_row_stride, b_col_stride, c, ldc);
+  tile_gemm<scalar_t>(m, n, K, a, lda, w_up, b_row_stride, b_col_stride, c + n, ldc);
+}
+
 // Per-thread scratch, grown on demand and kept; kSlot tells apart buffers a tile uses at the same time.
 template <typename scalar_t, int kSlot = 0>
 scalar_t* thread_scratch(int64_t elements) {
@@ -231,23 +249,8 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
     // they are still in cache.
     scalar_t* buf = thread_scratch<scalar_t>(t.rows * 2 * t.cols);
     const int64_t ldb = 2 * t.cols;
-    const scalar_t* w_gate = w_e + t.col0 * w_row_stride;
-    const scalar_t* w_up = w_e + (n_out + t.col0) * w_row_stride;
-    bool done = false;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (use_packed_gemm<float>(t.rows, K, w_col_stride)) {
-        // the token rows packed once, for both the gate and the up weights
-        float* packed = packed_a_scratch(t.rows, K);
-        pack_a_avx512(t.rows, K, a_rows, lda, packed);
-        gemm_abt_packed_avx512(t.rows, t.cols, K, packed, w_gate, w_row_stride, buf, ldb);
-        gemm_abt_packed_avx512(t.rows, t.cols, K, packed, w_up, w_row_stride, buf + t.cols, ldb);
-        done = true;
-      }
-    }
-    if (!done) {
-      tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_gate, w_row_stride, w_col_stride, buf, ldb);
-      tile_gemm<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_up, w_row_stride, w_col_stride, buf + t.cols, ldb);
-    }
+    tile_gemm_gate_up<scalar_t>(t.rows, t.cols, K, a_rows, lda, w_e + t.col0 * w_row_stride,
+                                w_e + (n_out + t.col0) * w_row_stride, w_row_stride, w_col_stride, buf, ldb);
     gated_epilogue(buf, t.rows, t.cols, ldb, act, o, ldo);
   });
 }
@@ -339,8 +342,17 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
       return;
     }
     float* buf = thread_scratch<float>(t.rows * 2 * t.cols);
-    product(w_e + t.col0 * w_row_stride, buf, 2 * t.cols);
-    product(w_e + (n_out + t.col0) * w_row_stride, buf + t.cols, 2 * t.cols);
+    const uint16_t* w_gate = w_e + t.col0 * w_row_stride;
+    const uint16_t* w_up = w_e + (n_out + t.col0) * w_row_stride;
+    if (skinny_2byte && t.rows <= kSkinnyMaxRowsAvx512) {
+      product(w_gate, buf, 2 * t.cols);
+      product(w_up, buf + t.cols, 2 * t.cols);
+    } else {  // both weight slices widened, then one gate+up call (the token rows packed once)
+      float* wf = thread_scratch<float, 1>(2 * t.cols * K);
+      widen_rows(w_gate, t.cols, K, w_row_stride, format, wf);
+      widen_rows(w_up, t.cols, K, w_row_stride, format, wf + t.cols * K);
+      tile_gemm_gate_up<float>(t.rows, t.cols, K, a_rows, lda, wf, wf + t.cols * K, K, 1, buf, 2 * t.cols);
+    }
     gated_epilogue(buf, t.rows, t.cols, 2 * t.cols, act, o, ldo);
   });
 }

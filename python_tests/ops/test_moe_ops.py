@@ -233,12 +233,13 @@ def nan_tailed(shape, gen, scale=1.0, row_pad=0):
 MANY_ROWS = [17, 31, 33, 0, 127, 129, 1, 255, 257, 16, 300]  # rows per expert: the many-rows GEMM's odd counts
 
 
-@pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29)])
+@pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29), (1300, 14)])
 @pytest.mark.parametrize("row_pad", [0, 5])
 def test_grouped_mm_many_rows(K, N, row_pad):
     """The many-rows GEMM (17+ rows per tile on AVX-512): row counts around its 32-row panels and 16-row halves,
-    N around its 14-row weight blocks, K around its 256-column blocks and 16-column steps; NaN right after the
-    input and weight tensors (and after every row when padded) to catch over-reads; float64 reference."""
+    N around its 14-row weight blocks, K around its 512-column blocks (1, 2 or 3 of them) and 16-column steps;
+    NaN right after the input and weight tensors (and after every row when padded) to catch over-reads; float64
+    reference."""
     gen = torch.Generator().manual_seed(K * 100 + N + row_pad)
     E = len(MANY_ROWS)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(MANY_ROWS).cumsum(0)])
@@ -424,6 +425,20 @@ def test_fused_experts_two_byte_weights(wdtype, T):
     torch.testing.assert_close(out_low.float(), ref.fused_experts(x.to(wdtype).float(), w_gate_up.float(),
                                                                   w_down.float(), weights.to(wdtype).float(), ids),
                                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("activation,fn", [("silu_mul", F.silu), ("gelu_mul", F.gelu)])
+def test_gated_activation_epilogue_over_the_float_range(activation, fn):
+    """The gated epilogue alone (K = 1, a = 1, up = 1, so the output is act(gate)): from -1e4 to 1e4 including the
+    exp clamps at -87/88, signed zeros and tiny values, against torch in float64. 4011 gate values per row, so the
+    vector kernels' masked tails run too."""
+    vals = torch.cat([torch.linspace(-100, 100, 4001),
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.5, -87.5, 88.5, -88.5, 1e4, -1e4])])
+    n = vals.numel()
+    w = torch.cat([vals[:, None], torch.ones(n, 1)])[None]
+    out = ops.grouped_mm(torch.ones(3, 1), w, torch.tensor([0, 3]), activation=activation).double()
+    want = fn(vals.double()).expand(3, n)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("activation", [None, "silu_mul", "gelu_mul"])
