@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -149,20 +150,33 @@ class FusedSelfAttention(nn.Module):
         return self.merge_heads(attended)
 
 
-_FUSED_LINEAR_GELU: dict = {}  # dtype -> whether oneDNN's fused linear+GELU ran for it
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 64 << 20  # per thread and name; larger requests are plain allocations
 
 
-def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """gelu(x W^T + b) for 2-D x. Uses oneDNN's linear with the exact-erf GELU fused into the GEMM epilogue (one
-    pass less over the widest activation) where this torch build has it; else linear then in-place GELU."""
-    if x.device.type == "cpu" and _FUSED_LINEAR_GELU.get(x.dtype, True):
-        try:
-            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-            _FUSED_LINEAR_GELU[x.dtype] = True
-            return out
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _FUSED_LINEAR_GELU[x.dtype] = False
-    return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
+    """A per-thread buffer reused by every encoder layer and call (its contents are dead once the layer returns).
+    The encoder's large transients (qkv [T, 3d], MLP hidden [T, 4d]: 16 MB at tiny for one window) would
+    otherwise be fresh allocations, and glibc hands blocks that large back to the kernel often enough that a tiny
+    forward refaulted ~6000 pages (~3 ms)."""
+    numel = math.prod(shape)
+    if numel * like.element_size() > _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    key = (name, like.dtype, like.device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        pool[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """gelu(x W^T + b) for 2-D x: the BLAS GEMM, then GELU in place. oneDNN's linear with GELU fused into its
+    epilogue (torch.ops.mkldnn._linear_pointwise) was slower on one core at both sizes (tiny fc1 13.4 vs 12.3 ms,
+    base 22.8 vs 21.2 ms, interleaved): its GEMM is slower than MKL's on these shapes."""
+    if out is None:
+        return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+    return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
 
 
 def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
@@ -193,10 +207,13 @@ class EncoderLayer(nn.Module):
 
     def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None) -> Tensor:
         """Same math without autograd: the residual stream `x` (contiguous, owned by the encoder) is updated in
-        place, each residual add folded into its GEMM as C += A B^T (`addmm_`), GELU fused into fc1."""
+        place, each residual add folded into its GEMM as C += A B^T (`addmm_`), qkv and the MLP hidden in per-thread
+        scratch buffers."""
         batch, length, d = x.shape
         flat = x.view(batch * length, d)
-        q, k, v = self.attn.project_qkv(self.attn_norm(x))
+        qkv = torch.addmm(self.attn.qkv_bias(), self.attn_norm(flat), self.attn.qkv_weight.t(),
+                          out=_scratch("qkv", (batch * length, 3 * d), x))
+        q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our fused CPU kernel (one pass of exps between two GEMMs per block of query rows); SDPA elsewhere
             attended = attention_op(q, k, v, key_lengths)
@@ -205,7 +222,8 @@ class EncoderLayer(nn.Module):
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
         flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())
-        hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias)
+        hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias,
+                              out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
         flat.add_(self.fc2.bias).addmm_(hidden, self.fc2.weight.t())
         return x
 
