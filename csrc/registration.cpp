@@ -58,8 +58,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kerne
 
 // ---- BEGIN audio block (issue 4, perf-audio): Whisper encoder attention ----
 // Non-causal attention, forward only: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None ->
-// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v. Autograd goes through SDPA in Python.
+// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given)
+// added to q and v first. Autograd goes through SDPA in Python.
 TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias=None, "
+        "Tensor? v_bias=None) -> Tensor");
 }
 // ---- END audio block ----

@@ -196,7 +196,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // q [B, H, Tq, dh], k and v [B, H, Tk, dh] (any strides with a unit last stride; copied otherwise), key_lengths
 // [B] integer in [1, Tk] or None, scale > 0 -> out [B, Tq, H, dh] contiguous.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const c10::optional<at::Tensor>& key_lengths, double scale) {
+                         const c10::optional<at::Tensor>& key_lengths, double scale,
+                         const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& v_bias) {
   check_float_tensor(q, 4, "q");
   check_float_tensor(k, 4, "k");
   check_float_tensor(v, 4, "v");
@@ -217,6 +218,16 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     if (r.stride(3) != 1 || r.stride(2) < dh) r = r.contiguous();
     return r;
   };
+  // optional biases [H * dh] (or any shape of H * dh elements) of a projection the caller ran without them
+  auto bias = [&](const c10::optional<at::Tensor>& b, const char* name) {
+    if (!b.has_value()) return at::Tensor();
+    check_cpu(*b, name);
+    check_floating(*b, name);
+    TORCH_CHECK(b->numel() == H * dh, name, " must have heads * head_dim = ", H * dh, " elements, got shape ",
+                b->sizes());
+    return b->to(cd).contiguous().view({H * dh});
+  };
+  const at::Tensor qb = bias(q_bias, "q_bias"), vb = bias(v_bias, "v_bias");
   at::Tensor qc = operand(q), kc = operand(k), vc = operand(v);
   at::Tensor out = at::empty({B, Tq, H, dh}, qc.options());
   if (out.numel() > 0) {
@@ -229,10 +240,15 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       if (cd == at::kFloat && dh == 64 && cpu_has_avx512f() && !attention_generic_forced() &&
           attention_dh64_avx512(qc.data_ptr<float>(), qc.strides().data(), kc.data_ptr<float>(), kc.strides().data(),
                                 vc.data_ptr<float>(), vc.strides().data(), B, H, Tq, key_len, Tk,
-                                static_cast<float>(scale), out.data_ptr<float>())) {
+                                static_cast<float>(scale), qb.defined() ? qb.data_ptr<float>() : nullptr,
+                                vb.defined() ? vb.data_ptr<float>() : nullptr, out.data_ptr<float>())) {
         return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
       }
 #endif
+      // the generic path adds the biases to copies (softmax weights sum to 1, so v's bias could be added to the
+      // output instead; this path is not the fast one)
+      if (qb.defined()) qc = qc + qb.view({1, H, 1, dh});
+      if (vb.defined()) vc = vc + vb.view({1, H, 1, dh});
       AT_DISPATCH_FLOATING_TYPES(cd, "attention", [&] {
         attention_kernel<scalar_t>(qc, kc, vc, key_len, scale, out);
       });

@@ -4,7 +4,8 @@
 //
 // Per (batch, head): K and V are copied once into contiguous [keys, 64] buffers (L2-resident, 2 x 384 KB at 1500
 // keys; the rows of a fused QKV output are 3 * H * 64 floats apart). Per block of 64 queries:
-//   1. Q^T [64 dims][64 queries] packed once by gathers (scale folded in; missing queries zero), L1-resident.
+//   1. Q^T [64 dims][64 queries] packed once by gathers (q's bias and the scale folded in; missing queries zero),
+//      L1-resident.
 //   2. Scores transposed, S^T[key][query] = K Q^T: register tiles of 6 keys x 64 queries (24 zmm accumulators,
 //      one broadcast K element per 4 FMAs); the column (per-query) max is folded into the tile's store. S^T
 //      (keys x 256 B, 384 KB at 1500 keys) stays in L2 next to K and V.
@@ -14,7 +15,7 @@
 //      one broadcast P element per 4 FMAs), V and P^T streamed from L2. The chunks keep the running sums short:
 //      one 1500-term sum per output lost ~3x more to rounding than MKL's blocked GEMM (1.4e-5 vs 5e-6 max error
 //      against float64 on peaked scores; 5e-6 with the chunks).
-//   4. out rows = O / column sums.
+//   4. out rows = O / column sums (+ v's bias, when the caller's projection left it out: the weights sum to 1).
 // Measured (1 thread, tiny: 6 heads, T = 1500): both products run at ~96% of the FMA peak, the exps take ~8% of the
 // time. Smaller chunks that keep V's chunk in L1 (32-128 keys) were slower (the accumulators' reload per chunk
 // costs more than streaming V from L2).
@@ -171,7 +172,8 @@ inline float* align64(float* p) {
 }
 
 EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, int64_t k_row, const float* vb,
-                              int64_t v_row, int64_t Tq, int64_t keys, float scale, float* ob, int64_t o_row) {
+                              int64_t v_row, int64_t Tq, int64_t keys, float scale, const float* q_bias,
+                              const float* v_bias, float* ob, int64_t o_row) {
   thread_local std::vector<float> buffer;
   const int64_t need = 2 * keys * kDh + keys * kQBlock + kDh * kQBlock + kQBlock * kDh + 3 * kQBlock + 6 * 16;
   if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
@@ -199,7 +201,8 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
       const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1u);
       const float* base = qb + (q0 + 16 * z) * q_row;
       for (int64_t d = 0; d < kDh; ++d) {
-        const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_index, base + d, 4);
+        __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_index, base + d, 4);
+        if (q_bias) g = _mm512_maskz_add_ps(mask, g, _mm512_set1_ps(q_bias[d]));
         _mm512_storeu_ps(qt + d * kQBlock + 16 * z, _mm512_mul_ps(g, vscale));
       }
     }
@@ -225,10 +228,14 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
       for (int64_t i = 0; i < q_full; i += kQTile) full(pc + i, vc, nk, obuf + i * kDh);
       if (q_rest) (c0 == 0 ? pv_dispatch<true>(q_rest) : pv_dispatch<false>(q_rest))(pc + q_full, vc, nk, obuf + q_full * kDh);
     }
+    // out = O / sum (+ v's bias: the weights sum to 1)
+    __m512 vbias[4];
+    for (int j = 0; j < 4; ++j) vbias[j] = v_bias ? _mm512_loadu_ps(v_bias + 16 * j) : _mm512_setzero_ps();
     for (int64_t i = 0; i < nq; ++i) {
       const __m512 f = _mm512_set1_ps(1.0f / colsum[i]);
       float* o = ob + (q0 + i) * o_row;
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(obuf + i * kDh + 16 * j), f));
+      for (int j = 0; j < 4; ++j)
+        _mm512_storeu_ps(o + 16 * j, _mm512_fmadd_ps(_mm512_loadu_ps(obuf + i * kDh + 16 * j), f, vbias[j]));
     }
   }
 }
@@ -237,7 +244,8 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
 
 bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float* k, const int64_t* k_strides,
                            const float* v, const int64_t* v_strides, int64_t B, int64_t H, int64_t Tq,
-                           const int64_t* key_len, int64_t Tk, float scale, float* out) {
+                           const int64_t* key_len, int64_t Tk, float scale, const float* q_bias,
+                           const float* v_bias, float* out) {
   // the Q^T gathers index 16 query rows with 32-bit offsets
   if (q_strides[2] > std::numeric_limits<int32_t>::max() / 16) return false;
   run_tasks(B * H, [&](int64_t bh) {
@@ -247,6 +255,7 @@ bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float
     _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
     attention_head(q + b * q_strides[0] + h * q_strides[1], q_strides[2], k + b * k_strides[0] + h * k_strides[1],
                    k_strides[2], v + b * v_strides[0] + h * v_strides[1], v_strides[2], Tq, keys, scale,
+                   q_bias ? q_bias + h * kDh : nullptr, v_bias ? v_bias + h * kDh : nullptr,
                    out + b * Tq * H * kDh + h * kDh, H * kDh);
     _mm_setcsr(csr);
   });
@@ -261,7 +270,8 @@ bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float
 namespace eureka_fast {
 namespace cpu {
 bool attention_dh64_avx512(const float*, const int64_t*, const float*, const int64_t*, const float*, const int64_t*,
-                           int64_t, int64_t, int64_t, const int64_t*, int64_t, float, float*) {
+                           int64_t, int64_t, int64_t, const int64_t*, int64_t, float, const float*, const float*,
+                           float*) {
   return false;
 }
 }  // namespace cpu

@@ -211,14 +211,17 @@ class EncoderLayer(nn.Module):
         scratch buffers."""
         batch, length, d = x.shape
         flat = x.view(batch * length, d)
-        qkv = torch.addmm(self.attn.qkv_bias(), self.attn_norm(flat), self.attn.qkv_weight.t(),
-                          out=_scratch("qkv", (batch * length, 3 * d), x))
+        # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
+        # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
+        qkv = torch.mm(self.attn_norm(flat), self.attn.qkv_weight.t(), out=_scratch("qkv", (batch * length, 3 * d), x))
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
-            # our fused CPU kernel (one pass of exps between two GEMMs per block of query rows); SDPA elsewhere
-            attended = attention_op(q, k, v, key_lengths)
+            # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
+            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias)
         else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            attended = F.scaled_dot_product_attention(q + self.attn.q_bias.view(1, -1, 1, q.shape[-1]), k,
+                                                      v + self.attn.v_bias.view(1, -1, 1, v.shape[-1]),
+                                                      attn_mask=attn_mask)
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
         flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())

@@ -113,7 +113,8 @@ def test_autograd_goes_through_sdpa():
 @compiled
 def test_opcheck():
     q, k, v = qkv(2, 2, 6, 6, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.eureka_fast.attention, (q, k, v, torch.tensor([6, 3]), 0.5),
+    q_bias = torch.randn(8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.eureka_fast.attention, (q, k, v, torch.tensor([6, 3]), 0.5, q_bias, None),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -265,3 +266,36 @@ def test_dh64_generic_path_agrees():
         finally:
             del os.environ["EUREKA_FAST_ATTENTION_GENERIC"]
     torch.testing.assert_close(fast, generic, atol=2e-6, rtol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("dh", [64, 24])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_q_and_v_bias(dh, with_lengths, nan_outputs):
+    # the biases a fused QKV projection can leave to the op: q's folded into the packing of q, v's into the output
+    B, H, T = 2, 3, 97
+    x = torch.randn(B, T, 3, H, dh, generator=torch.Generator().manual_seed(dh))
+    q, k, v = nan_backed(x).permute(2, 0, 3, 1, 4)
+    bq, bv = torch.randn(H * dh) * 2, torch.randn(H * dh) * 2
+    lengths = torch.tensor([T, 30]) if with_lengths else None
+    with torch.inference_mode():
+        got = attention(q, k, v, lengths, q_bias=bq, v_bias=bv)
+        only_v = attention(q, k, v, lengths, v_bias=bv)
+    expected = reference_attention(q.double(), k.double(), v.double(), lengths, q_bias=bq.double(),
+                                   v_bias=bv.double())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(only_v.double(), reference_attention(q.double(), k.double(), v.double(), lengths,
+                                                                    v_bias=bv.double()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="q_bias must have"):
+        attention(q, k, v, q_bias=bq[:-1])
+    with pytest.raises(RuntimeError, match="v_bias must have"):
+        torch.ops.eureka_fast.attention(q, k, v, None, 0.125, None, bv[:-1])
+
+
+def test_bias_autograd_goes_through_sdpa():
+    q, k, v = qkv(1, 2, 10, 10, 8)
+    bq = torch.randn(16, requires_grad=True)
+    out = attention(q, k, v, q_bias=bq)
+    out.sum().backward()
+    expected = torch.autograd.grad(reference_attention(q, k, v, q_bias=bq).sum(), bq)[0]
+    torch.testing.assert_close(bq.grad, expected)
