@@ -63,5 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kerne
 TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias=None, "
         "Tensor? v_bias=None) -> Tensor");
+  // x [rows, cols] = gelu(x + bias[cols]) in place, exact-erf GELU (the encoder's fc1 after a bias-free GEMM).
+  m.def("bias_gelu_(Tensor(a!) x, Tensor bias) -> Tensor(a!)");
 }
 // ---- END audio block ----

@@ -170,12 +170,23 @@ def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
     return buf[:numel].view(shape)
 
 
+def _has_bias_gelu(x: Tensor) -> bool:
+    from ..ops import api
+
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and api._load_extension()
+            and api._has_kernel("bias_gelu_", x.device))
+
+
 def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
-    """gelu(x W^T + b) for 2-D x: the BLAS GEMM, then GELU in place. oneDNN's linear with GELU fused into its
-    epilogue (torch.ops.mkldnn._linear_pointwise) was slower on one core at both sizes (tiny fc1 13.4 vs 12.3 ms,
-    base 22.8 vs 21.2 ms, interleaved): its GEMM is slower than MKL's on these shapes."""
+    """gelu(x W^T + b) for 2-D x (no autograd): the BLAS GEMM without its bias (a GEMM with one first copies it
+    into every output row), then bias + GELU in one pass (eureka_fast::bias_gelu_), or GELU in place after a GEMM
+    with the bias where that op is missing. oneDNN's linear with GELU fused into its epilogue
+    (torch.ops.mkldnn._linear_pointwise) was slower on one core at both sizes (tiny fc1 13.4 vs 12.3 ms, base 22.8
+    vs 21.2 ms, interleaved): its GEMM is slower than MKL's on these shapes."""
     if out is None:
-        return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+        out = x.new_empty((x.shape[0], weight.shape[0]))
+    if _has_bias_gelu(x):
+        return torch.ops.eureka_fast.bias_gelu_(torch.mm(x, weight.t(), out=out), bias)
     return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
 
 

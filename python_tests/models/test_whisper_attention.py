@@ -299,3 +299,46 @@ def test_bias_autograd_goes_through_sdpa():
     out.sum().backward()
     expected = torch.autograd.grad(reference_attention(q, k, v, q_bias=bq).sum(), bq)[0]
     torch.testing.assert_close(bq.grad, expected)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cols", [1536, 37, 16, 1])
+def test_bias_gelu_inplace(dtype, cols):
+    # the encoder's fc1 epilogue: x = gelu(x + bias), exact-erf GELU; a strided row view must keep its other columns
+    gen = torch.Generator().manual_seed(cols)
+    base = torch.randn(300, cols + 5, generator=gen, dtype=dtype) * 4
+    x = base[:, :cols]
+    bias = torch.randn(cols, generator=gen, dtype=dtype)
+    expected = F.gelu(x.double() + bias.double())
+    untouched = base[:, cols:].clone()
+    out = torch.ops.eureka_fast.bias_gelu_(x, bias)
+    assert out.data_ptr() == x.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 3e-6
+    torch.testing.assert_close(x.double(), expected, atol=tol, rtol=tol)
+    assert torch.equal(base[:, cols:], untouched)
+    with pytest.raises(RuntimeError, match="bias must have"):
+        torch.ops.eureka_fast.bias_gelu_(x, bias[:-1] if cols > 1 else torch.zeros(2, dtype=dtype))
+
+
+@compiled
+def test_bias_gelu_capped_isa_subprocess():
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import eureka_fast.ops.api as api
+api._load_extension()
+x = torch.randn(64, 100) * 4
+b = torch.randn(100)
+expected = F.gelu(x.double() + b.double())
+print(float((torch.ops.eureka_fast.bias_gelu_(x, b).double() - expected).abs().max()))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for isa in ("avx2", "baseline"):
+        out = subprocess.run([sys.executable, "-c", script, root], env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa),
+                             capture_output=True, text=True, check=True, timeout=300)
+        assert float(out.stdout.strip().splitlines()[-1]) < 3e-6
