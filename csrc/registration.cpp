@@ -65,5 +65,8 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
         "Tensor? v_bias=None) -> Tensor");
   // x [rows, cols] = gelu(x + bias[cols]) in place, exact-erf GELU (the encoder's fc1 after a bias-free GEMM).
   m.def("bias_gelu_(Tensor(a!) x, Tensor bias) -> Tensor(a!)");
+  // x [..., d] += bias (in place, when given), returns layer_norm(x) * weight + ln_bias: the encoder's residual bias
+  // add and the next LayerNorm in one pass.
+  m.def("add_layer_norm_(Tensor(a!) x, Tensor? bias, Tensor weight, Tensor ln_bias, float eps) -> Tensor");
 }
 // ---- END audio block ----

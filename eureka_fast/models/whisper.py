@@ -170,11 +170,27 @@ def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
     return buf[:numel].view(shape)
 
 
-def _has_bias_gelu(x: Tensor) -> bool:
+def _has_cpu_kernel(name: str, x: Tensor) -> bool:
     from ..ops import api
 
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and api._load_extension()
-            and api._has_kernel("bias_gelu_", x.device))
+            and api._has_kernel(name, x.device))
+
+
+def _has_bias_gelu(x: Tensor) -> bool:
+    return _has_cpu_kernel("bias_gelu_", x)
+
+
+def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm") -> Tensor:
+    """x += bias (in place; the residual stream's pending bias, if any), then norm(x) (no autograd): one pass with
+    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module."""
+    if (_has_cpu_kernel("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
+            and norm.bias is not None and norm.weight.dtype == x.dtype and len(norm.normalized_shape) == 1):
+        return torch.ops.eureka_fast.add_layer_norm_(x, None if bias is None else bias.to(x.dtype), norm.weight,
+                                                     norm.bias, norm.eps)
+    if bias is not None:
+        x.add_(bias)
+    return norm(x)
 
 
 def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
@@ -216,15 +232,19 @@ class EncoderLayer(nn.Module):
             return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
         return self._forward_inplace(x, attn_mask, key_lengths)
 
-    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None) -> Tensor:
+    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None,
+                         pending_bias: Tensor | None = None, defer_bias: bool = False) -> Tensor:
         """Same math without autograd: the residual stream `x` (contiguous, owned by the encoder) is updated in
         place, each residual add folded into its GEMM as C += A B^T (`addmm_`), qkv and the MLP hidden in per-thread
-        scratch buffers."""
+        scratch buffers. The bias after each residual GEMM is added by the LayerNorm that reads the stream next
+        (one pass, eureka_fast::add_layer_norm_): `pending_bias` is the previous layer's fc2 bias when the encoder
+        deferred it, and with `defer_bias` this layer leaves its own fc2 bias to the caller."""
         batch, length, d = x.shape
         flat = x.view(batch * length, d)
         # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
         # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
-        qkv = torch.mm(self.attn_norm(flat), self.attn.qkv_weight.t(), out=_scratch("qkv", (batch * length, 3 * d), x))
+        qkv = torch.mm(_add_layer_norm(flat, pending_bias, self.attn_norm), self.attn.qkv_weight.t(),
+                       out=_scratch("qkv", (batch * length, 3 * d), x))
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
@@ -235,10 +255,12 @@ class EncoderLayer(nn.Module):
                                                       attn_mask=attn_mask)
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
-        flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())
-        hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias,
-                              out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
-        flat.add_(self.fc2.bias).addmm_(hidden, self.fc2.weight.t())
+        flat.addmm_(attended, self.attn.out.weight.t())
+        hidden = _linear_gelu(_add_layer_norm(flat, self.attn.out.bias, self.mlp_norm), self.fc1.weight,
+                              self.fc1.bias, out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
+        if not defer_bias:
+            flat.add_(self.fc2.bias)
+        flat.addmm_(hidden, self.fc2.weight.t())
         return x
 
 
@@ -302,9 +324,16 @@ class WhisperEncoder(nn.Module):
             x = x.contiguous() + position
         else:
             x = x.contiguous().add_(position)
+        if _needs_autograd(x, self.layers[0].fc1.weight if len(self.layers) else self.conv2.weight):
+            for layer in self.layers:
+                x = layer(x, attn_mask, out_lengths)
+            return self.final_norm(x)
+        # inference: each layer's fc2 bias is added by the next LayerNorm's pass over the stream
+        pending = None
         for layer in self.layers:
-            x = layer(x, attn_mask, out_lengths)
-        return self.final_norm(x)
+            x = layer._forward_inplace(x, attn_mask, out_lengths, pending_bias=pending, defer_bias=True)
+            pending = layer.fc2.bias
+        return _add_layer_norm(x, pending, self.final_norm)
 
 
 class CrossAttention(nn.Module):

@@ -342,3 +342,23 @@ print(float((torch.ops.eureka_fast.bias_gelu_(x, b).double() - expected).abs().m
         out = subprocess.run([sys.executable, "-c", script, root], env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa),
                              capture_output=True, text=True, check=True, timeout=300)
         assert float(out.stdout.strip().splitlines()[-1]) < 3e-6
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [384, 512, 37, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_layer_norm_inplace(dtype, d, with_bias, nan_outputs):
+    # the encoder's residual bias add fused with the next LayerNorm: x += bias in place, returns LN(x)
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(2, 150, d, generator=gen, dtype=dtype) * 3 + 1)
+    bias = torch.randn(d, generator=gen, dtype=dtype) if with_bias else None
+    w, b = torch.randn(d, generator=gen, dtype=dtype), torch.randn(d, generator=gen, dtype=dtype)
+    updated = x.double() + (bias.double() if with_bias else 0)
+    expected = F.layer_norm(updated, (d,), w.double(), b.double(), 1e-5)
+    y = torch.ops.eureka_fast.add_layer_norm_(x, bias, w, b, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    torch.testing.assert_close(y.double(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.double(), updated, atol=tol, rtol=0)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.eureka_fast.add_layer_norm_(x, bias, w[:-1], b, 1e-5)
