@@ -166,7 +166,8 @@ def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
     key = (name, like.dtype, like.device)
     buf = pool.get(key)
     if buf is None or buf.numel() < numel:
-        pool[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+            pool[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf[:numel].view(shape)
 
 

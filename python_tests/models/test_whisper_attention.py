@@ -362,3 +362,21 @@ def test_add_layer_norm_inplace(dtype, d, with_bias, nan_outputs):
     torch.testing.assert_close(x.double(), updated, atol=tol, rtol=0)
     with pytest.raises(RuntimeError, match="weight must be"):
         torch.ops.eureka_fast.add_layer_norm_(x, bias, w[:-1], b, 1e-5)
+
+
+def test_encoder_scratch_buffers_across_grad_modes():
+    # the inference path's per-thread scratch buffers are made once and reused: first under inference_mode, then
+    # under no_grad (an inference tensor could not be written there), then with autograd recording
+    from eureka_fast.models.whisper import WhisperDims, WhisperEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperDims(n_mels=8, n_audio_ctx=40, n_audio_state=64, n_audio_head=1,
+                                     n_audio_layer=2)).eval()
+    mel = torch.randn(1, 8, 80)
+    with torch.inference_mode():
+        first = enc(mel)
+    with torch.no_grad():
+        second = enc(mel)
+    third = enc(mel)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    torch.testing.assert_close(third.detach(), first, atol=1e-5, rtol=1e-4)
