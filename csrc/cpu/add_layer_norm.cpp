@@ -1,7 +1,8 @@
 // add_layer_norm_(x, bias, weight, ln_bias, eps): x += bias (in place, the residual stream's pending bias), then
 // returns LayerNorm(x) * weight + ln_bias over the last dim. One pass over x where the encoder ran two (a bias add,
 // then LayerNorm's read). Per row (in L1): add, sum, sum of squared deviations (two-pass variance, like a float64
-// reference up to float32 rounding), normalise. AVX-512 when cpu_isa() allows; scalar otherwise and for float64.
+// reference up to float32 rounding), normalise. AVX-512 when cpu_isa() allows; else (and for float64) ATen's add
+// and layer_norm.
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,25 +19,6 @@
 namespace eureka_fast {
 namespace cpu {
 namespace {
-
-template <typename scalar_t>
-void add_ln_rows_scalar(scalar_t* x, scalar_t* y, int64_t rows, int64_t d, const scalar_t* bias, const scalar_t* w,
-                        const scalar_t* b, double eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    scalar_t* xr = x + r * d;
-    scalar_t* yr = y + r * d;
-    double sum = 0;
-    for (int64_t c = 0; c < d; ++c) {
-      if (bias) xr[c] += bias[c];
-      sum += xr[c];
-    }
-    const double mean = sum / d;
-    double sq = 0;
-    for (int64_t c = 0; c < d; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
-    const double rstd = 1.0 / std::sqrt(sq / d + eps);
-    for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<scalar_t>((xr[c] - mean) * rstd * w[c] + b[c]);
-  }
-}
 
 #ifdef EF_ADD_LN_X86
 EF_AVX512 void add_ln_rows_avx512(float* x, float* y, int64_t rows, int64_t d, const float* bias, const float* w,
@@ -94,20 +76,6 @@ EF_AVX512 void add_ln_rows_avx512(float* x, float* y, int64_t rows, int64_t d, c
 }
 #endif
 
-template <typename scalar_t>
-void add_ln_rows(scalar_t* x, scalar_t* y, int64_t rows, int64_t d, const scalar_t* bias, const scalar_t* w,
-                 const scalar_t* b, double eps) {
-  add_ln_rows_scalar(x, y, rows, d, bias, w, b, eps);
-}
-template <>
-void add_ln_rows<float>(float* x, float* y, int64_t rows, int64_t d, const float* bias, const float* w,
-                        const float* b, double eps) {
-#ifdef EF_ADD_LN_X86
-  if (cpu_isa() == CpuIsa::Avx512) return add_ln_rows_avx512(x, y, rows, d, bias, w, b, static_cast<float>(eps));
-#endif
-  add_ln_rows_scalar(x, y, rows, d, bias, w, b, eps);
-}
-
 // x [..., d] contiguous float32 / float64 (updated in place when bias is given), bias / weight / ln_bias [d].
 at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
                               const at::Tensor& ln_bias, double eps) {
@@ -128,19 +96,29 @@ at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bi
   };
   const at::Tensor w = param(weight, "weight"), b = param(ln_bias, "ln_bias");
   const at::Tensor add = bias.has_value() ? param(*bias, "bias") : at::Tensor();
+#ifdef EF_ADD_LN_X86
+  const bool fast = x.scalar_type() == at::kFloat && cpu_isa() == CpuIsa::Avx512;
+#else
+  const bool fast = false;
+#endif
+  if (!fast) {
+    // ATen's vectorised add and layer_norm (float64, or no AVX-512)
+    if (add.defined()) x.add_(add);
+    return at::layer_norm(x, {d}, w, b, eps);
+  }
   at::Tensor y = at::empty_like(x);
+#ifdef EF_ADD_LN_X86
   const int64_t rows = d > 0 ? x.numel() / d : 0;
   if (rows == 0 || d == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_", [&] {
-    scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* ap = add.defined() ? add.data_ptr<scalar_t>() : nullptr;
-    const int64_t grain = std::max<int64_t>(1, 16384 / d);
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      add_ln_rows<scalar_t>(xp + r0 * d, yp + r0 * d, r1 - r0, d, ap, w.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-                            eps);
-    });
+  float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* ap = add.defined() ? add.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / d);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    add_ln_rows_avx512(xp + r0 * d, yp + r0 * d, r1 - r0, d, ap, w.data_ptr<float>(), b.data_ptr<float>(),
+                       static_cast<float>(eps));
   });
+#endif
   return y;
 }
 

@@ -3,8 +3,8 @@
 // pass over the widest activation of the encoder.
 //
 // erf by Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7) with the reciprocal by vrcp14ps + one Newton step and
-// exp(-z^2) by the same 2^x polynomial as the attention kernel; AVX-512 when cpu_isa() allows, scalar std::erf
-// otherwise (and for float64).
+// exp(-z^2) by the same 2^x polynomial as the attention kernel; AVX-512 when cpu_isa() allows, else (and for
+// float64) ATen's add and GELU.
 #include <torch/library.h>
 
 #include <cmath>
@@ -21,17 +21,6 @@
 namespace eureka_fast {
 namespace cpu {
 namespace {
-
-template <typename scalar_t>
-void bias_gelu_rows_scalar(scalar_t* x, int64_t rows, int64_t cols, int64_t ld, const scalar_t* bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    scalar_t* row = x + r * ld;
-    for (int64_t c = 0; c < cols; ++c) {
-      const scalar_t g = row[c] + bias[c];
-      row[c] = scalar_t(0.5) * g * (scalar_t(1) + std::erf(g * scalar_t(0.70710678118654752440)));
-    }
-  }
-}
 
 #ifdef EF_BIAS_GELU_X86
 EF_AVX512 inline __m512 gelu_avx512(__m512 g) {
@@ -80,18 +69,6 @@ EF_AVX512 void bias_gelu_rows_avx512(float* x, int64_t rows, int64_t cols, int64
 }
 #endif
 
-template <typename scalar_t>
-void bias_gelu_rows(scalar_t* x, int64_t rows, int64_t cols, int64_t ld, const scalar_t* bias) {
-  bias_gelu_rows_scalar(x, rows, cols, ld, bias);
-}
-template <>
-void bias_gelu_rows<float>(float* x, int64_t rows, int64_t cols, int64_t ld, const float* bias) {
-#ifdef EF_BIAS_GELU_X86
-  if (cpu_isa() == CpuIsa::Avx512) return bias_gelu_rows_avx512(x, rows, cols, ld, bias);
-#endif
-  bias_gelu_rows_scalar(x, rows, cols, ld, bias);
-}
-
 // x [rows, cols] (unit column stride, any row stride), bias [cols], same float dtype -> x, modified in place.
 at::Tensor& bias_gelu_cpu(at::Tensor& x, const at::Tensor& bias) {
   check_float_tensor(x, 2, "x");
@@ -104,17 +81,26 @@ at::Tensor& bias_gelu_cpu(at::Tensor& x, const at::Tensor& bias) {
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have a unit column stride, got strides ", x.strides());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (rows == 0 || cols == 0) return x;
+#ifdef EF_BIAS_GELU_X86
+  const bool fast = x.scalar_type() == at::kFloat && cpu_isa() == CpuIsa::Avx512;
+#else
+  const bool fast = false;
+#endif
+  if (!fast) {
+    // ATen's vectorised exact GELU after the add (float64, or no AVX-512)
+    x.add_(bias.view({1, cols}));
+    at::gelu_(x);
+    return x;
+  }
+#ifdef EF_BIAS_GELU_X86
   const at::Tensor b = bias.contiguous();
   const int64_t ld = rows > 1 ? x.stride(0) : cols;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bias_gelu_", [&] {
-    scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    // blocks of rows in parallel (one block per thread and a few more for balance)
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      bias_gelu_rows<scalar_t>(xp + r0 * ld, r1 - r0, cols, ld, bp);
-    });
-  });
+  float* xp = x.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  // blocks of rows in parallel
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { bias_gelu_rows_avx512(xp + r0 * ld, r1 - r0, cols, ld, bp); });
+#endif
   return x;
 }
 

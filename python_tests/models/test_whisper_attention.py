@@ -322,7 +322,7 @@ def test_bias_gelu_inplace(dtype, cols):
 
 
 @compiled
-def test_bias_gelu_capped_isa_subprocess():
+def test_bias_gelu_and_add_layer_norm_capped_isa_subprocess():
     import os
     import subprocess
     import sys
@@ -335,7 +335,12 @@ api._load_extension()
 x = torch.randn(64, 100) * 4
 b = torch.randn(100)
 expected = F.gelu(x.double() + b.double())
-print(float((torch.ops.eureka_fast.bias_gelu_(x, b).double() - expected).abs().max()))
+err = (torch.ops.eureka_fast.bias_gelu_(x, b).double() - expected).abs().max()
+h = torch.randn(50, 100)
+w, lb = torch.randn(100), torch.randn(100)
+ln = torch.nn.functional.layer_norm(h.double() + b.double(), (100,), w.double(), lb.double(), 1e-5)
+err = max(err, (torch.ops.eureka_fast.add_layer_norm_(h, b, w, lb, 1e-5).double() - ln).abs().max())
+print(float(err))
 """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for isa in ("avx2", "baseline"):
