@@ -44,19 +44,19 @@ constexpr int kKeyTile = 6;  // keys per S^T register tile
 constexpr int kQTile = 6;    // queries per P V register tile
 constexpr int kSumChunk = 256;  // keys per exp + P V chunk: partial sums per chunk (accuracy, see pv_tile)
 
-// 2^t for t <= ~0: t = n + f, |f| <= 1/2, 2^f by a degree-5 polynomial (near-minimax for relative error, 2.3e-7
-// in float32 Horner), times 2^n by vscalefps. t below -80 log2(e) gives exactly 0.
+// 2^t for t <= ~0: t = floor(t) + f, f in [0, 1) by vreduceps (exact, one instruction), 2^f by a degree-5
+// polynomial (near-minimax for relative error, 1.6e-7 in float32 Horner), times 2^floor(t) by vscalefps (which
+// floors its exponent operand itself). t below -80 log2(e) gives exactly 0.
 EF_AVX512 inline __m512 exp2_kept(__m512 t) {
   const __mmask16 kept = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-115.41560327111707f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.327647129e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675541893e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402212024e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119e+00f));
-  return _mm512_maskz_scalef_ps(kept, p, n);
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(1.877576695e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.989340626e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.582631752e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.401536107e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931530833e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999404e-01f));
+  return _mm512_maskz_scalef_ps(kept, p, t);
 }
 
 // S^T[KK keys][NZ*16 queries] = K[KK][64] Q^T[64][NZ*16]; rows of st and qt have stride kQBlock, k rows kDh.
