@@ -3,7 +3,11 @@
 - `WhisperEncoder`: conv stem (k3 + GELU, k3 stride 2 + GELU), sinusoidal positions, pre-LN transformer blocks, final
   LayerNorm: the same function as openai-whisper's `AudioEncoder`. The q/k/v projections are one fused GEMM (the key
   projection has no bias in Whisper; the fused bias keeps a constant zero block for it, so training cannot give it
-  one), attention is `scaled_dot_product_attention`. Inputs shorter than 3000 frames are accepted (positions sliced);
+  one), attention is `scaled_dot_product_attention` with autograd; inference without autograd runs in place: our
+  attention kernel (eureka_fast.ops.attention, which also takes q's and v's biases so the qkv GEMM has none),
+  bias-free fc1 + eureka_fast::bias_gelu_, each residual bias added by the next LayerNorm's pass
+  (eureka_fast::add_layer_norm_), qkv and the MLP hidden in per-thread scratch buffers. Inputs shorter than 3000
+  frames are accepted (positions sliced);
   with `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
 - `WhisperModel`: encoder + text decoder with a KV cache and `transcribe` (the offline ASR of DataFlux): greedy first,
   with openai-whisper's fallback (compression ratio / log-probability tests, beam search, seeded temperature
