@@ -23,6 +23,7 @@ on an idle machine).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -191,7 +192,17 @@ def bench_encoder(size: str, rounds: int, threads: int, workdir: str) -> list[st
     contenders = {}
     with torch.inference_mode():
         expected = reference(mel)
-        assert (ours(mel) - expected).abs().max().item() < 1e-3
+        # Accuracy against our module in float64 (its generic paths, same weights). The max abs difference between
+        # two float32 encoders is a tail statistic, dominated by one outlier channel (354 at tiny.en) and chaotic
+        # across inputs: openai-whisper's own float32 max error is 3e-4 to 4e-3 over six noise windows, ours
+        # 5e-4 to 2e-3, neither consistently the larger. So: ours must be within 3x openai-whisper's max error (or
+        # 2e-3) and 2x its mean error of the float64 result.
+        exact = copy.deepcopy(ours).double()(mel.double())
+        ours_err = (ours(mel).double() - exact).abs()
+        reference_err = (expected.double() - exact).abs()
+        assert reference_err.max().item() < 1e-2, "openai-whisper and our float64 encoder disagree: weights differ"
+        assert ours_err.max().item() < max(2e-3, 3 * reference_err.max().item()), (ours_err.max(), reference_err.max())
+        assert ours_err.mean().item() < 2 * reference_err.mean().item(), (ours_err.mean(), reference_err.mean())
         contenders["ours (eureka_fast WhisperEncoder)"] = lambda: ours(mel)
         contenders["openai-whisper AudioEncoder"] = lambda: reference(mel)
         if size == "tiny" and origin.startswith("real"):

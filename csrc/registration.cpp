@@ -58,8 +58,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kerne
 
 // ---- BEGIN audio block (issue 4, perf-audio): Whisper encoder attention ----
 // Non-causal attention, forward only: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None ->
-// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v. Autograd goes through SDPA in Python.
+// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given)
+// added to q and v first. Autograd goes through SDPA in Python.
 TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias=None, "
+        "Tensor? v_bias=None) -> Tensor");
+  // x [rows, cols] = gelu(x + bias[cols]) in place, exact-erf GELU (the encoder's fc1 after a bias-free GEMM).
+  m.def("bias_gelu_(Tensor(a!) x, Tensor bias) -> Tensor(a!)");
+  // x [..., d] += bias (in place, when given), returns layer_norm(x) * weight + ln_bias: the encoder's residual bias
+  // add and the next LayerNorm in one pass.
+  m.def("add_layer_norm_(Tensor(a!) x, Tensor? bias, Tensor weight, Tensor ln_bias, float eps) -> Tensor");
 }
 // ---- END audio block ----

@@ -3,7 +3,11 @@
 - `WhisperEncoder`: conv stem (k3 + GELU, k3 stride 2 + GELU), sinusoidal positions, pre-LN transformer blocks, final
   LayerNorm: the same function as openai-whisper's `AudioEncoder`. The q/k/v projections are one fused GEMM (the key
   projection has no bias in Whisper; the fused bias keeps a constant zero block for it, so training cannot give it
-  one), attention is `scaled_dot_product_attention`. Inputs shorter than 3000 frames are accepted (positions sliced);
+  one), attention is `scaled_dot_product_attention` with autograd; inference without autograd runs in place: our
+  attention kernel (eureka_fast.ops.attention, which also takes q's and v's biases so the qkv GEMM has none),
+  bias-free fc1 + eureka_fast::bias_gelu_, each residual bias added by the next LayerNorm's pass
+  (eureka_fast::add_layer_norm_), qkv and the MLP hidden in per-thread scratch buffers. Inputs shorter than 3000
+  frames are accepted (positions sliced);
   with `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
 - `WhisperModel`: encoder + text decoder with a KV cache and `transcribe` (the offline ASR of DataFlux): greedy first,
   with openai-whisper's fallback (compression ratio / log-probability tests, beam search, seeded temperature
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -149,20 +154,61 @@ class FusedSelfAttention(nn.Module):
         return self.merge_heads(attended)
 
 
-_FUSED_LINEAR_GELU: dict = {}  # dtype -> whether oneDNN's fused linear+GELU ran for it
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 64 << 20  # per thread and name; larger requests are plain allocations
 
 
-def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """gelu(x W^T + b) for 2-D x. Uses oneDNN's linear with the exact-erf GELU fused into the GEMM epilogue (one
-    pass less over the widest activation) where this torch build has it; else linear then in-place GELU."""
-    if x.device.type == "cpu" and _FUSED_LINEAR_GELU.get(x.dtype, True):
-        try:
-            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-            _FUSED_LINEAR_GELU[x.dtype] = True
-            return out
-        except (RuntimeError, AttributeError, NotImplementedError):
-            _FUSED_LINEAR_GELU[x.dtype] = False
-    return torch.ops.aten.gelu_(F.linear(x, weight, bias))
+def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
+    """A per-thread buffer reused by every encoder layer and call (its contents are dead once the layer returns).
+    The encoder's large transients (qkv [T, 3d], MLP hidden [T, 4d]: 16 MB at tiny for one window) would
+    otherwise be fresh allocations, and glibc hands blocks that large back to the kernel often enough that a tiny
+    forward refaulted ~6000 pages (~3 ms)."""
+    numel = math.prod(shape)
+    if numel * like.element_size() > _SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    key = (name, like.dtype, like.device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+            pool[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
+
+
+def _has_cpu_kernel(name: str, x: Tensor) -> bool:
+    from ..ops import api
+
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and api._load_extension()
+            and api._has_kernel(name, x.device))
+
+
+def _has_bias_gelu(x: Tensor) -> bool:
+    return _has_cpu_kernel("bias_gelu_", x)
+
+
+def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm") -> Tensor:
+    """x += bias (in place; the residual stream's pending bias, if any), then norm(x) (no autograd): one pass with
+    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module."""
+    if (_has_cpu_kernel("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
+            and norm.bias is not None and norm.weight.dtype == x.dtype and len(norm.normalized_shape) == 1):
+        return torch.ops.eureka_fast.add_layer_norm_(x, None if bias is None else bias.to(x.dtype), norm.weight,
+                                                     norm.bias, norm.eps)
+    if bias is not None:
+        x.add_(bias)
+    return norm(x)
+
+
+def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """gelu(x W^T + b) for 2-D x (no autograd): the BLAS GEMM without its bias (a GEMM with one first copies it
+    into every output row), then bias + GELU in one pass (eureka_fast::bias_gelu_), or GELU in place after a GEMM
+    with the bias where that op is missing. oneDNN's linear with GELU fused into its epilogue
+    (torch.ops.mkldnn._linear_pointwise) was slower on one core at both sizes (tiny fc1 13.4 vs 12.3 ms, base 22.8
+    vs 21.2 ms, interleaved): its GEMM is slower than MKL's on these shapes."""
+    if out is None:
+        out = x.new_empty((x.shape[0], weight.shape[0]))
+    if _has_bias_gelu(x):
+        return torch.ops.eureka_fast.bias_gelu_(torch.mm(x, weight.t(), out=out), bias)
+    return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
 
 
 def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
@@ -191,22 +237,35 @@ class EncoderLayer(nn.Module):
             return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
         return self._forward_inplace(x, attn_mask, key_lengths)
 
-    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None) -> Tensor:
+    def _forward_inplace(self, x: Tensor, attn_mask: Tensor | None, key_lengths: Tensor | None = None,
+                         pending_bias: Tensor | None = None, defer_bias: bool = False) -> Tensor:
         """Same math without autograd: the residual stream `x` (contiguous, owned by the encoder) is updated in
-        place, each residual add folded into its GEMM as C += A B^T (`addmm_`), GELU fused into fc1."""
+        place, each residual add folded into its GEMM as C += A B^T (`addmm_`), qkv and the MLP hidden in per-thread
+        scratch buffers. The bias after each residual GEMM is added by the LayerNorm that reads the stream next
+        (one pass, eureka_fast::add_layer_norm_): `pending_bias` is the previous layer's fc2 bias when the encoder
+        deferred it, and with `defer_bias` this layer leaves its own fc2 bias to the caller."""
         batch, length, d = x.shape
         flat = x.view(batch * length, d)
-        q, k, v = self.attn.project_qkv(self.attn_norm(x))
+        # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
+        # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
+        qkv = torch.mm(_add_layer_norm(flat, pending_bias, self.attn_norm), self.attn.qkv_weight.t(),
+                       out=_scratch("qkv", (batch * length, 3 * d), x))
+        q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
-            # our fused CPU kernel (one pass of exps between two GEMMs per block of query rows); SDPA elsewhere
-            attended = attention_op(q, k, v, key_lengths)
+            # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
+            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias)
         else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            attended = F.scaled_dot_product_attention(q + self.attn.q_bias.view(1, -1, 1, q.shape[-1]), k,
+                                                      v + self.attn.v_bias.view(1, -1, 1, v.shape[-1]),
+                                                      attn_mask=attn_mask)
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
-        flat.add_(self.attn.out.bias).addmm_(attended, self.attn.out.weight.t())
-        hidden = _linear_gelu(self.mlp_norm(flat), self.fc1.weight, self.fc1.bias)
-        flat.add_(self.fc2.bias).addmm_(hidden, self.fc2.weight.t())
+        flat.addmm_(attended, self.attn.out.weight.t())
+        hidden = _linear_gelu(_add_layer_norm(flat, self.attn.out.bias, self.mlp_norm), self.fc1.weight,
+                              self.fc1.bias, out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
+        if not defer_bias:
+            flat.add_(self.fc2.bias)
+        flat.addmm_(hidden, self.fc2.weight.t())
         return x
 
 
@@ -270,9 +329,16 @@ class WhisperEncoder(nn.Module):
             x = x.contiguous() + position
         else:
             x = x.contiguous().add_(position)
+        if _needs_autograd(x, self.layers[0].fc1.weight if len(self.layers) else self.conv2.weight):
+            for layer in self.layers:
+                x = layer(x, attn_mask, out_lengths)
+            return self.final_norm(x)
+        # inference: each layer's fc2 bias is added by the next LayerNorm's pass over the stream
+        pending = None
         for layer in self.layers:
-            x = layer(x, attn_mask, out_lengths)
-        return self.final_norm(x)
+            x = layer._forward_inplace(x, attn_mask, out_lengths, pending_bias=pending, defer_bias=True)
+            pending = layer.fc2.bias
+        return _add_layer_norm(x, pending, self.final_norm)
 
 
 class CrossAttention(nn.Module):

@@ -2,7 +2,8 @@
 ``torch.ops.eureka_fast.attention`` (forward only), with ``scaled_dot_product_attention`` as the reference and as the
 path whenever autograd records the call.
 
-``attention(q, k, v, key_lengths=None, scale=None)`` takes q [B, H, Tq, dh], k and v [B, H, Tk, dh] and returns
+``attention(q, k, v, key_lengths=None, scale=None, *, q_bias=None, v_bias=None)`` takes q [B, H, Tq, dh], k and v
+[B, H, Tk, dh] (and optional [H * dh] biases to add to q and v) and returns
 [B, H, Tq, dh] (a transposed view of a contiguous [B, Tq, H, dh] buffer, like SDPA's CPU kernels, so merging the
 heads is free). ``key_lengths`` [B] masks keys at or past key_lengths[b]; ``scale`` defaults to 1 / sqrt(dh).
 """
@@ -26,7 +27,7 @@ def _register_fake() -> None:
     _REGISTERED = True
 
     @torch.library.register_fake("eureka_fast::attention")
-    def _(q, k, v, key_lengths, scale):
+    def _(q, k, v, key_lengths, scale, q_bias=None, v_bias=None):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
 
@@ -37,29 +38,42 @@ def _kernel_available(device: torch.device) -> bool:
     return api._has_kernel("attention", device)
 
 
+def _add_head_bias(t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if bias is None else t + bias.reshape(1, t.shape[1], 1, t.shape[3]).to(t.dtype)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
-                        scale: Optional[float] = None) -> torch.Tensor:
+                        scale: Optional[float] = None, *, q_bias: Optional[torch.Tensor] = None,
+                        v_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same function with PyTorch's SDPA (differentiable): [B, H, Tq, dh]."""
     mask = None
     if key_lengths is not None:
         mask = (torch.arange(k.shape[2], device=k.device)[None, :] < key_lengths.to(k.device)[:, None])[:, None, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(_add_head_bias(q, q_bias), k, _add_head_bias(v, v_bias), attn_mask=mask,
+                                          scale=scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
-              scale: Optional[float] = None, *, use_reference: bool = False) -> torch.Tensor:
-    """softmax(scale * q k^T) v over the first key_lengths[b] keys; q [B, H, Tq, dh], k/v [B, H, Tk, dh] ->
-    [B, H, Tq, dh]. The compiled kernel runs when autograd does not record the call; otherwise SDPA does."""
+              scale: Optional[float] = None, *, q_bias: Optional[torch.Tensor] = None,
+              v_bias: Optional[torch.Tensor] = None, use_reference: bool = False) -> torch.Tensor:
+    """softmax(scale * (q + q_bias) k^T) (v + v_bias) over the first key_lengths[b] keys; q [B, H, Tq, dh], k/v
+    [B, H, Tk, dh], biases [H * dh] or None -> [B, H, Tq, dh]. Taking the biases here lets a fused QKV projection
+    skip its bias pass (the kernel folds q's into its packing of q and v's into the output: softmax weights sum to
+    1). The compiled kernel runs when autograd does not record the call; otherwise SDPA does."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads, time, head_dim], got shape {tuple(t.shape)}")
+    for name, b in (("q_bias", q_bias), ("v_bias", v_bias)):
+        if b is not None and b.numel() != q.shape[1] * q.shape[3]:
+            raise ValueError(f"{name} must have heads * head_dim = {q.shape[1] * q.shape[3]} elements, got shape "
+                             f"{tuple(b.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_bias, v_bias))
     if (use_reference or needs_grad or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not _kernel_available(q.device)):
-        return reference_attention(q, k, v, key_lengths, scale)
-    out = torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale))
+        return reference_attention(q, k, v, key_lengths, scale, q_bias=q_bias, v_bias=v_bias)
+    out = torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale), q_bias, v_bias)
     return out.transpose(1, 2)

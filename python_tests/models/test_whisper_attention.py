@@ -113,7 +113,8 @@ def test_autograd_goes_through_sdpa():
 @compiled
 def test_opcheck():
     q, k, v = qkv(2, 2, 6, 6, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.eureka_fast.attention, (q, k, v, torch.tensor([6, 3]), 0.5),
+    q_bias = torch.randn(8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.eureka_fast.attention, (q, k, v, torch.tensor([6, 3]), 0.5, q_bias, None),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -132,3 +133,255 @@ def test_encoder_with_lengths_equals_each_clip_alone():
     torch.testing.assert_close(both[1, :19], short[0], atol=1e-5, rtol=1e-4)
     with torch.enable_grad():  # the autograd path (SDPA with a mask) gives the same function
         torch.testing.assert_close(enc(mel, lengths)[1, :19].detach(), short[0], atol=1e-5, rtol=1e-4)
+
+
+# ---- the AVX-512 head_dim-64 path (csrc/cpu/attention_avx512.cpp) and its fallbacks --------------------------------
+
+def nan_backed(t: torch.Tensor, extra: int = 4096) -> torch.Tensor:
+    """A copy of t (same shape and strides) in the front of a larger NaN buffer: a kernel that reads past the end of
+    its operand sees NaN."""
+    end = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+    span = t.as_strided((end,), (1,), 0)
+    buf = torch.full((span.numel() + extra,), float("nan"), dtype=t.dtype)
+    buf[:span.numel()] = span
+    return buf.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def reference64(q, k, v, lengths=None, scale=None):
+    return reference_attention(q.double(), k.double(), v.double(), lengths, scale).float()
+
+
+@pytest.fixture()
+def nan_outputs():
+    """torch.empty (and at::empty inside the op) fill new tensors with NaN: an output element the kernel does not
+    write shows up."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+@compiled
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100, 1500])
+@pytest.mark.parametrize("dh", [64, 32, 80])
+@pytest.mark.parametrize("fused", [False, True])
+def test_head_dims_vs_float64(T, dh, fused, nan_outputs):
+    B, H = (1, 6) if T == 1500 else (2, 3)
+    q, k, v = qkv(B, H, T, T, dh, seed=T + dh, fused=fused)
+    q, k, v = nan_backed(q), nan_backed(k), nan_backed(v)
+    with torch.inference_mode():
+        got = attention(q, k, v)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, reference64(q, k, v), atol=3e-6, rtol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("Tq,Tk", [(70, 33), (1, 100), (129, 1), (64, 7)])
+def test_dh64_cross_lengths(Tq, Tk, nan_outputs):
+    q, k, v = qkv(2, 2, Tq, Tk, 64, seed=Tq * Tk)
+    q, k, v = nan_backed(q), nan_backed(k), nan_backed(v)
+    with torch.inference_mode():
+        got = attention(q, k, v)
+    torch.testing.assert_close(got, reference64(q, k, v), atol=3e-6, rtol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("T", [17, 100, 1500])
+def test_dh64_ragged_key_lengths(T, nan_outputs):
+    lengths = torch.tensor([T, 1, max(1, T // 3), T - 1])
+    x = torch.randn(4, T, 3, 2, 64, generator=torch.Generator().manual_seed(T))  # a fused QKV output
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    expected = reference64(q, k, v, lengths)
+    # keys at or past an item's length are never read: NaN there must not reach the result
+    keep = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    poisoned = x.clone()
+    poisoned[:, :, 1:].masked_fill_(~keep[:, :, None, None, None], float("nan"))
+    poisoned = poisoned.permute(2, 0, 3, 1, 4)
+    with torch.inference_mode():
+        got = attention(poisoned[0], poisoned[1], poisoned[2], lengths)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=3e-6, rtol=1e-5)
+
+
+@compiled
+def test_dh64_peaked_scores_tiny_values_and_fp_state():
+    # most exps fall below the cutoff (exactly 0), which must not change the result
+    q, k, v = qkv(1, 2, 80, 300, 64, scale=40.0)
+    with torch.inference_mode():
+        got = attention(q, k, v)
+        sdpa32 = reference_attention(q, k, v)
+    exact = reference64(q, k, v)
+    # scores of size ~300 carry float32 rounding of ~1e-5 into the exponent: compare with SDPA's own float32 error
+    assert (got - exact).abs().max() <= 2 * (sdpa32 - exact).abs().max() + 1e-6
+    # values near 1e-36: products below the normal range are flushed (FTZ), an absolute error under 1e-37
+    with torch.inference_mode():
+        got = attention(q, k, v * 1e-36)
+    assert (got.double() - reference64(q, k, v * 1e-36).double()).abs().max().item() < 1e-37
+    # the kernel's FTZ/DAZ setting does not leak into the caller's thread
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.0).item() > 0 and (tiny + tiny).item() > 1e-39
+
+
+ISA_SCRIPT = r"""
+import torch, sys
+sys.path.insert(0, sys.argv[1])
+from eureka_fast.ops.attention import attention, reference_attention
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 300, 3, 2, 64, generator=g).permute(2, 0, 3, 1, 4)
+lengths = torch.tensor([300, 41])
+with torch.inference_mode():
+    got = attention(x[0], x[1], x[2], lengths)
+ref = reference_attention(x[0].double(), x[1].double(), x[2].double(), lengths).float()
+print(float((got - ref).abs().max()))
+"""
+
+
+@compiled
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_dh64_capped_isa_subprocess(isa):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, EUREKA_FAST_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, root], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert float(out.stdout.strip().splitlines()[-1]) < 3e-6
+
+
+@compiled
+def test_dh64_generic_path_agrees():
+    # EUREKA_FAST_ATTENTION_GENERIC=1 (read per call) keeps head_dim 64 on the MKL path: both must agree
+    import os
+
+    q, k, v = qkv(1, 2, 200, 200, 64, fused=True)
+    with torch.inference_mode():
+        fast = attention(q, k, v)
+        os.environ["EUREKA_FAST_ATTENTION_GENERIC"] = "1"
+        try:
+            generic = attention(q, k, v)
+        finally:
+            del os.environ["EUREKA_FAST_ATTENTION_GENERIC"]
+    torch.testing.assert_close(fast, generic, atol=2e-6, rtol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("dh", [64, 24])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_q_and_v_bias(dh, with_lengths, nan_outputs):
+    # the biases a fused QKV projection can leave to the op: q's folded into the packing of q, v's into the output
+    B, H, T = 2, 3, 97
+    x = torch.randn(B, T, 3, H, dh, generator=torch.Generator().manual_seed(dh))
+    q, k, v = nan_backed(x).permute(2, 0, 3, 1, 4)
+    bq, bv = torch.randn(H * dh) * 2, torch.randn(H * dh) * 2
+    lengths = torch.tensor([T, 30]) if with_lengths else None
+    with torch.inference_mode():
+        got = attention(q, k, v, lengths, q_bias=bq, v_bias=bv)
+        only_v = attention(q, k, v, lengths, v_bias=bv)
+    expected = reference_attention(q.double(), k.double(), v.double(), lengths, q_bias=bq.double(),
+                                   v_bias=bv.double())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(only_v.double(), reference_attention(q.double(), k.double(), v.double(), lengths,
+                                                                    v_bias=bv.double()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="q_bias must have"):
+        attention(q, k, v, q_bias=bq[:-1])
+    with pytest.raises(RuntimeError, match="v_bias must have"):
+        torch.ops.eureka_fast.attention(q, k, v, None, 0.125, None, bv[:-1])
+
+
+def test_bias_autograd_goes_through_sdpa():
+    q, k, v = qkv(1, 2, 10, 10, 8)
+    bq = torch.randn(16, requires_grad=True)
+    out = attention(q, k, v, q_bias=bq)
+    out.sum().backward()
+    expected = torch.autograd.grad(reference_attention(q, k, v, q_bias=bq).sum(), bq)[0]
+    torch.testing.assert_close(bq.grad, expected)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cols", [1536, 37, 16, 1])
+def test_bias_gelu_inplace(dtype, cols):
+    # the encoder's fc1 epilogue: x = gelu(x + bias), exact-erf GELU; a strided row view must keep its other columns
+    gen = torch.Generator().manual_seed(cols)
+    base = torch.randn(300, cols + 5, generator=gen, dtype=dtype) * 4
+    x = base[:, :cols]
+    bias = torch.randn(cols, generator=gen, dtype=dtype)
+    expected = F.gelu(x.double() + bias.double())
+    untouched = base[:, cols:].clone()
+    out = torch.ops.eureka_fast.bias_gelu_(x, bias)
+    assert out.data_ptr() == x.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 3e-6
+    torch.testing.assert_close(x.double(), expected, atol=tol, rtol=tol)
+    assert torch.equal(base[:, cols:], untouched)
+    with pytest.raises(RuntimeError, match="bias must have"):
+        torch.ops.eureka_fast.bias_gelu_(x, bias[:-1] if cols > 1 else torch.zeros(2, dtype=dtype))
+
+
+@compiled
+def test_bias_gelu_and_add_layer_norm_capped_isa_subprocess():
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import eureka_fast.ops.api as api
+api._load_extension()
+x = torch.randn(64, 100) * 4
+b = torch.randn(100)
+expected = F.gelu(x.double() + b.double())
+err = (torch.ops.eureka_fast.bias_gelu_(x, b).double() - expected).abs().max()
+h = torch.randn(50, 100)
+w, lb = torch.randn(100), torch.randn(100)
+ln = torch.nn.functional.layer_norm(h.double() + b.double(), (100,), w.double(), lb.double(), 1e-5)
+err = max(err, (torch.ops.eureka_fast.add_layer_norm_(h, b, w, lb, 1e-5).double() - ln).abs().max())
+print(float(err))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for isa in ("avx2", "baseline"):
+        out = subprocess.run([sys.executable, "-c", script, root], env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa),
+                             capture_output=True, text=True, check=True, timeout=300)
+        assert float(out.stdout.strip().splitlines()[-1]) < 3e-6
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [384, 512, 37, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_layer_norm_inplace(dtype, d, with_bias, nan_outputs):
+    # the encoder's residual bias add fused with the next LayerNorm: x += bias in place, returns LN(x)
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(2, 150, d, generator=gen, dtype=dtype) * 3 + 1)
+    bias = torch.randn(d, generator=gen, dtype=dtype) if with_bias else None
+    w, b = torch.randn(d, generator=gen, dtype=dtype), torch.randn(d, generator=gen, dtype=dtype)
+    updated = x.double() + (bias.double() if with_bias else 0)
+    expected = F.layer_norm(updated, (d,), w.double(), b.double(), 1e-5)
+    y = torch.ops.eureka_fast.add_layer_norm_(x, bias, w, b, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    torch.testing.assert_close(y.double(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.double(), updated, atol=tol, rtol=0)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.eureka_fast.add_layer_norm_(x, bias, w[:-1], b, 1e-5)
+
+
+def test_encoder_scratch_buffers_across_grad_modes():
+    # the inference path's per-thread scratch buffers are made once and reused: first under inference_mode, then
+    # under no_grad (an inference tensor could not be written there), then with autograd recording
+    from eureka_fast.models.whisper import WhisperDims, WhisperEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperDims(n_mels=8, n_audio_ctx=40, n_audio_state=64, n_audio_head=1,
+                                     n_audio_layer=2)).eval()
+    mel = torch.randn(1, 8, 80)
+    with torch.inference_mode():
+        first = enc(mel)
+    with torch.no_grad():
+        second = enc(mel)
+    third = enc(mel)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    torch.testing.assert_close(third.detach(), first, atol=1e-5, rtol=1e-4)
