@@ -30,6 +30,17 @@ def _register_fake() -> None:
     def _(q, k, v, key_lengths, scale, q_bias=None, v_bias=None):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
+    # The encoder's two in-place helpers (whisper.py falls back to ATen's add + gelu / layer_norm without them).
+    if hasattr(torch.ops.eureka_fast, "bias_gelu_"):
+        @torch.library.register_fake("eureka_fast::bias_gelu_")
+        def _(x, bias):
+            return x
+
+    if hasattr(torch.ops.eureka_fast, "add_layer_norm_"):
+        @torch.library.register_fake("eureka_fast::add_layer_norm_")
+        def _(x, bias, weight, ln_bias, eps):
+            return torch.empty_like(x)
+
 
 def _kernel_available(device: torch.device) -> bool:
     if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):

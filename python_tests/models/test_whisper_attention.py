@@ -116,6 +116,12 @@ def test_opcheck():
     q_bias = torch.randn(8, dtype=torch.float64)
     torch.library.opcheck(torch.ops.eureka_fast.attention, (q, k, v, torch.tensor([6, 3]), 0.5, q_bias, None),
                           test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(5, 24)
+    torch.library.opcheck(torch.ops.eureka_fast.bias_gelu_, (x, torch.randn(24)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.eureka_fast.add_layer_norm_,
+                          (torch.randn(5, 24), torch.randn(24), torch.randn(24), torch.randn(24), 1e-5),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @compiled
