@@ -251,13 +251,16 @@ bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float
   run_tasks(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t keys = key_len ? key_len[b] : Tk;
-    const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
+    // FTZ | DAZ for this task only; restored on every exit (an exception included)
+    struct CsrGuard {
+      unsigned int saved = _mm_getcsr();
+      CsrGuard() { _mm_setcsr(saved | 0x8040); }
+      ~CsrGuard() { _mm_setcsr(saved); }
+    } const csr_guard;
     attention_head(q + b * q_strides[0] + h * q_strides[1], q_strides[2], k + b * k_strides[0] + h * k_strides[1],
                    k_strides[2], v + b * v_strides[0] + h * v_strides[1], v_strides[2], Tq, keys, scale,
                    q_bias ? q_bias + h * kDh : nullptr, v_bias ? v_bias + h * kDh : nullptr,
                    out + b * Tq * H * kDh + h * kDh, H * kDh);
-    _mm_setcsr(csr);
   });
   return true;
 }
