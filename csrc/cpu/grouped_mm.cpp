@@ -461,16 +461,12 @@ void gated_backward(const scalar_t* h, int64_t half, const scalar_t* grad, scala
   }
 }
 
-// Backward of the plain (no activation) grouped GEMM when everything is bf16: per expert grad_a = g w_e and
-// grad_w = g^T a_e as bf16 matmuls (oneDNN accumulates in fp32 and rounds once, as the fp32 route followed by the
-// final cast to bf16 does, since every input is exactly representable either way), with no fp32 copies of the
-// operands. Inactive experts get exactly zero weight gradient, rows outside the experts zero input gradient.
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_bf16(const at::Tensor& grad_out, const at::Tensor& a,
-                                                            const at::Tensor& w, const std::vector<int64_t>& offs) {
-  const int64_t S = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
-  const at::Tensor g = grad_out.contiguous(), ac = a.contiguous(), wc = w.contiguous();
-  at::Tensor grad_a = at::empty({S, K}, ac.options());
-  at::Tensor grad_w = at::empty({E, N, K}, wc.options());
+// grad_a and grad_w start uninitialised: every active expert's rows of grad_a and its whole grad_w slice are
+// overwritten by the backward GEMMs, so only the rows outside the experts and the experts with no rows (exactly zero)
+// are cleared here. Returns the active experts, most rows first.
+std::vector<int64_t> clear_uncovered_gradients(at::Tensor& grad_a, at::Tensor& grad_w,
+                                               const std::vector<int64_t>& offs) {
+  const int64_t S = grad_a.size(0), E = grad_w.size(0);
   grad_a.narrow(0, 0, offs[0]).zero_();
   grad_a.narrow(0, offs[E], S - offs[E]).zero_();
   std::vector<int64_t> active;
@@ -482,6 +478,31 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_bf16(const at::Tensor& gr
   }
   std::stable_sort(active.begin(), active.end(),
                    [&](int64_t x, int64_t y) { return offs[x + 1] - offs[x] > offs[y + 1] - offs[y]; });
+  return active;
+}
+
+// Many small experts: one single-threaded expert per worker; few big ones: one after the other, each with the
+// GEMM's own threads.
+template <typename F>
+void run_expert_backward(int64_t n_active, const F& expert_backward) {
+  if (n_active >= 2 * at::get_num_threads()) {
+    run_tasks(n_active, expert_backward);
+  } else {
+    for (int64_t i = 0; i < n_active; ++i) expert_backward(i);
+  }
+}
+
+// Backward of the plain (no activation) grouped GEMM when everything is bf16: per expert grad_a = g w_e and
+// grad_w = g^T a_e as bf16 matmuls (oneDNN accumulates in fp32 and rounds once, as the fp32 route followed by the
+// final cast to bf16 does, since every input is exactly representable either way), with no fp32 copies of the
+// operands. Inactive experts get exactly zero weight gradient, rows outside the experts zero input gradient.
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_bf16(const at::Tensor& grad_out, const at::Tensor& a,
+                                                            const at::Tensor& w, const std::vector<int64_t>& offs) {
+  const int64_t S = a.size(0), K = a.size(1), E = w.size(0), N = w.size(1);
+  const at::Tensor g = grad_out.contiguous(), ac = a.contiguous(), wc = w.contiguous();
+  at::Tensor grad_a = at::empty({S, K}, ac.options());
+  at::Tensor grad_w = at::empty({E, N, K}, wc.options());
+  const std::vector<int64_t> active = clear_uncovered_gradients(grad_a, grad_w, offs);
   auto expert_backward = [&](int64_t idx) {
     // The saved a and w still require grad; these matmuls belong to no graph. Set on the thread that runs them
     // (grad mode is thread-local and the parallel workers do not inherit it).
@@ -492,12 +513,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_bf16(const at::Tensor& gr
     at::mm_out(grad_a_e, g_e, wc[e]);
     at::mm_out(grad_w_e, g_e.t(), ac.narrow(0, r0, rows));
   };
-  const int64_t n_active = static_cast<int64_t>(active.size());
-  if (n_active >= 2 * at::get_num_threads()) {
-    run_tasks(n_active, expert_backward);  // many small experts: one single-threaded expert per worker
-  } else {
-    for (int64_t i = 0; i < n_active; ++i) expert_backward(i);  // few big experts: multi-threaded matmuls each
-  }
+  run_expert_backward(static_cast<int64_t>(active.size()), expert_backward);
   return {grad_a, grad_w};
 }
 
@@ -519,22 +535,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   at::Tensor g = grad_out.to(cd).contiguous(), ac = a.to(cd).contiguous(), wc = w.to(cd).contiguous();
   if (S == 0 || K == 0 || N == 0)
     return {at::zeros({S, K}, a.options().dtype(a.scalar_type())), at::zeros({E, N, K}, w.options())};
-  // Uninitialised: every active expert's rows of grad_a and its whole grad_w slice are overwritten by the GEMMs
-  // below (beta = 0); only rows outside the experts and experts with no rows (exactly zero) are cleared here,
-  // instead of zero-filling both tensors (grad_w is as large as the weights) and then overwriting them.
+  // Uninitialised instead of zero-filled (grad_w is as large as the weights): see clear_uncovered_gradients.
   at::Tensor grad_a = at::empty({S, K}, ac.options());
   at::Tensor grad_w = at::empty({E, N, K}, ac.options());
-  grad_a.narrow(0, 0, offs[0]).zero_();
-  grad_a.narrow(0, offs[E], S - offs[E]).zero_();
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e) {
-    if (offs[e + 1] > offs[e])
-      active.push_back(e);
-    else
-      grad_w[e].zero_();
-  }
-  std::stable_sort(active.begin(), active.end(),
-                   [&](int64_t x, int64_t y) { return offs[x + 1] - offs[x] > offs[y + 1] - offs[y]; });
+  const std::vector<int64_t> active = clear_uncovered_gradients(grad_a, grad_w, offs);
   AT_DISPATCH_FLOATING_TYPES(cd, "grouped_mm_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* ap = ac.data_ptr<scalar_t>();
@@ -559,12 +563,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
       gemm_ab<scalar_t>(rows, K, N, dh, N, w_e, K, gap + r0 * K, K);           // grad_a = dh @ w_e
       gemm_atb<scalar_t>(N, K, rows, dh, N, a_e, K, gwp + e * N * K, K);       // grad_w = dh^T @ a_e
     };
-    const int64_t n_active = static_cast<int64_t>(active.size());
-    if (n_active >= 2 * at::get_num_threads()) {
-      run_tasks(n_active, expert_backward);  // many small experts: one single-threaded expert per worker
-    } else {
-      for (int64_t i = 0; i < n_active; ++i) expert_backward(i);  // few big experts: multi-threaded BLAS each
-    }
+    run_expert_backward(static_cast<int64_t>(active.size()), expert_backward);
   });
   return {grad_a.to(a.scalar_type()), grad_w.to(w.scalar_type())};
 }
