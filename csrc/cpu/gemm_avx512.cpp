@@ -83,6 +83,19 @@ EF_AVX512 void pack_half_panel(const float* a, int64_t lda, int64_t rows, int64_
   }
 }
 
+// One k step: acc[r][h] += w[r * kKc] * a[16h .. 16h + 16) for the NR broadcast weights and H panel vectors.
+template <int NR, int H>
+EF_AVX512 EF_AVX512_INLINE void k_step(const float* a, const float* w, __m512 (&acc)[NR][2]) {
+  const __m512 a0 = _mm512_load_ps(a);
+  const __m512 a1 = H == 2 ? _mm512_load_ps(a + 16) : a0;
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    const __m512 bv = _mm512_set1_ps(w[r * kKc]);
+    acc[r][0] = _mm512_fmadd_ps(a0, bv, acc[r][0]);
+    if constexpr (H == 2) acc[r][1] = _mm512_fmadd_ps(a1, bv, acc[r][1]);
+  }
+}
+
 // acc[r][h] += sum_{k < kc} W[r][k] * panel[k][16h .. 16h + 16) for NR weight rows of kc values each, read from
 // wbuf ([NR][kKc], a fixed stride: constant displacements and no L1 set conflicts, whereas weight rows 4 KB apart
 // (K = 1024, 2048) all fall in one L1 set and more than 12 of them evict each other).
@@ -105,29 +118,11 @@ EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel,
     }
     const float* pk = panel + k * kPanel;
     const float* wk = wbuf + k;
-    if (width == 16) {
+    if (width == 16) {  // a full 16-step: unrolled
 #pragma GCC unroll 16
-      for (int kk = 0; kk < 16; ++kk) {
-        const __m512 a0 = _mm512_load_ps(pk + kk * kPanel);
-        const __m512 a1 = H == 2 ? _mm512_load_ps(pk + kk * kPanel + 16) : a0;
-#pragma GCC unroll 16
-        for (int r = 0; r < NR; ++r) {
-          const __m512 bv = _mm512_set1_ps(wk[r * kKc + kk]);
-          acc[r][0] = _mm512_fmadd_ps(a0, bv, acc[r][0]);
-          if constexpr (H == 2) acc[r][1] = _mm512_fmadd_ps(a1, bv, acc[r][1]);
-        }
-      }
+      for (int kk = 0; kk < 16; ++kk) k_step<NR, H>(pk + kk * kPanel, wk + kk, acc);
     } else {
-      for (int64_t kk = 0; kk < width; ++kk) {
-        const __m512 a0 = _mm512_load_ps(pk + kk * kPanel);
-        const __m512 a1 = H == 2 ? _mm512_load_ps(pk + kk * kPanel + 16) : a0;
-#pragma GCC unroll 16
-        for (int r = 0; r < NR; ++r) {
-          const __m512 bv = _mm512_set1_ps(wk[r * kKc + kk]);
-          acc[r][0] = _mm512_fmadd_ps(a0, bv, acc[r][0]);
-          if constexpr (H == 2) acc[r][1] = _mm512_fmadd_ps(a1, bv, acc[r][1]);
-        }
-      }
+      for (int64_t kk = 0; kk < width; ++kk) k_step<NR, H>(pk + kk * kPanel, wk + kk, acc);
     }
   }
 }

@@ -191,9 +191,10 @@ void whole_expert_gemm(int64_t rows, int64_t K, const scalar_t* a, int64_t lda, 
 
 // Rows of fp32 activations rounded to bf16 (nearest even), dense [m, K].
 void round_rows_to_bf16(const float* a, int64_t m, int64_t K, int64_t lda, c10::BFloat16* dst) {
+  const bool avx512_bf16 = cpu_has_bf16_matmul();
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (cpu_has_bf16_matmul()) {
+      if (avx512_bf16) {
         narrow_to_bf16_avx512bf16(a + r * lda, K, reinterpret_cast<uint16_t*>(dst + r * K));
       } else {
         for (int64_t kk = 0; kk < K; ++kk) dst[r * K + kk] = c10::BFloat16(a[r * lda + kk]);
