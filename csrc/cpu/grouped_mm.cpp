@@ -43,8 +43,16 @@ constexpr int64_t kRowBlock = 256;
 // EUREKA_FAST_WHOLE_EXPERT_ROWS overrides the switch (read once; for tuning on other machines).
 int64_t whole_expert_rows() {
   static const int64_t rows = [] {
+    constexpr int64_t kDefault = 384;
     const char* env = std::getenv("EUREKA_FAST_WHOLE_EXPERT_ROWS");
-    return env != nullptr && *env != '\0' ? std::max<int64_t>(1, std::atoll(env)) : int64_t(384);
+    if (env == nullptr || *env == '\0') return kDefault;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (*end != '\0' || v < 1) {
+      TORCH_WARN("EUREKA_FAST_WHOLE_EXPERT_ROWS must be a positive integer, got '", env, "'; using ", kDefault);
+      return kDefault;
+    }
+    return static_cast<int64_t>(v);
   }();
   return rows;
 }

@@ -317,6 +317,26 @@ def test_grouped_mm_whole_expert_path(activation, layout):
         torch.set_num_threads(previous)
 
 
+def test_whole_expert_switch_rejects_a_bad_setting():
+    """EUREKA_FAST_WHOLE_EXPERT_ROWS that is not a positive integer warns and keeps the default (not every expert)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, eureka_fast.ops as ops\n"
+        "from eureka_fast.ops import reference as ref\n"
+        "torch.set_num_threads(2)\n"
+        "a, w, offs = torch.randn(500, 8), torch.randn(2, 6, 8), torch.tensor([0, 3, 500])\n"
+        "torch.testing.assert_close(ops.grouped_mm(a, w, offs), ref.grouped_mm(a, w, offs, 'none'))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, EUREKA_FAST_WHOLE_EXPERT_ROWS="abc")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    assert "EUREKA_FAST_WHOLE_EXPERT_ROWS must be a positive integer" in result.stderr
+
+
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", [None, "silu_mul"])
 @pytest.mark.parametrize("K", [37, 64])
