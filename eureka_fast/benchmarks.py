@@ -72,17 +72,29 @@ class MachineRates:
         return max(flops / self.gemm_flops, bytes_moved / max(self.bandwidth, self.read_bandwidth))
 
 
-def measure_rates(gemm_n: int = 2048, copy_mib: int = 256, read_mib: int = 512, repeats: int = 3) -> MachineRates:
-    """fp32 GEMM rate, copy and read bandwidth, measured now (best of `repeats`)."""
-    a, b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
-    t_mm = best_time(lambda: torch.mm(a, b), repeats)
-    src = torch.randn(copy_mib * 1024 * 1024 // 4)
-    dst = torch.empty_like(src)
-    t_copy = best_time(lambda: dst.copy_(src), repeats)
-    del dst
-    big = torch.ones(read_mib * 1024 * 1024 // 4)
-    t_read = best_time(lambda: big.sum(), repeats)
-    return MachineRates(2.0 * gemm_n**3 / t_mm, 2.0 * src.numel() * 4 / t_copy, big.numel() * 4 / t_read)
+class RateProbes:
+    """The three measurements behind a roofline (a square fp32 GEMM, a large copy, a streaming read), as callables
+    that can join a round-robin with the ops they bound."""
+
+    def __init__(self, gemm_n: int = 2048, copy_mib: int = 256, read_mib: int = 512):
+        self.gemm_n = gemm_n
+        self.a, self.b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
+        self.src = torch.randn(copy_mib * 1024 * 1024 // 4)
+        self.dst = torch.empty_like(self.src)
+        self.big = torch.ones(read_mib * 1024 * 1024 // 4)
+
+    def methods(self) -> Dict[str, Callable[[], object]]:
+        return {
+            "rate: square GEMM": lambda: torch.mm(self.a, self.b),
+            "rate: copy": lambda: self.dst.copy_(self.src),
+            "rate: read": lambda: self.big.sum(),
+        }
+
+    def rates(self, times: Dict[str, float]) -> MachineRates:
+        """Rates from the best times of methods() (the entries are removed from `times`)."""
+        t_mm, t_copy, t_read = (times.pop(name) for name in self.methods())
+        return MachineRates(2.0 * self.gemm_n**3 / t_mm, 2.0 * self.src.numel() * 4 / t_copy,
+                            self.big.numel() * 4 / t_read)
 
 
 def merge_rates(*rates: MachineRates) -> MachineRates:
@@ -133,10 +145,14 @@ class MoERow:
     bytes_moved: float  # expert weights touched + x + out
     routing: float  # route_topk + moe_plan + permute + combine
     notes: List[str] = field(default_factory=list)
+    rates: Optional[MachineRates] = None  # measured in this shape's round-robin (None: use the run's rates)
 
 
-def bench_moe_shape(shape, repeats: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> MoERow:
-    """One shape, every tensor in `dtype` (fp32 for the issue's table; bf16 for the transformers-model case)."""
+def bench_moe_shape(shape, repeats: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    probes: Optional[RateProbes] = None) -> MoERow:
+    """One shape, every tensor in `dtype` (fp32 for the issue's table; bf16 for the transformers-model case).
+    With `probes`, the roofline's GEMM rate and bandwidths join the same round-robin as our op, so both see the
+    same machine load (the host is shared: its rates move 10-30% between minutes)."""
     from . import ops
 
     T, H, I, E, k = shape
@@ -167,52 +183,63 @@ def bench_moe_shape(shape, repeats: int = 3, seed: int = 0, dtype: torch.dtype =
         methods["torch._grouped_mm"] = lambda: torch_grouped_mm_experts(*args)
     except (RuntimeError, AttributeError) as exc:  # unsupported on this build / shape
         notes.append(f"torch._grouped_mm unavailable: {exc}")
+    if probes is not None:
+        methods.update(probes.methods())
     with torch.inference_mode():
         times = interleaved_best(methods, repeats)
+    rates = probes.rates(times) if probes is not None else None
     touched = int(torch.unique(ids).numel())
     flops = 2.0 * T * k * 3 * H * I
     size = torch.finfo(dtype).bits // 8
     bytes_moved = touched * 3 * H * I * size + 2 * T * H * size
     routing_time = sum(times.pop(name) for name in ("route_topk", "moe_plan", "permute", "combine"))
-    return MoERow(shape, times, flops, bytes_moved, routing_time, notes)
+    return MoERow(shape, times, flops, bytes_moved, routing_time, notes, rates)
 
 
 def format_moe_table(rows: Sequence[MoERow], rates: MachineRates, dtype: torch.dtype = torch.float32) -> str:
+    """`rates`: the best seen in the whole run (header); each row's roofline uses the rates measured in its own
+    round-robin where it has them."""
+    per_row = any(r.rates is not None for r in rows)
+    where = ("each row's roofline uses the GEMM rate and bandwidths measured in that row's own round-robin with "
+             "the ops (rate column)" if per_row else "the roofline uses these rates")
     lines = [
-        f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads; measured fp32 GEMM "
+        f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads; best fp32 GEMM "
         f"{rates.gemm_flops / 1e9:.0f} GFLOP/s, copy bandwidth {rates.bandwidth / 1e9:.1f} GB/s, streaming read "
-        f"{rates.read_bandwidth / 1e9:.1f} GB/s (best seen in this run). roofline = max(FLOPs / GEMM rate, expert "
+        f"{rates.read_bandwidth / 1e9:.1f} GB/s seen in this run; {where}. roofline = max(FLOPs / GEMM rate, expert "
         "weight bytes / the faster bandwidth); eager / roofline is the most any kernel could beat the eager loop by.",
         "",
         "| T, H, I, E, k | ours ms | eager loop ms | torch._grouped_mm ms | roofline ms | ours / roofline "
-        "| eager / ours | eager / roofline | _grouped_mm / ours | routing+plan+permute+combine / ours |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| eager / ours | eager / roofline | _grouped_mm / ours | routing+plan+permute+combine / ours "
+        "| rate: GFLOP/s, GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours, eager = r.times["ours"], r.times["eager"]
-        roofline = rates.roofline(r.flops, r.bytes_moved)
+        row_rates = r.rates if r.rates is not None else rates
+        roofline = row_rates.roofline(r.flops, r.bytes_moved)
         gmm = r.times.get("torch._grouped_mm")
+        bandwidth = max(row_rates.bandwidth, row_rates.read_bandwidth)
         lines.append(
             f"| {', '.join(map(str, r.shape))} | {ours * 1e3:.2f} | {eager * 1e3:.2f} | "
             f"{'n/a' if gmm is None else f'{gmm * 1e3:.2f}'} | {roofline * 1e3:.2f} | {ours / roofline:.2f}x | "
             f"{eager / ours:.2f}x | {eager / roofline:.2f}x | {'n/a' if gmm is None else f'{gmm / ours:.2f}x'} | "
-            f"{100 * r.routing / ours:.1f}% |"
+            f"{100 * r.routing / ours:.1f}% | {row_rates.gemm_flops / 1e9:.0f}, {bandwidth / 1e9:.1f} |"
         )
     return "\n".join(lines)
 
 
 def run_moe_table(shapes, repeats: int = 3, log: Optional[Callable[[str], None]] = None,
                   dtype: torch.dtype = torch.float32) -> Tuple[str, List[MoERow]]:
-    # The roofline uses the best GEMM rate and bandwidth measured before and after the shapes: on a shared machine
-    # that is the closest estimate of what the hardware can do.
-    rates_before = measure_rates()
+    # Each shape measures the roofline's rates in its own round-robin with the ops (the ratios compare runs made
+    # under the same load); the header reports the best rates of the whole run.
+    probes = RateProbes()
     rows = []
     for shape in shapes:
-        rows.append(bench_moe_shape(shape, repeats, dtype=dtype))
+        rows.append(bench_moe_shape(shape, repeats, dtype=dtype, probes=probes))
         if log:
             log(f"  measured {shape}")
-    rates = merge_rates(rates_before, measure_rates())
-    return format_moe_table(rows, rates, dtype), rows
+    del probes
+    return format_moe_table(rows, merge_rates(*(r.rates for r in rows)), dtype), rows
 
 
 # --------------------------------------------------------------------------------------------------------------
