@@ -22,6 +22,11 @@ template <typename scalar_t, typename acc_t>
 void combine_rows(const scalar_t* y, int64_t y_stride, const int64_t* inverse_rows, const acc_t* w, int64_t T,
                   int64_t k, int64_t H, scalar_t* out);
 
+// The AVX-512 copy of combine_rows<float, float> over tokens [t0, t1) (rows_avx512.cpp; call only when
+// cpu_isa() == CpuIsa::Avx512).
+void combine_rows_avx512(const float* y, int64_t y_stride, const int64_t* inverse_rows, const float* w, int64_t t0,
+                         int64_t t1, int64_t k, int64_t H, float* out);
+
 enum class GatedActivation { None, SiluMul, GeluMul };
 
 // Parses "none" | "silu_mul" | "gelu_mul" (and the fused_experts spellings "silu" | "gelu" when `fused_names`).

@@ -89,6 +89,10 @@ template <typename scalar_t, typename acc_t>
 void combine_rows(const scalar_t* y, int64_t y_stride, const int64_t* inverse_rows, const acc_t* w, int64_t T,
                   int64_t k, int64_t H, scalar_t* out) {
   at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      static const bool avx512 = cpu_isa() == CpuIsa::Avx512;
+      if (avx512) return combine_rows_avx512(y, y_stride, inverse_rows, w, t0, t1, k, H, out);
+    }
     std::vector<acc_t> acc(H);
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -106,6 +110,10 @@ template void combine_rows<float, float>(const float*, int64_t, const int64_t*, 
                                          int64_t, float*);
 template void combine_rows<double, double>(const double*, int64_t, const int64_t*, const double*, int64_t, int64_t,
                                            int64_t, double*);
+template void combine_rows<c10::BFloat16, float>(const c10::BFloat16*, int64_t, const int64_t*, const float*, int64_t,
+                                                 int64_t, int64_t, c10::BFloat16*);
+template void combine_rows<c10::Half, float>(const c10::Half*, int64_t, const int64_t*, const float*, int64_t, int64_t,
+                                             int64_t, c10::Half*);
 
 namespace {
 
@@ -128,19 +136,8 @@ at::Tensor combine_cpu(const at::Tensor& y_sorted, const at::Tensor& inverse_row
     const int64_t* ip = inv.data_ptr<int64_t>();
     const w_t* wp = w.data_ptr<w_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> acc(H);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t wj = static_cast<acc_t>(wp[t * k + j]);
-          const scalar_t* src = yp + ip[t * k + j] * ys;
-          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(src[h]);
-        }
-        scalar_t* dst = op + t * H;
-        for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(acc[h]);
-      }
-    });
+    static_assert(std::is_same_v<acc_t, w_t>, "combine_rows takes the weights in the accumulation type");
+    combine_rows<scalar_t, acc_t>(yp, ys, ip, wp, T, k, H, op);
   });
   return out;
 }

@@ -144,6 +144,32 @@ def test_permute_and_combine_match_reference(dtype, T, H, E, k):
     torch.testing.assert_close(out, ref.combine(y, plan.inverse_rows, weights), **(FP32 if dtype == torch.float32 else BF16))
 
 
+@pytest.mark.parametrize("H", [1, 15, 16, 17, 63, 64, 65, 100, 130, 1024])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_combine_fp32_against_float64(H, k):
+    """fp32 combine (AVX-512 copy: 64 columns in registers, masked tails) against a float64 sum in slot order, with
+    y rows strided inside a wider buffer and a NaN in one row that must reach exactly the tokens that route to it."""
+    gen = torch.Generator().manual_seed(H * 10 + k)
+    T, E = 37, 9
+    plan = ops.moe_plan(make_ids(T, E, k, "uniform", gen), E)
+    y = torch.randn(T * k, H + 5, generator=gen)[:, 2:H + 2]
+    weights = torch.rand(T, k, generator=gen)
+    out = ops.combine(y, plan, weights)
+    rows = y.double()[plan.inverse_rows.view(T, k)]  # [T, k, H]
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for j in range(k):
+        want += weights.double()[:, j:j + 1] * rows[:, j]
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    bad = int(plan.inverse_rows[5 * k])  # token 5's first slot
+    y_nan = y.clone()
+    y_nan[bad, H // 2] = float("nan")
+    out_nan = ops.combine(y_nan, plan, weights)
+    hit = (plan.inverse_rows.view(T, k) == bad).any(1)
+    assert bool(out_nan[hit, H // 2].isnan().all())
+    assert not bool(out_nan[~hit].isnan().any()) and not bool(out_nan[:, : H // 2].isnan().any())
+    assert torch.equal(out_nan[~hit], out[~hit])
+
+
 def test_permute_combine_gradients():
     gen = torch.Generator().manual_seed(11)
     T, H, E, k = 21, 10, 6, 3
@@ -278,6 +304,10 @@ def test_grouped_mm_narrower_instruction_sets(isa):
         "            w2 = w.to(wd)\n"
         "            torch.testing.assert_close(ops.grouped_mm(a, w2, offs, activation=None if act == 'none' else act),\n"
         "                                       ref.grouped_mm(a, w2.float(), offs, act), atol=1e-5, rtol=1e-4)\n"
+        "ids = torch.randint(0, 6, (29, 3), generator=g)\n"
+        "plan = ops.moe_plan(ids, 6)\n"
+        "y, wts = torch.randn(87, 70, generator=g), torch.rand(29, 3, generator=g)\n"
+        "torch.testing.assert_close(ops.combine(y, plan, wts), ref.combine(y, plan.inverse_rows, wts))\n"
         "print('ok')\n"
     )
     env = dict(os.environ, EUREKA_FAST_CPU_ISA=isa)
