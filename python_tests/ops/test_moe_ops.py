@@ -87,6 +87,21 @@ def test_route_topk_ties_go_to_lower_id():
     assert ids.tolist() == [[3, 1], [3, 0]]
 
 
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 8), (64, 5), (64, 16), (64, 17), (100, 16), (100, 40), (100, 100)])
+def test_route_topk_many_ties_match_stable_sort(E, k):
+    """Logits from only four values: every rank is a tie between many experts, so the whole order comes from the
+    tie rule (lower id first). Covers the small-k insertion selection (k <= 16) and the partial sort above it."""
+    gen = torch.Generator().manual_seed(E + k)
+    logits = torch.randint(0, 4, (50, E), generator=gen).float()
+    for scoring in ("softmax", "sigmoid"):
+        w, ids = ops.route_topk(logits, k, scoring=scoring)
+        rw, rids = ref.route_topk(logits, k, scoring)
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(w, rw, **FP32)
+        expected = torch.sort(-logits, dim=1, stable=True).indices[:, :k]  # independent: stable descending sort
+        assert torch.equal(ids.long(), expected)
+
+
 def test_route_topk_gradient_matches_reference_autograd():
     gen = torch.Generator().manual_seed(5)
     for scoring, renorm in (("softmax", False), ("softmax", True), ("sigmoid", True)):
