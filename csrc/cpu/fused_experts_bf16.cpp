@@ -7,7 +7,7 @@
 // One task is one block of rows of one expert, run single-threaded on one worker (dynamic scheduling, most rows
 // first): gather its token rows (bf16), gate+up matmul (oneDNN, bf16 result), gated activation (fp32 math, rounded
 // once to bf16), down matmul into the expert-sorted output rows (bf16). Then each token sums its own k rows in slot
-// order (fp32, one rounding): deterministic, no atomics. Blocks of at most kSkinnyMaxRowsAvx512 rows keep the
+// order (fp32, one rounding): deterministic, no atomics. Blocks of at most kStreamingMaxRows rows keep the
 // weight-streaming kernel (fp32 activations, 2-byte weights widened in registers), which beats a matmul call there.
 // The numerics are those of the float path's bf16-matmul tiles: gate/up and the down product rounded to bf16 by the
 // matmul, the activation's product rounded once.
@@ -33,7 +33,14 @@ namespace {
 
 // Rows per task: big experts are split so the two workers stay busy to the end; a block this large still runs the
 // matmul near its full rate (oneDNN packs each weight slice once per call, which is amortised over the rows).
+// Measured on one thread (bf16 rows vs. thread CPU time, AMX): 512 and 1024 rows tie, 256 costs ~5-10%, 128 ~30%.
+// Running a big expert as one matmul on both threads instead (the float path's whole-expert mode) was slower at
+// every shape (oneDNN's own threading with two threads on this shared machine).
 constexpr int64_t kMaxRowsPerTask = 512;
+// Blocks of up to this many rows use the weight-streaming kernel; above it the bf16 matmul wins, from 9 rows on
+// (16 rows per expert, 64 experts of 1024 x 512: ~31 ms against ~38 ms with the streaming kernel up to 16 rows).
+constexpr int64_t kStreamingMaxRows = 8;
+static_assert(kStreamingMaxRows <= kSkinnyMaxRowsAvx512, "the streaming kernel's row range");
 
 // EUREKA_FAST_BF16_EXPERTS=0 sends bf16 layers back to the float path (read once per process; for A/B checks).
 bool bf16_experts_enabled() {
@@ -134,7 +141,7 @@ bool fused_experts_bf16_applies(const at::Tensor& x, const at::Tensor& w_gate_up
     return false;
   // Decode (every expert within the weight-streaming kernel's rows) stays on the float path: nothing to gain.
   for (size_t e = 0; e + 1 < offsets.size(); ++e)
-    if (offsets[e + 1] - offsets[e] > kSkinnyMaxRowsAvx512) return true;
+    if (offsets[e + 1] - offsets[e] > kStreamingMaxRows) return true;
   return false;
 }
 
@@ -176,7 +183,7 @@ at::Tensor fused_experts_bf16(const at::Tensor& x, const at::Tensor& w_gate_up, 
     const uint16_t* w1 = wgu + b.expert * w_gate_up.stride(0);
     const uint16_t* w2 = wd + b.expert * w_down.stride(0);
     uint16_t* y_rows = y + b.row0 * H;
-    if (m <= kSkinnyMaxRowsAvx512) {
+    if (m <= kStreamingMaxRows) {
       // Weight streaming: fp32 token rows, gate+up in fp32, activation in place, down product rounded to bf16.
       float* a32 = scratch<float, 0>(m * H);
       for (int64_t r = 0; r < m; ++r)

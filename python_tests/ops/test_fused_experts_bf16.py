@@ -75,6 +75,15 @@ def test_bf16_layer_against_float64_and_reference(T, E, k, routing, activation):
     check(*layer(T, H, I, E, k, routing, seed=T + E + k), activation=activation)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_bf16_matmul_and_streaming_experts_in_one_call(activation):
+    """Rows per expert 90 (matmul), 1..8 (weight-streaming kernel), 0, and 9 (the first matmul size)."""
+    x, w_gate_up, w_down, weights, _ = layer(120, 56, 40, 6, 1)
+    ids = torch.tensor([0] * 90 + [1] * 8 + [3] * 1 + [4] * 9 + [5] * 12, dtype=torch.int64)[torch.randperm(
+        120, generator=torch.Generator().manual_seed(3))].unsqueeze(1)
+    check(x, w_gate_up, w_down, torch.ones(120, 1), ids, activation=activation)
+
+
 @pytest.mark.parametrize("H,I", [(21, 10), (33, 17), (130, 70)])
 def test_bf16_widths_not_multiples_of_16(H, I):
     check(*layer(200, H, I, 8, 2, "skewed", seed=H))
