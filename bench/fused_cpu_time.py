@@ -22,10 +22,13 @@ def main():
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="> 1: wall time instead of thread CPU time")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: activations, weights and routing weights in bf16 (a transformers bf16 model)")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    result = {"build": eureka_fast.__file__.rsplit("/eureka_fast/", 1)[0]}
+    result = {"build": eureka_fast.__file__.rsplit("/eureka_fast/", 1)[0], "dtype": args.dtype}
     for spec in args.shapes.split(";"):
         T, H, I, E, k = (int(v) for v in spec.split(","))
         gen = torch.Generator().manual_seed(0)
@@ -34,6 +37,7 @@ def main():
         w_down = torch.randn(E, H, I, generator=gen) / math.sqrt(I)
         logits = torch.randn(T, E, generator=gen)
         weights, ids = ops.route_topk(logits, k, renormalize=True)
+        x, w_gate_up, w_down, weights = (t.to(dtype) for t in (x, w_gate_up, w_down, weights))
         with torch.inference_mode():
             ops.fused_experts(x, w_gate_up, w_down, weights, ids)
             best = math.inf

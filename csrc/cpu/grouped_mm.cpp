@@ -638,6 +638,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   std::vector<int64_t> counts(E), offsets(E + 1), padded(E + 1), sorted_rows(S), inverse_rows(S);
   build_plan(ids_l.data_ptr<int64_t>(), S, E, 0, counts.data(), offsets.data(), padded.data(), sorted_rows.data(),
              inverse_rows.data());
+  // bf16 layer on bf16 matmul hardware: stays in bf16 end to end (fused_experts_bf16.cpp)
+  if (fused_experts_bf16_applies(x, w_gate_up, w_down, offsets))
+    return fused_experts_bf16(x, w_gate_up, w_down, weights, offsets, sorted_rows, inverse_rows, k, act);
   at::Tensor xc = rows_contiguous(x, cd);
   at::Tensor wts = weights.to(cd).contiguous();
   AT_DISPATCH_FLOATING_TYPES(cd, "fused_experts", [&] {

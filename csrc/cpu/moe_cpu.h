@@ -91,6 +91,16 @@ struct SkinnyRows {
 SkinnyRows skinny_rows();
 constexpr int64_t kSkinnyMaxRowsAvx512 = 16;
 
+// fused_experts for bf16 x and bf16 row-major expert weights on a CPU with bf16 matmuls (fused_experts_bf16.cpp):
+// whether it takes the layer (EUREKA_FAST_BF16_EXPERTS=0 turns it off; all-decode layers stay on the float path),
+// and the layer itself from the plan (offsets[E+1], sorted_rows / inverse_rows [T*k]); T, H, I, k all > 0.
+bool fused_experts_bf16_applies(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                                const std::vector<int64_t>& offsets);
+at::Tensor fused_experts_bf16(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                              const at::Tensor& weights, const std::vector<int64_t>& offsets,
+                              const std::vector<int64_t>& sorted_rows, const std::vector<int64_t>& inverse_rows,
+                              int64_t k, GatedActivation act);
+
 // In-place elementwise activations (used by stack_norm_project).
 void silu_inplace(float* x, int64_t n);
 void gelu_inplace(float* x, int64_t n);
