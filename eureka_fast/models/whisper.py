@@ -211,6 +211,31 @@ def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = N
     return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
 
 
+def _packed_weight(module: nn.Module, name: str, weight: Tensor, x: Tensor, conv: bool = False) -> Tensor | None:
+    """`weight` packed by eureka_fast::linear_pack for packed_linear_ (a conv weight [out, in, k] as the im2col
+    matrix [out, k * in]), cached on `module` and repacked when the weight changes (another tensor, or an in-place
+    update: data_ptr / _version). None where that kernel does not run (not float32, no AVX-512, no extension): the
+    caller keeps the BLAS path. The cache costs one more copy of the encoder's weights."""
+    if not _has_cpu_kernel("packed_linear_", x) or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    try:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return None
+    cache = module.__dict__.setdefault("_packed_weights", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and outside inference mode
+        w = weight.detach()
+        if conv:
+            w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
+        packed = torch.ops.eureka_fast.linear_pack(w.contiguous())
+    packed = packed if packed.numel() else None
+    cache[name] = (key, packed)
+    return packed
+
+
 def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
     """True when the plain out-of-place path must run: autograd records this call (training, or gradients wanted
     w.r.t. the input), or autocast is on (it would hand bf16 GEMM outputs to our fp32 in-place updates). A frozen
@@ -248,8 +273,13 @@ class EncoderLayer(nn.Module):
         flat = x.view(batch * length, d)
         # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
         # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
-        qkv = torch.mm(_add_layer_norm(flat, pending_bias, self.attn_norm), self.attn.qkv_weight.t(),
-                       out=_scratch("qkv", (batch * length, 3 * d), x))
+        normed = _add_layer_norm(flat, pending_bias, self.attn_norm)
+        qkv = _scratch("qkv", (batch * length, 3 * d), x)
+        packed = _packed_weight(self, "qkv", self.attn.qkv_weight, x)
+        if packed is not None:  # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp)
+            torch.ops.eureka_fast.packed_linear_(qkv, normed, packed, None, False, False)
+        else:
+            torch.mm(normed, self.attn.qkv_weight.t(), out=qkv)
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
@@ -260,12 +290,26 @@ class EncoderLayer(nn.Module):
                                                       attn_mask=attn_mask)
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
-        flat.addmm_(attended, self.attn.out.weight.t())
-        hidden = _linear_gelu(_add_layer_norm(flat, self.attn.out.bias, self.mlp_norm), self.fc1.weight,
-                              self.fc1.bias, out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
+        packed = _packed_weight(self, "out", self.attn.out.weight, x)
+        if packed is not None:  # residual add in the GEMM's epilogue (C += A W^T)
+            torch.ops.eureka_fast.packed_linear_(flat, attended, packed, None, True, False)
+        else:
+            flat.addmm_(attended, self.attn.out.weight.t())
+        normed = _add_layer_norm(flat, self.attn.out.bias, self.mlp_norm)
+        hidden = _scratch("hidden", (batch * length, self.fc1.out_features), x)
+        packed = _packed_weight(self, "fc1", self.fc1.weight, x)
+        if packed is not None and self.fc1.bias is not None and self.fc1.bias.dtype == x.dtype:
+            # bias + exact GELU applied to the accumulators: no second pass over the [T, 4d] hidden
+            torch.ops.eureka_fast.packed_linear_(hidden, normed, packed, self.fc1.bias, False, True)
+        else:
+            hidden = _linear_gelu(normed, self.fc1.weight, self.fc1.bias, out=hidden)
         if not defer_bias:
             flat.add_(self.fc2.bias)
-        flat.addmm_(hidden, self.fc2.weight.t())
+        packed = _packed_weight(self, "fc2", self.fc2.weight, x)
+        if packed is not None:
+            torch.ops.eureka_fast.packed_linear_(flat, hidden, packed, None, True, False)
+        else:
+            flat.addmm_(hidden, self.fc2.weight.t())
         return x
 
 

@@ -41,6 +41,16 @@ def _register_fake() -> None:
         def _(x, bias, weight, ln_bias, eps):
             return torch.empty_like(x)
 
+    # The encoder's packed-weight GEMM (whisper.py keeps BLAS without it, or where linear_pack returns empty).
+    if hasattr(torch.ops.eureka_fast, "linear_pack"):
+        @torch.library.register_fake("eureka_fast::linear_pack")
+        def _(weight):
+            return weight.new_empty((weight.shape[1] * ((weight.shape[0] + 15) // 16 * 16),))
+
+        @torch.library.register_fake("eureka_fast::packed_linear_")
+        def _(out, x, packed, bias, accumulate, gelu):
+            return out
+
 
 def _kernel_available(device: torch.device) -> bool:
     if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):
