@@ -11,7 +11,8 @@
 // columns rounded up to 16, zero-padded). Microkernel: 6 rows x 64 columns of C in 24 zmm accumulators; per k step
 // four panel loads, six broadcasts of x read in place (6 rows x K stay in L1) and 24 FMAs. Loop order: blocks of
 // panels whose packed weights fit ~1 MB of L2, then row tiles, then the block's panels (x is re-read from L3 once
-// per block; measured on K = 1536: 128-column blocks 1.5x faster than the whole weight streamed from L3 per tile).
+// per block; measured on K = 1536: 128-column blocks 1.5x faster than the whole weight streamed from L3 per tile),
+// and within a panel K in chunks (kChunk, for accuracy).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -34,6 +35,10 @@ namespace {
 constexpr int64_t kPanel = 64;              // output columns per packed panel (4 zmm vectors)
 constexpr int kRows = 6;                    // rows of x per register tile
 constexpr int64_t kBlockBytes = 1 << 20;    // packed weights per column block (L2 is 2 MB per core here)
+// K is summed in chunks of 128, each chunk's register sum added to C: a single running fp32 sum over K = 1152 (conv2)
+// raised the tiny.en encoder's mean error against float64 by ~30% over MKL's; chunked, it is ~12% below MKL's,
+// for one load + store of the C tile (in L1) per 128 k steps.
+constexpr int64_t kChunk = 128;
 
 int64_t packed_floats(int64_t n, int64_t k) { return k * ((n + 15) / 16 * 16); }
 
@@ -120,9 +125,17 @@ void packed_linear_avx512(int64_t m, int64_t n, int64_t K, const float* x, int64
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
           const int nv = static_cast<int>((cols + 15) / 16);
+          const int64_t width = 16 * nv;
           const __mmask16 last = static_cast<__mmask16>((1u << (cols - 16 * (nv - 1))) - 1u);
-          pick_tile(rows, nv)(K, x + r0 * ldx, ldx, packed + col * K, out + r0 * ldo + col, ldo,
-                              bias ? bias + col : nullptr, accumulate, gelu, last);
+          const TileFn fn = pick_tile(rows, nv);
+          int64_t k0 = 0;
+          do {
+            const int64_t kk = std::min(kChunk, K - k0);
+            const bool final_chunk = k0 + kk >= K;
+            fn(kk, x + r0 * ldx + k0, ldx, packed + col * K + k0 * width, out + r0 * ldo + col, ldo,
+               final_chunk && bias ? bias + col : nullptr, accumulate || k0 > 0, final_chunk && gelu, last);
+            k0 += kk;
+          } while (k0 < K);
         }
       }
     }

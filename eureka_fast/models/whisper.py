@@ -351,6 +351,7 @@ class WhisperEncoder(nn.Module):
                              % (frames, 2 * self.dims.n_audio_ctx))
         mel = mel.to(self.conv1.weight.dtype)
         attn_mask = out_lengths = None
+        stem = None if _needs_autograd(mel, self.conv2.weight) else self._packed_stem(mel, lengths)
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=mel.device).long()
             if lengths.shape != (mel.shape[0],):
@@ -361,18 +362,22 @@ class WhisperEncoder(nn.Module):
             out_lengths = self.output_lengths(lengths)
             out_valid = torch.arange(out_frames, device=mel.device)[None, :] < out_lengths[:, None]
             attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
-            mel = mel * in_valid[:, None, :].to(mel.dtype)
-            x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
+        position = self.positional_embedding[:out_frames].to(mel.dtype)
+        if stem is not None:
+            x = stem.add_(position)
         else:
-            x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        # Make the residual stream [B, T, d] contiguous once: adding the positions to the transposed conv output
-        # directly would keep its [B, d, T] memory layout and make every later LayerNorm / GEMM copy it.
-        position = self.positional_embedding[:out_frames].to(x.dtype)
-        if _needs_autograd(x, self.conv2.weight):
-            x = x.contiguous() + position
-        else:
-            x = x.contiguous().add_(position)
+            if lengths is not None:
+                mel = mel * in_valid[:, None, :].to(mel.dtype)
+                x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
+            else:
+                x = F.gelu(self.conv1(mel))
+            x = F.gelu(self.conv2(x)).transpose(1, 2)
+            # Make the residual stream [B, T, d] contiguous once: adding the positions to the transposed conv
+            # output directly would keep its [B, d, T] memory layout and make every later LayerNorm / GEMM copy it.
+            if _needs_autograd(x, self.conv2.weight):
+                x = x.contiguous() + position
+            else:
+                x = x.contiguous().add_(position)
         if _needs_autograd(x, self.layers[0].fc1.weight if len(self.layers) else self.conv2.weight):
             for layer in self.layers:
                 x = layer(x, attn_mask, out_lengths)
@@ -383,6 +388,41 @@ class WhisperEncoder(nn.Module):
             x = layer._forward_inplace(x, attn_mask, out_lengths, pending_bias=pending, defer_bias=True)
             pending = layer.fc2.bias
         return _add_layer_norm(x, pending, self.final_norm)
+
+
+    def _packed_stem(self, mel: Tensor, lengths: Tensor | None) -> Tensor | None:
+        """gelu(conv2(gelu(conv1(mel)))) as a contiguous [B, T, d] (the residual stream's layout), frames at or
+        past `lengths` zeroed as in forward, by two GEMMs with bias + GELU in their epilogue
+        (eureka_fast::packed_linear_); None where that kernel does not run. Both convolutions read a time-major
+        buffer in place: with frames as rows and one zero row each side (the padding), output frame t of a k=3
+        conv reads rows t..t+2 (conv1) or 2t..2t+2 (conv2, stride 2), i.e. 3 * channels consecutive floats, so the
+        im2col matrix is a strided view (no copy), and conv2 writes [T, d] directly (no transpose pass)."""
+        c1, c2 = self.conv1, self.conv2
+        if (c1.bias is None or c2.bias is None or c1.kernel_size != (3,) or c2.kernel_size != (3,)
+                or c1.stride != (1,) or c2.stride != (2,) or c1.padding != (1,) or c2.padding != (1,)
+                or c1.dilation != (1,) or c2.dilation != (1,) or c1.groups != 1 or c2.groups != 1):
+            return None
+        w1 = _packed_weight(self, "conv1", c1.weight, mel, conv=True)
+        w2 = _packed_weight(self, "conv2", c2.weight, mel, conv=True)
+        if w1 is None or w2 is None or c1.bias.dtype != mel.dtype or c2.bias.dtype != mel.dtype:
+            return None
+        batch, n_mels, frames = mel.shape
+        d, out_frames = c2.out_channels, (frames + 1) // 2
+        x = mel.new_empty((batch, out_frames, d))
+        frames_in = _scratch("stem_in", (frames + 2, n_mels), mel)
+        hidden = _scratch("stem_hidden", (frames + 2, d), mel)
+        for b in range(batch):
+            n = frames if lengths is None else int(lengths[b])
+            frames_in[0].zero_()
+            frames_in[n + 1:].zero_()
+            frames_in[1:n + 1].copy_(mel[b, :, :n].t())
+            im2col = frames_in.as_strided((n, 3 * n_mels), (n_mels, 1), frames_in.storage_offset())
+            torch.ops.eureka_fast.packed_linear_(hidden[1:n + 1], im2col, w1, c1.bias, False, True)
+            hidden[0].zero_()
+            hidden[n + 1:].zero_()
+            im2col = hidden.as_strided((out_frames, 3 * d), (2 * d, 1), hidden.storage_offset())
+            torch.ops.eureka_fast.packed_linear_(x[b], im2col, w2, c2.bias, False, True)
+        return x
 
 
 class CrossAttention(nn.Module):

@@ -135,3 +135,28 @@ def test_encoder_repacks_changed_weights():
     fast2, slow2 = both()
     assert (slow2 - slow).abs().max() > 1e-2
     torch.testing.assert_close(fast2, slow2, atol=1e-4, rtol=1e-4)
+
+
+@compiled
+@pytest.mark.parametrize("frames,lengths", [(3000, None), (99, [99, 50]), (8, [1, 8])])
+def test_conv_stem_matches_float64(frames, lengths):
+    # the inference stem (two im2col GEMMs reading a time-major buffer in place) vs the Conv1d modules in float64,
+    # with the masking forward applies for `lengths`
+    from eureka_fast.models.whisper import WhisperDims, WhisperEncoder
+
+    torch.manual_seed(frames)
+    dims = WhisperDims(n_audio_state=64, n_audio_head=1, n_audio_layer=1)
+    enc = WhisperEncoder(dims).eval()
+    mel = torch.randn(2, 80, frames)
+    lens = None if lengths is None else torch.tensor(lengths)
+    with torch.inference_mode():
+        got = enc._packed_stem(mel, lens)
+        if got is None:
+            pytest.skip("no packed kernel here")
+        ref = enc.double()
+        m = mel.double()
+        valid = torch.ones(2, frames, dtype=torch.bool) if lens is None else torch.arange(frames) < lens[:, None]
+        h = F.gelu(ref.conv1(m * valid[:, None])) * valid[:, None]
+        expected = F.gelu(ref.conv2(h)).transpose(1, 2)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
