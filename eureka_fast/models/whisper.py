@@ -186,13 +186,16 @@ def _has_bias_gelu(x: Tensor) -> bool:
     return _has_cpu_kernel("bias_gelu_", x)
 
 
-def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm") -> Tensor:
+def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm", out: Tensor | None = None) -> Tensor:
     """x += bias (in place; the residual stream's pending bias, if any), then norm(x) (no autograd): one pass with
-    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module."""
+    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module. `out` (x's shape and
+    dtype, contiguous): a buffer the compiled op may write the result into."""
     if (_has_cpu_kernel("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
             and norm.bias is not None and norm.weight.dtype == x.dtype and len(norm.normalized_shape) == 1):
-        return torch.ops.eureka_fast.add_layer_norm_(x, None if bias is None else bias.to(x.dtype), norm.weight,
-                                                     norm.bias, norm.eps)
+        bias = None if bias is None else bias.to(x.dtype)
+        if out is not None and _has_cpu_kernel("add_layer_norm_out", x):
+            return torch.ops.eureka_fast.add_layer_norm_out(x, bias, norm.weight, norm.bias, norm.eps, out)
+        return torch.ops.eureka_fast.add_layer_norm_(x, bias, norm.weight, norm.bias, norm.eps)
     if bias is not None:
         x.add_(bias)
     return norm(x)
@@ -273,7 +276,10 @@ class EncoderLayer(nn.Module):
         flat = x.view(batch * length, d)
         # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
         # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
-        normed = _add_layer_norm(flat, pending_bias, self.attn_norm)
+        # normed, attended: per-thread scratch too (fresh 2.3 MB tensors per layer at tiny were re-faulted page by
+        # page, ~1,700 faults per layer, whenever glibc had returned the freed ones to the kernel)
+        normed_buf = _scratch("normed", (batch * length, d), x)
+        normed = _add_layer_norm(flat, pending_bias, self.attn_norm, out=normed_buf)
         qkv = _scratch("qkv", (batch * length, 3 * d), x)
         packed = _packed_weight(self, "qkv", self.attn.qkv_weight, x)
         if packed is not None:  # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp)
@@ -283,7 +289,8 @@ class EncoderLayer(nn.Module):
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
-            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias)
+            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias,
+                                    out=_scratch("attended", (batch, length, self.attn.n_head, q.shape[-1]), x))
         else:
             attended = F.scaled_dot_product_attention(q + self.attn.q_bias.view(1, -1, 1, q.shape[-1]), k,
                                                       v + self.attn.v_bias.view(1, -1, 1, v.shape[-1]),
@@ -295,7 +302,7 @@ class EncoderLayer(nn.Module):
             torch.ops.eureka_fast.packed_linear_(flat, attended, packed, None, True, False)
         else:
             flat.addmm_(attended, self.attn.out.weight.t())
-        normed = _add_layer_norm(flat, self.attn.out.bias, self.mlp_norm)
+        normed = _add_layer_norm(flat, self.attn.out.bias, self.mlp_norm, out=normed_buf)
         hidden = _scratch("hidden", (batch * length, self.fc1.out_features), x)
         packed = _packed_weight(self, "fc1", self.fc1.weight, x)
         if packed is not None and self.fc1.bias is not None and self.fc1.bias.dtype == x.dtype:
