@@ -358,7 +358,10 @@ class WhisperEncoder(nn.Module):
                              % (frames, 2 * self.dims.n_audio_ctx))
         mel = mel.to(self.conv1.weight.dtype)
         attn_mask = out_lengths = None
-        stem = None if _needs_autograd(mel, self.conv2.weight) else self._packed_stem(mel, lengths)
+        stem_params = [t for conv in (self.conv1, self.conv2) for t in (conv.weight, conv.bias) if t is not None]
+        stem_grad = torch.is_autocast_enabled(mel.device.type) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in [mel] + stem_params))
+        stem = None if stem_grad else self._packed_stem(mel, lengths)
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=mel.device).long()
             if lengths.shape != (mel.shape[0],):

@@ -163,3 +163,16 @@ def test_conv_stem_matches_float64(frames, lengths):
         expected = F.gelu(ref.conv2(h)).transpose(1, 2)
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@compiled
+def test_conv_stem_keeps_autograd_for_any_trainable_stem_parameter():
+    from eureka_fast.models.whisper import WhisperDims, WhisperEncoder
+
+    torch.manual_seed(0)
+    dims = WhisperDims(n_audio_state=64, n_audio_head=1, n_audio_layer=1, n_audio_ctx=20)
+    enc = WhisperEncoder(dims)
+    enc.requires_grad_(False)
+    enc.conv1.bias.requires_grad_(True)  # only conv1's bias trains: the packed (no-autograd) stem must not run
+    enc(torch.randn(1, 80, 40)).sum().backward()
+    assert enc.conv1.bias.grad is not None and enc.conv1.bias.grad.abs().sum() > 0
