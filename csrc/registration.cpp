@@ -75,7 +75,7 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   m.def("add_layer_norm_out(Tensor(a!) x, Tensor? bias, Tensor weight, Tensor ln_bias, float eps, Tensor(b!) out) "
         "-> Tensor(b!)");
   // weight [N, K] float32 -> packed for packed_linear_ (csrc/cpu/linear_avx512.cpp), or an empty tensor where that
-  // kernel cannot run (other dtypes, no AVX-512) or would lose to BLAS (K > 2048): keep the BLAS path then.
+  // kernel cannot run (other dtypes, no AVX-512) or would lose to BLAS (K > 1536): keep the BLAS path then.
   m.def("linear_pack(Tensor weight) -> Tensor");
   // out [M, N] = gelu?((accumulate ? out : 0) + x [M, K] W^T + bias) in place, W given by linear_pack (the
   // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue).

@@ -152,9 +152,10 @@ bool kernel_available(at::ScalarType dtype) {
 #endif
 }
 
-// Above this K a column block holds a single panel and x is re-read from L3 for every 64 output columns: measured
-// 1.37x slower than MKL at K = 5120, N = 1280 (Whisper large's fc2); at parity or better up to K = 2048 (base's fc2).
-constexpr int64_t kMaxK = 2048;
+// Above this K a column block holds at most two panels and x is re-read from L3 for every 64-128 output columns:
+// measured 1.37x slower than MKL at K = 5120, N = 1280 (Whisper large's fc2), ~3.5% slower inside the base encoder
+// at K = 2048 (fc2, two runs); faster at K = 1536 (tiny's fc2, base's conv2).
+constexpr int64_t kMaxK = 1536;
 
 at::Tensor linear_pack_cpu(const at::Tensor& weight) {
   check_float_tensor(weight, 2, "weight");

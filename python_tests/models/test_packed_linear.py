@@ -77,8 +77,8 @@ def test_strided_rows_and_errors():
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.eureka_fast.packed_linear_(out.double(), x.double(), pack(w).double(), None, False, False)
     assert torch.ops.eureka_fast.linear_pack(w.double()).numel() == 0  # float64: the caller keeps BLAS
-    assert torch.ops.eureka_fast.linear_pack(torch.randn(3, 2049)).numel() == 0  # K > 2048: BLAS is faster
-    assert torch.ops.eureka_fast.linear_pack(torch.randn(3, 2048)).numel() == 2048 * 16
+    assert torch.ops.eureka_fast.linear_pack(torch.randn(3, 1537)).numel() == 0  # K > 1536: BLAS is faster
+    assert torch.ops.eureka_fast.linear_pack(torch.randn(3, 1536)).numel() == 1536 * 16
     square = torch.randn(12, 12)
     with pytest.raises(RuntimeError, match="memory location"):  # out written while x is still read
         torch.ops.eureka_fast.packed_linear_(square, square, pack(torch.randn(12, 12)), None, False, False)
