@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eureka_fast.models.whisper import WhisperDims, WhisperEncoder, _linear_gelu, encoder_flops  # noqa: E402
+from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, _linear_gelu, _packed_weight,  # noqa: E402
+                                        encoder_flops)
 from eureka_fast.ops.attention import attention as attention_op  # noqa: E402
 
 
@@ -61,6 +62,24 @@ def main() -> None:
             "fc2 addmm": lambda: flat.clone().addmm_(hidden, layer.fc2.weight.t()),
             "clone (subtract)": lambda: flat.clone(),
         }
+        # the packed-weight GEMM (csrc/cpu/linear_avx512.cpp) the inference path uses where linear_pack runs
+        packed = {name: _packed_weight(layer, name, w, x) for name, w in
+                  (("qkv", layer.attn.qkv_weight), ("out", layer.attn.out.weight), ("fc1", layer.fc1.weight),
+                   ("fc2", layer.fc2.weight))}
+        if all(p is not None for p in packed.values()):
+            linear = torch.ops.eureka_fast.packed_linear_
+            qkv_out, hidden_out = torch.empty(T, 3 * d), torch.empty(T, 4 * d)
+            pos = enc.positional_embedding
+            parts.update({
+                "conv stem (ours)": lambda: enc._packed_stem(mel, None),
+                "conv stem (old)+pos": lambda: (F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).transpose(1, 2)
+                                                .contiguous().add_(pos)),
+                "conv stem (ours)+pos": lambda: enc._packed_stem(mel, None).add_(pos),
+                "qkv (ours)": lambda: linear(qkv_out, flat, packed["qkv"], None, False, False),
+                "out += (ours)": lambda: linear(flat.clone(), att, packed["out"], None, True, False),
+                "fc1 + gelu (ours)": lambda: linear(hidden_out, flat, packed["fc1"], layer.fc1.bias, False, True),
+                "fc2 += (ours)": lambda: linear(flat.clone(), hidden, packed["fc2"], None, True, False),
+            })
         times = best(parts, args.rounds)
     for name, ms in times.items():
         print("%-18s %8.2f ms" % (name, ms))

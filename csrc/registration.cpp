@@ -68,5 +68,18 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // x [..., d] += bias (in place, when given), returns layer_norm(x) * weight + ln_bias: the encoder's residual bias
   // add and the next LayerNorm in one pass.
   m.def("add_layer_norm_(Tensor(a!) x, Tensor? bias, Tensor weight, Tensor ln_bias, float eps) -> Tensor");
+  // The same two with the result written to the caller's buffer (the encoder's per-thread scratch: fresh 2.3 MB
+  // outputs per layer were re-faulted page by page whenever glibc had handed the freed ones back to the kernel).
+  m.def("attention_out(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias, "
+        "Tensor? v_bias, Tensor(a!) out) -> Tensor(a!)");
+  m.def("add_layer_norm_out(Tensor(a!) x, Tensor? bias, Tensor weight, Tensor ln_bias, float eps, Tensor(b!) out) "
+        "-> Tensor(b!)");
+  // weight [N, K] float32 -> packed for packed_linear_ (csrc/cpu/linear_avx512.cpp), or an empty tensor where that
+  // kernel cannot run (other dtypes, no AVX-512) or would lose to BLAS (K > 1536): keep the BLAS path then.
+  m.def("linear_pack(Tensor weight) -> Tensor");
+  // out [M, N] = gelu?((accumulate ? out : 0) + x [M, K] W^T + bias) in place, W given by linear_pack (the
+  // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue).
+  m.def("packed_linear_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, bool accumulate, bool gelu) -> "
+        "Tensor(a!)");
 }
 // ---- END audio block ----

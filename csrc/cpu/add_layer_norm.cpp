@@ -77,8 +77,9 @@ EF_AVX512 void add_ln_rows_avx512(float* x, float* y, int64_t rows, int64_t d, c
 #endif
 
 // x [..., d] contiguous float32 / float64 (updated in place when bias is given), bias / weight / ln_bias [d].
-at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
-                              const at::Tensor& ln_bias, double eps) {
+// `given_y`: the caller's buffer of x's shape and dtype (contiguous) for the result, or undefined for a fresh one.
+at::Tensor add_layer_norm_impl(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
+                               const at::Tensor& ln_bias, double eps, const at::Tensor& given_y) {
   check_cpu(x, "x");
   check_floating(x, "x");
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
@@ -96,6 +97,14 @@ at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bi
   };
   const at::Tensor w = param(weight, "weight"), b = param(ln_bias, "ln_bias");
   const at::Tensor add = bias.has_value() ? param(*bias, "bias") : at::Tensor();
+  if (given_y.defined()) {
+    check_cpu(given_y, "out");
+    TORCH_CHECK(given_y.scalar_type() == x.scalar_type() && given_y.sizes() == x.sizes() && given_y.is_contiguous(),
+                "out must be a contiguous tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+                given_y.scalar_type(), " ", given_y.sizes());
+    TORCH_CHECK(!given_y.is_same(x) && (x.numel() == 0 || given_y.data_ptr() != x.data_ptr()),
+                "out must not be x");
+  }
 #ifdef EF_ADD_LN_X86
   const bool fast = x.scalar_type() == at::kFloat && cpu_isa() == CpuIsa::Avx512;
 #else
@@ -104,9 +113,10 @@ at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bi
   if (!fast) {
     // ATen's vectorised add and layer_norm (float64, or no AVX-512)
     if (add.defined()) x.add_(add);
-    return at::layer_norm(x, {d}, w, b, eps);
+    at::Tensor r = at::layer_norm(x, {d}, w, b, eps);
+    return given_y.defined() ? given_y.copy_(r) : r;
   }
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = given_y.defined() ? given_y : at::empty_like(x);
 #ifdef EF_ADD_LN_X86
   const int64_t rows = d > 0 ? x.numel() / d : 0;
   if (rows == 0 || d == 0) return y;
@@ -122,9 +132,23 @@ at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bi
   return y;
 }
 
+at::Tensor add_layer_norm_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
+                              const at::Tensor& ln_bias, double eps) {
+  return add_layer_norm_impl(x, bias, weight, ln_bias, eps, at::Tensor());
+}
+
+at::Tensor& add_layer_norm_out_cpu(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
+                                   const at::Tensor& ln_bias, double eps, at::Tensor& out) {
+  add_layer_norm_impl(x, bias, weight, ln_bias, eps, out);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) { m.impl("add_layer_norm_", &add_layer_norm_cpu); }
+TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
+  m.impl("add_layer_norm_", &add_layer_norm_cpu);
+  m.impl("add_layer_norm_out", &add_layer_norm_out_cpu);
+}
 
 }  // namespace cpu
 }  // namespace eureka_fast

@@ -195,9 +195,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 // q [B, H, Tq, dh], k and v [B, H, Tk, dh] (any strides with a unit last stride; copied otherwise), key_lengths
 // [B] integer in [1, Tk] or None, scale > 0 -> out [B, Tq, H, dh] contiguous.
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const c10::optional<at::Tensor>& key_lengths, double scale,
-                         const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& v_bias) {
+// `given_out`: the caller's [B, Tq, H, dh] contiguous buffer of q's dtype (float32 / float64) to write, or undefined
+// for a fresh one (a fresh 2.3 MB output per encoder layer was re-faulted page by page on many calls).
+at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& key_lengths, double scale,
+                          const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& v_bias,
+                          const at::Tensor& given_out) {
   check_float_tensor(q, 4, "q");
   check_float_tensor(k, 4, "k");
   check_float_tensor(v, 4, "v");
@@ -229,7 +232,17 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   };
   const at::Tensor qb = bias(q_bias, "q_bias"), vb = bias(v_bias, "v_bias");
   at::Tensor qc = operand(q), kc = operand(k), vc = operand(v);
-  at::Tensor out = at::empty({B, Tq, H, dh}, qc.options());
+  at::Tensor out;
+  if (given_out.defined()) {
+    check_cpu(given_out, "out");
+    TORCH_CHECK(q.scalar_type() == cd && given_out.scalar_type() == cd, "attention_out needs float32 / float64 q and "
+                "an out of q's dtype, got q ", q.scalar_type(), ", out ", given_out.scalar_type());
+    TORCH_CHECK(given_out.sizes() == at::IntArrayRef({B, Tq, H, dh}) && given_out.is_contiguous(),
+                "out must be a contiguous [", B, ", ", Tq, ", ", H, ", ", dh, "], got ", given_out.sizes());
+    out = given_out;
+  } else {
+    out = at::empty({B, Tq, H, dh}, qc.options());
+  }
   if (out.numel() > 0) {
     if (dh == 0) {
       out.zero_();
@@ -257,9 +270,27 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& key_lengths, double scale,
+                         const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& v_bias) {
+  return attention_impl(q, k, v, key_lengths, scale, q_bias, v_bias, at::Tensor());
+}
+
+at::Tensor& attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const c10::optional<at::Tensor>& key_lengths, double scale,
+                              const c10::optional<at::Tensor>& q_bias, const c10::optional<at::Tensor>& v_bias,
+                              at::Tensor& out) {
+  TORCH_CHECK(out.defined(), "out must be a tensor");
+  attention_impl(q, k, v, key_lengths, scale, q_bias, v_bias, out);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) { m.impl("attention", &attention_cpu); }
+TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_out", &attention_out_cpu);
+}
 
 }  // namespace cpu
 }  // namespace eureka_fast

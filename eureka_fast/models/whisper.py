@@ -186,13 +186,16 @@ def _has_bias_gelu(x: Tensor) -> bool:
     return _has_cpu_kernel("bias_gelu_", x)
 
 
-def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm") -> Tensor:
+def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm", out: Tensor | None = None) -> Tensor:
     """x += bias (in place; the residual stream's pending bias, if any), then norm(x) (no autograd): one pass with
-    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module."""
+    eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module. `out` (x's shape and
+    dtype, contiguous): a buffer the compiled op may write the result into."""
     if (_has_cpu_kernel("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
             and norm.bias is not None and norm.weight.dtype == x.dtype and len(norm.normalized_shape) == 1):
-        return torch.ops.eureka_fast.add_layer_norm_(x, None if bias is None else bias.to(x.dtype), norm.weight,
-                                                     norm.bias, norm.eps)
+        bias = None if bias is None else bias.to(x.dtype)
+        if out is not None and _has_cpu_kernel("add_layer_norm_out", x):
+            return torch.ops.eureka_fast.add_layer_norm_out(x, bias, norm.weight, norm.bias, norm.eps, out)
+        return torch.ops.eureka_fast.add_layer_norm_(x, bias, norm.weight, norm.bias, norm.eps)
     if bias is not None:
         x.add_(bias)
     return norm(x)
@@ -209,6 +212,31 @@ def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = N
     if _has_bias_gelu(x):
         return torch.ops.eureka_fast.bias_gelu_(torch.mm(x, weight.t(), out=out), bias)
     return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
+
+
+def _packed_weight(module: nn.Module, name: str, weight: Tensor, x: Tensor, conv: bool = False) -> Tensor | None:
+    """`weight` packed by eureka_fast::linear_pack for packed_linear_ (a conv weight [out, in, k] as the im2col
+    matrix [out, k * in]), cached on `module` and repacked when the weight changes (another tensor, or an in-place
+    update: data_ptr / _version). None where that kernel does not run (not float32, no AVX-512, no extension): the
+    caller keeps the BLAS path. The cache costs one more copy of the encoder's weights."""
+    if not _has_cpu_kernel("packed_linear_", x) or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    try:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return None
+    cache = module.__dict__.setdefault("_packed_weights", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in and outside inference mode
+        w = weight.detach()
+        if conv:
+            w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
+        packed = torch.ops.eureka_fast.linear_pack(w.contiguous())
+    packed = packed if packed.numel() else None
+    cache[name] = (key, packed)
+    return packed
 
 
 def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
@@ -248,24 +276,47 @@ class EncoderLayer(nn.Module):
         flat = x.view(batch * length, d)
         # q, k, v without their biases (a bias in the GEMM is one more pass over [T, 3d]): the attention op adds
         # q's and v's itself, and k has none in Whisper (a k bias would not change the softmax anyway).
-        qkv = torch.mm(_add_layer_norm(flat, pending_bias, self.attn_norm), self.attn.qkv_weight.t(),
-                       out=_scratch("qkv", (batch * length, 3 * d), x))
+        # normed, attended: per-thread scratch too (fresh 2.3 MB tensors per layer at tiny were re-faulted page by
+        # page, ~1,700 faults per layer, whenever glibc had returned the freed ones to the kernel)
+        normed_buf = _scratch("normed", (batch * length, d), x)
+        normed = _add_layer_norm(flat, pending_bias, self.attn_norm, out=normed_buf)
+        qkv = _scratch("qkv", (batch * length, 3 * d), x)
+        packed = _packed_weight(self, "qkv", self.attn.qkv_weight, x)
+        if packed is not None:  # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp)
+            torch.ops.eureka_fast.packed_linear_(qkv, normed, packed, None, False, False)
+        else:
+            torch.mm(normed, self.attn.qkv_weight.t(), out=qkv)
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
-            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias)
+            attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias,
+                                    out=_scratch("attended", (batch, length, self.attn.n_head, q.shape[-1]), x))
         else:
             attended = F.scaled_dot_product_attention(q + self.attn.q_bias.view(1, -1, 1, q.shape[-1]), k,
                                                       v + self.attn.v_bias.view(1, -1, 1, v.shape[-1]),
                                                       attn_mask=attn_mask)
         # both return [B, H, T, dh] as a transposed view of a [B, T, H, dh] buffer: this is free.
         attended = attended.transpose(1, 2).reshape(batch * length, d)
-        flat.addmm_(attended, self.attn.out.weight.t())
-        hidden = _linear_gelu(_add_layer_norm(flat, self.attn.out.bias, self.mlp_norm), self.fc1.weight,
-                              self.fc1.bias, out=_scratch("hidden", (batch * length, self.fc1.out_features), x))
+        packed = _packed_weight(self, "out", self.attn.out.weight, x)
+        if packed is not None:  # residual add in the GEMM's epilogue (C += A W^T)
+            torch.ops.eureka_fast.packed_linear_(flat, attended, packed, None, True, False)
+        else:
+            flat.addmm_(attended, self.attn.out.weight.t())
+        normed = _add_layer_norm(flat, self.attn.out.bias, self.mlp_norm, out=normed_buf)
+        hidden = _scratch("hidden", (batch * length, self.fc1.out_features), x)
+        packed = _packed_weight(self, "fc1", self.fc1.weight, x)
+        if packed is not None and self.fc1.bias is not None and self.fc1.bias.dtype == x.dtype:
+            # bias + exact GELU applied to the accumulators: no second pass over the [T, 4d] hidden
+            torch.ops.eureka_fast.packed_linear_(hidden, normed, packed, self.fc1.bias, False, True)
+        else:
+            hidden = _linear_gelu(normed, self.fc1.weight, self.fc1.bias, out=hidden)
         if not defer_bias:
             flat.add_(self.fc2.bias)
-        flat.addmm_(hidden, self.fc2.weight.t())
+        packed = _packed_weight(self, "fc2", self.fc2.weight, x)
+        if packed is not None:
+            torch.ops.eureka_fast.packed_linear_(flat, hidden, packed, None, True, False)
+        else:
+            flat.addmm_(hidden, self.fc2.weight.t())
         return x
 
 
@@ -307,6 +358,10 @@ class WhisperEncoder(nn.Module):
                              % (frames, 2 * self.dims.n_audio_ctx))
         mel = mel.to(self.conv1.weight.dtype)
         attn_mask = out_lengths = None
+        stem_params = [t for conv in (self.conv1, self.conv2) for t in (conv.weight, conv.bias) if t is not None]
+        stem_grad = torch.is_autocast_enabled(mel.device.type) or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in [mel] + stem_params))
+        stem = None if stem_grad else self._packed_stem(mel, lengths)
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=mel.device).long()
             if lengths.shape != (mel.shape[0],):
@@ -317,18 +372,22 @@ class WhisperEncoder(nn.Module):
             out_lengths = self.output_lengths(lengths)
             out_valid = torch.arange(out_frames, device=mel.device)[None, :] < out_lengths[:, None]
             attn_mask = out_valid[:, None, None, :]  # [B, 1, 1, T]: keys to attend to
-            mel = mel * in_valid[:, None, :].to(mel.dtype)
-            x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
+        position = self.positional_embedding[:out_frames].to(mel.dtype)
+        if stem is not None:
+            x = stem.add_(position)
         else:
-            x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        # Make the residual stream [B, T, d] contiguous once: adding the positions to the transposed conv output
-        # directly would keep its [B, d, T] memory layout and make every later LayerNorm / GEMM copy it.
-        position = self.positional_embedding[:out_frames].to(x.dtype)
-        if _needs_autograd(x, self.conv2.weight):
-            x = x.contiguous() + position
-        else:
-            x = x.contiguous().add_(position)
+            if lengths is not None:
+                mel = mel * in_valid[:, None, :].to(mel.dtype)
+                x = F.gelu(self.conv1(mel)) * in_valid[:, None, :].to(mel.dtype)
+            else:
+                x = F.gelu(self.conv1(mel))
+            x = F.gelu(self.conv2(x)).transpose(1, 2)
+            # Make the residual stream [B, T, d] contiguous once: adding the positions to the transposed conv
+            # output directly would keep its [B, d, T] memory layout and make every later LayerNorm / GEMM copy it.
+            if _needs_autograd(x, self.conv2.weight):
+                x = x.contiguous() + position
+            else:
+                x = x.contiguous().add_(position)
         if _needs_autograd(x, self.layers[0].fc1.weight if len(self.layers) else self.conv2.weight):
             for layer in self.layers:
                 x = layer(x, attn_mask, out_lengths)
@@ -339,6 +398,41 @@ class WhisperEncoder(nn.Module):
             x = layer._forward_inplace(x, attn_mask, out_lengths, pending_bias=pending, defer_bias=True)
             pending = layer.fc2.bias
         return _add_layer_norm(x, pending, self.final_norm)
+
+
+    def _packed_stem(self, mel: Tensor, lengths: Tensor | None) -> Tensor | None:
+        """gelu(conv2(gelu(conv1(mel)))) as a contiguous [B, T, d] (the residual stream's layout), frames at or
+        past `lengths` zeroed as in forward, by two GEMMs with bias + GELU in their epilogue
+        (eureka_fast::packed_linear_); None where that kernel does not run. Both convolutions read a time-major
+        buffer in place: with frames as rows and one zero row each side (the padding), output frame t of a k=3
+        conv reads rows t..t+2 (conv1) or 2t..2t+2 (conv2, stride 2), i.e. 3 * channels consecutive floats, so the
+        im2col matrix is a strided view (no copy), and conv2 writes [T, d] directly (no transpose pass)."""
+        c1, c2 = self.conv1, self.conv2
+        if (c1.bias is None or c2.bias is None or c1.kernel_size != (3,) or c2.kernel_size != (3,)
+                or c1.stride != (1,) or c2.stride != (2,) or c1.padding != (1,) or c2.padding != (1,)
+                or c1.dilation != (1,) or c2.dilation != (1,) or c1.groups != 1 or c2.groups != 1):
+            return None
+        w1 = _packed_weight(self, "conv1", c1.weight, mel, conv=True)
+        w2 = _packed_weight(self, "conv2", c2.weight, mel, conv=True)
+        if w1 is None or w2 is None or c1.bias.dtype != mel.dtype or c2.bias.dtype != mel.dtype:
+            return None
+        batch, n_mels, frames = mel.shape
+        d, out_frames = c2.out_channels, (frames + 1) // 2
+        x = mel.new_empty((batch, out_frames, d))
+        frames_in = _scratch("stem_in", (frames + 2, n_mels), mel)
+        hidden = _scratch("stem_hidden", (frames + 2, d), mel)
+        for b in range(batch):
+            n = frames if lengths is None else int(lengths[b])
+            frames_in[0].zero_()
+            frames_in[n + 1:].zero_()
+            frames_in[1:n + 1].copy_(mel[b, :, :n].t())
+            im2col = frames_in.as_strided((n, 3 * n_mels), (n_mels, 1), frames_in.storage_offset())
+            torch.ops.eureka_fast.packed_linear_(hidden[1:n + 1], im2col, w1, c1.bias, False, True)
+            hidden[0].zero_()
+            hidden[n + 1:].zero_()
+            im2col = hidden.as_strided((out_frames, 3 * d), (2 * d, 1), hidden.storage_offset())
+            torch.ops.eureka_fast.packed_linear_(x[b], im2col, w2, c2.bias, False, True)
+        return x
 
 
 class CrossAttention(nn.Module):

@@ -41,6 +41,25 @@ def _register_fake() -> None:
         def _(x, bias, weight, ln_bias, eps):
             return torch.empty_like(x)
 
+    if hasattr(torch.ops.eureka_fast, "attention_out"):
+        @torch.library.register_fake("eureka_fast::attention_out")
+        def _(q, k, v, key_lengths, scale, q_bias, v_bias, out):
+            return out
+
+        @torch.library.register_fake("eureka_fast::add_layer_norm_out")
+        def _(x, bias, weight, ln_bias, eps, out):
+            return out
+
+    # The encoder's packed-weight GEMM (whisper.py keeps BLAS without it, or where linear_pack returns empty).
+    if hasattr(torch.ops.eureka_fast, "linear_pack"):
+        @torch.library.register_fake("eureka_fast::linear_pack")
+        def _(weight):
+            return weight.new_empty((weight.shape[1] * ((weight.shape[0] + 15) // 16 * 16),))
+
+        @torch.library.register_fake("eureka_fast::packed_linear_")
+        def _(out, x, packed, bias, accumulate, gelu):
+            return out
+
 
 def _kernel_available(device: torch.device) -> bool:
     if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):
@@ -66,11 +85,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_l
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
               scale: Optional[float] = None, *, q_bias: Optional[torch.Tensor] = None,
-              v_bias: Optional[torch.Tensor] = None, use_reference: bool = False) -> torch.Tensor:
+              v_bias: Optional[torch.Tensor] = None, use_reference: bool = False,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(scale * (q + q_bias) k^T) (v + v_bias) over the first key_lengths[b] keys; q [B, H, Tq, dh], k/v
     [B, H, Tk, dh], biases [H * dh] or None -> [B, H, Tq, dh]. Taking the biases here lets a fused QKV projection
     skip its bias pass (the kernel folds q's into its packing of q and v's into the output: softmax weights sum to
-    1). The compiled kernel runs when autograd does not record the call; otherwise SDPA does."""
+    1). The compiled kernel runs when autograd does not record the call; otherwise SDPA does. `out`: a contiguous
+    [B, Tq, H, dh] buffer of q's dtype the compiled kernel may write the result into (the returned view is then
+    out.transpose(1, 2)); other paths ignore it."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -86,5 +108,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Op
     if (use_reference or needs_grad or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not _kernel_available(q.device)):
         return reference_attention(q, k, v, key_lengths, scale, q_bias=q_bias, v_bias=v_bias)
-    out = torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale), q_bias, v_bias)
-    return out.transpose(1, 2)
+    if (out is not None and q.dtype in (torch.float32, torch.float64) and out.dtype == q.dtype
+            and out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and out.is_contiguous()
+            and hasattr(torch.ops.eureka_fast, "attention_out")):
+        return torch.ops.eureka_fast.attention_out(q, k, v, key_lengths, float(scale), q_bias, v_bias,
+                                                   out).transpose(1, 2)
+    return torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale), q_bias, v_bias).transpose(1, 2)

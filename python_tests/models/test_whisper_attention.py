@@ -391,3 +391,43 @@ def test_encoder_scratch_buffers_across_grad_modes():
     third = enc(mel)
     torch.testing.assert_close(second, first, atol=0, rtol=0)
     torch.testing.assert_close(third.detach(), first, atol=1e-5, rtol=1e-4)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_out_variants_write_the_given_buffer(dtype):
+    # attention_out / add_layer_norm_out: the same results as the allocating ops, written into the caller's buffer
+    # (the encoder's scratch), every element written (NaN-poisoned), wrong buffers refused
+    q, k, v = qkv(2, 3, 70, 70, 64, dtype=dtype, fused=True)
+    q_bias, v_bias = torch.randn(192, dtype=dtype), torch.randn(192, dtype=dtype)
+    lens = torch.tensor([70, 33])
+    expected = torch.ops.eureka_fast.attention(q, k, v, lens, 0.125, q_bias, v_bias)
+    out = torch.full((2, 70, 3, 64), float("nan"), dtype=dtype)
+    got = torch.ops.eureka_fast.attention_out(q, k, v, lens, 0.125, q_bias, v_bias, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with torch.inference_mode():
+        view = attention(q, k, v, lens, 0.125, q_bias=q_bias, v_bias=v_bias, out=out.fill_(float("nan")))
+    assert view.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(view, expected.transpose(1, 2), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.eureka_fast.attention_out(q, k, v, lens, 0.125, None, None, torch.empty(2, 70, 3, 63, dtype=dtype))
+
+    x = torch.randn(37, 100, dtype=dtype)
+    bias, w, b = (torch.randn(100, dtype=dtype) for _ in range(3))
+    x2 = x.clone()
+    expected = torch.ops.eureka_fast.add_layer_norm_(x, bias, w, b, 1e-5)
+    y = torch.full((37, 100), float("nan"), dtype=dtype)
+    got = torch.ops.eureka_fast.add_layer_norm_out(x2, bias, w, b, 1e-5, y)
+    assert got.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    torch.testing.assert_close(x2, x, atol=0, rtol=0)  # the bias was added in place to both
+    with pytest.raises(RuntimeError, match="out must"):
+        torch.ops.eureka_fast.add_layer_norm_out(x2, None, w, b, 1e-5, x2)
+    torch.library.opcheck(torch.ops.eureka_fast.add_layer_norm_out,
+                          (torch.randn(5, 24), torch.randn(24), torch.randn(24), torch.randn(24), 1e-5,
+                           torch.empty(5, 24)), test_utils=("test_schema", "test_faketensor"))
+    qs, ks, vs = qkv(1, 2, 6, 6, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.eureka_fast.attention_out,
+                          (qs, ks, vs, None, 0.5, None, None, torch.empty(1, 6, 2, 4, dtype=torch.float64)),
+                          test_utils=("test_schema", "test_faketensor"))
