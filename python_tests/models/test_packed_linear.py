@@ -178,3 +178,18 @@ def test_conv_stem_keeps_autograd_for_any_trainable_stem_parameter():
     enc.conv1.bias.requires_grad_(True)  # only conv1's bias trains: the packed (no-autograd) stem must not run
     enc(torch.randn(1, 80, 40)).sum().backward()
     assert enc.conv1.bias.grad is not None and enc.conv1.bias.grad.abs().sum() > 0
+
+
+def test_large_weights_keep_the_blas_path():
+    # the packed cache doubles a weight's memory: only weights up to _PACK_MAX_BYTES are packed
+    from eureka_fast.models import whisper
+
+    layer = torch.nn.Linear(1, 1)
+    x = torch.randn(3, 8)
+    small = torch.randn(16, 8)
+    big = torch.empty(whisper._PACK_MAX_BYTES // 4 // 8 + 1, 8)
+    assert whisper._packed_weight(layer, "big", big, x) is None
+    if whisper._has_cpu_kernel("packed_linear_", x) and ops.backend() == "compiled":
+        packed = whisper._packed_weight(layer, "small", small, x)
+        if torch.ops.eureka_fast.linear_pack(small).numel():  # the kernel runs on this CPU
+            assert packed is not None
