@@ -13,7 +13,6 @@
 // matmul, the activation's product rounded once.
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 
 #include <ATen/core/grad_mode.h>
 
@@ -58,45 +57,6 @@ bool row_major_experts(const at::Tensor& w) {
 }
 
 int64_t weight_row_stride(const at::Tensor& w) { return w.size(1) <= 1 ? w.size(2) : w.stride(1); }
-
-// Per-thread scratch, grown on demand and kept; kSlot tells apart buffers a task uses at the same time.
-template <typename T, int kSlot>
-T* scratch(int64_t elements) {
-  thread_local std::vector<char> buffer;
-  const size_t bytes = static_cast<size_t>(elements) * sizeof(T) + 64;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-}
-
-// The expert-sorted output rows [S, H] (bf16), kept between calls: a fresh 24 MB buffer (T = 1500, k = 4) is
-// page-faulted in on every call. One user at a time (a concurrent call allocates its own), capped in size.
-constexpr int64_t kMaxCachedBytes = int64_t(256) << 20;
-
-class RowsBuffer {
- public:
-  explicit RowsBuffer(int64_t elements) {
-    static std::mutex mutex;
-    static at::Tensor cached;
-    const auto options = at::TensorOptions().dtype(at::kBFloat16);
-    if (elements * 2 <= kMaxCachedBytes && mutex.try_lock()) {
-      lock_ = std::unique_lock<std::mutex>(mutex, std::adopt_lock);
-      if (!cached.defined() || cached.numel() < elements) {
-        cached = at::Tensor();  // free the old buffer before allocating the larger one
-        cached = empty_large_output({elements}, options);
-      }
-      data_ = static_cast<uint16_t*>(cached.data_ptr());
-    } else {
-      own_ = empty_large_output({elements}, options);
-      data_ = static_cast<uint16_t*>(own_.data_ptr());
-    }
-  }
-  uint16_t* data() const { return data_; }
-
- private:
-  std::unique_lock<std::mutex> lock_;
-  at::Tensor own_;
-  uint16_t* data_ = nullptr;
-};
 
 at::Tensor bf16_matrix(const uint16_t* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<uint16_t*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kBFloat16));
@@ -159,8 +119,9 @@ at::Tensor fused_experts_bf16(const at::Tensor& x, const at::Tensor& w_gate_up, 
   const int64_t wgu_ld = weight_row_stride(w_gate_up), wd_ld = weight_row_stride(w_down);
   const at::Tensor wts = weights.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({T, H}, x.options());
-  const RowsBuffer ys(S * H);
-  uint16_t* y = ys.data();
+  // expert-sorted output rows [S, H] (bf16) in the layer workspace shared with the float path
+  const WorkspaceLease workspace(S * H * static_cast<int64_t>(sizeof(uint16_t)));
+  uint16_t* y = workspace.at_offset<uint16_t>(0);
 
   struct Block {
     int64_t expert, row0, rows;
@@ -185,26 +146,26 @@ at::Tensor fused_experts_bf16(const at::Tensor& x, const at::Tensor& w_gate_up, 
     uint16_t* y_rows = y + b.row0 * H;
     if (m <= kStreamingMaxRows) {
       // Weight streaming: fp32 token rows, gate+up in fp32, activation in place, down product rounded to bf16.
-      float* a32 = scratch<float, 0>(m * H);
+      float* a32 = thread_scratch<float, 0>(m * H);
       for (int64_t r = 0; r < m; ++r)
         widen_to_float(xp + (sorted_rows[b.row0 + r] / k) * x_stride, H, WeightFormat::BFloat16, a32 + r * H);
-      float* g32 = scratch<float, 1>(m * 2 * I);
+      float* g32 = thread_scratch<float, 1>(m * 2 * I);
       skinny_gemm_abt_avx512(m, 2 * I, H, a32, H, w1, wgu_ld, WeightFormat::BFloat16, g32, 2 * I);
       for (int64_t r = 0; r < m; ++r) gated(act, g32 + r * 2 * I, g32 + r * 2 * I + I, g32 + r * 2 * I, I);
-      float* y32 = scratch<float, 0>(m * H);  // the token rows are no longer needed
+      float* y32 = thread_scratch<float, 0>(m * H);  // the token rows are no longer needed
       skinny_gemm_abt_avx512(m, H, I, g32, 2 * I, w2, wd_ld, WeightFormat::BFloat16, y32, H);
       narrow_to_bf16_avx512bf16(y32, m * H, y_rows);
       return;
     }
-    uint16_t* a16 = scratch<uint16_t, 2>(m * H);
+    uint16_t* a16 = thread_scratch<uint16_t, 2>(m * H);
     for (int64_t r = 0; r < m; ++r)
       std::memcpy(a16 + r * H, xp + (sorted_rows[b.row0 + r] / k) * x_stride, H * sizeof(uint16_t));
-    uint16_t* g16 = scratch<uint16_t, 3>(m * 2 * I);
+    uint16_t* g16 = thread_scratch<uint16_t, 3>(m * 2 * I);
     at::Tensor g = bf16_matrix(g16, m, 2 * I, 2 * I);
     at::mm_out(g, bf16_matrix(a16, m, H, H), bf16_matrix(w1, 2 * I, H, wgu_ld).t());
     // act(gate) * up row by row: widened into an L1-sized fp32 row, rounded once into the hidden rows.
-    uint16_t* h16 = scratch<uint16_t, 4>(m * I);
-    float* row = scratch<float, 5>(2 * I);
+    uint16_t* h16 = thread_scratch<uint16_t, 4>(m * I);
+    float* row = thread_scratch<float, 5>(2 * I);
     for (int64_t r = 0; r < m; ++r) {
       widen_to_float(g16 + r * 2 * I, 2 * I, WeightFormat::BFloat16, row);
       gated(act, row, row + I, row, I);

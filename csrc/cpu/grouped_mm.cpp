@@ -143,15 +143,6 @@ void tile_gemm_gate_up(int64_t m, int64_t n, int64_t K, const scalar_t* a, int64
   tile_gemm<scalar_t>(m, n, K, a, lda, w_up, b_row_stride, b_col_stride, c + n, ldc);
 }
 
-// Per-thread scratch, grown on demand and kept; kSlot tells apart buffers a tile uses at the same time.
-template <typename scalar_t, int kSlot = 0>
-scalar_t* thread_scratch(int64_t elements) {
-  thread_local std::vector<char> buffer;
-  const size_t bytes = static_cast<size_t>(elements) * sizeof(scalar_t);
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return reinterpret_cast<scalar_t*>(buffer.data());
-}
-
 // out[r, :cols] = act(h[r, :cols]) * h[r, cols:2 cols] for `rows` rows of h (leading dimension ldh).
 template <typename scalar_t>
 void gated_epilogue(const scalar_t* h, int64_t rows, int64_t cols, int64_t ldh, GatedActivation act, scalar_t* out,
@@ -577,40 +568,25 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
   return {grad_a.to(a.scalar_type()), grad_w.to(w.scalar_type())};
 }
 
-// Scratch for fused_experts' gathered rows and hidden activations, kept between calls: a fresh allocation of
-// T*k*(H+I) floats is mmapped and page-faulted on every call (measured: page-fault system time about 7% of the
-// layer at T = 1024-4096 on one thread).
-// One buffer per process, used by one call at a time (a concurrent call allocates its own) and capped, so a long
-// prefill does not pin more than kMaxCachedWorkspaceBytes.
-constexpr int64_t kMaxCachedWorkspaceBytes = int64_t(256) << 20;
+}  // namespace
 
-class WorkspaceLease {
- public:
-  explicit WorkspaceLease(int64_t bytes) {
-    static std::mutex mutex;
-    static at::Tensor cached;
-    if (bytes <= kMaxCachedWorkspaceBytes && mutex.try_lock()) {
-      lock_ = std::unique_lock<std::mutex>(mutex, std::adopt_lock);
-      if (!cached.defined() || cached.numel() < bytes) {
-        cached = at::Tensor();  // release the old buffer before allocating the larger one
-        cached = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
-      }
-      data_ = cached.data_ptr();
-    } else {
-      own_ = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
-      data_ = own_.data_ptr();
+WorkspaceLease::WorkspaceLease(int64_t bytes) {
+  static std::mutex mutex;
+  static at::Tensor cached;
+  if (bytes <= kMaxCachedWorkspaceBytes && mutex.try_lock()) {
+    lock_ = std::unique_lock<std::mutex>(mutex, std::adopt_lock);
+    if (!cached.defined() || cached.numel() < bytes) {
+      cached = at::Tensor();  // release the old buffer before allocating the larger one
+      cached = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
     }
+    data_ = cached.data_ptr();
+  } else {
+    own_ = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
+    data_ = own_.data_ptr();
   }
-  template <typename T>
-  T* at_offset(int64_t bytes) const {
-    return reinterpret_cast<T*>(static_cast<char*>(data_) + bytes);
-  }
+}
 
- private:
-  std::unique_lock<std::mutex> lock_;
-  at::Tensor own_;
-  void* data_ = nullptr;
-};
+namespace {
 
 at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                              const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {

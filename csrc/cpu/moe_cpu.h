@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -90,6 +91,35 @@ struct SkinnyRows {
 };
 SkinnyRows skinny_rows();
 constexpr int64_t kSkinnyMaxRowsAvx512 = 16;
+
+// Per-thread scratch (64-byte aligned), grown on demand and kept; kSlot tells apart buffers a task uses at the
+// same time (a buffer stays valid until the next call with the same type and slot on that thread).
+template <typename T, int kSlot = 0>
+T* thread_scratch(int64_t elements) {
+  thread_local std::vector<char> buffer;
+  const size_t bytes = static_cast<size_t>(elements) * sizeof(T) + 64;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+}
+
+// fused_experts' scratch for its row buffers (grouped_mm.cpp), kept between calls: a fresh allocation of that size
+// is mmapped and page-faulted on every call (page-fault system time was about 7% of the fp32 layer at T = 1024-4096
+// on one thread). One buffer per process, shared by the fp32 and bf16 paths and used by one call at a time (a
+// concurrent call, or one over kMaxCachedWorkspaceBytes, allocates its own), so a long prefill pins at most that.
+constexpr int64_t kMaxCachedWorkspaceBytes = int64_t(256) << 20;
+class WorkspaceLease {
+ public:
+  explicit WorkspaceLease(int64_t bytes);
+  template <typename T>
+  T* at_offset(int64_t bytes) const {
+    return reinterpret_cast<T*>(static_cast<char*>(data_) + bytes);
+  }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+  at::Tensor own_;
+  void* data_ = nullptr;
+};
 
 // fused_experts for bf16 x and bf16 row-major expert weights on a CPU with bf16 matmuls (fused_experts_bf16.cpp):
 // whether it takes the layer (EUREKA_FAST_BF16_EXPERTS=0 turns it off; all-decode layers stay on the float path),
