@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
     const int ldc = s.calls * s.n;  // gate | up side by side, as in grouped_gemm_forward's buffer
     const size_t csize = static_cast<size_t>(s.m) * ldc;
     std::vector<std::vector<float>> c(kernels.size() + 1, std::vector<float>(csize));
-    float* packed = static_cast<float*>(std::aligned_alloc(64, ef::packed_a_floats(s.m, s.K) * 4 + 64));
+    int64_t packed_floats = 0;  // the largest packed layout among the kernels
+    for (const Kernel& k : kernels) packed_floats = std::max(packed_floats, k.floats(s.m, s.K));
+    float* packed = static_cast<float*>(std::aligned_alloc(64, packed_floats * 4 + 64));
     const int tiles = std::getenv("HOT") ? 64 : std::max(8, pool / s.calls / (static_cast<int>(kernels.size()) + 1));
     // One tile of contender `which` (0 = MKL) against weight matrices starting at w[first].
     auto tile = [&](int which, int t, int first, float* cout) {

@@ -11,12 +11,14 @@
 // panels broadcast from that copy. (Weight rows 4 KB apart, K = 1024 or 2048, all map to one L1 set, so read in
 // place by every panel they evict each other: a K = 1024 tile ran at ~0.9x of MKL that way, ~1.1x with the copy.)
 // While one chunk is in use the next is prefetched into L2 (the hardware prefetcher stops at every 4 KB page, i.e.
-// every row). A last panel of at most 16 rows runs a one-vector kernel (half the work). Loop order and partial
-// sums: see gemm_abt_packed_avx512.
+// every row). A last panel of at most 16 rows runs a one-vector kernel (half the work); rows left past the full
+// panels may instead run as dot products along K against the same L1 copy (see remainder_rows). Loop order and
+// partial sums: see gemm_abt_packed_avx512.
 // Self-contained (no ATen) so a stand-alone micro-benchmark (bench/gemm_tiles.cpp) can include it.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -100,8 +102,8 @@ EF_AVX512 EF_AVX512_INLINE void k_step(const float* a, const float* w, __m512 (&
 // wbuf ([NR][kKc], a fixed stride: constant displacements and no L1 set conflicts, whereas weight rows 4 KB apart
 // (K = 1024, 2048) all fall in one L1 set and more than 12 of them evict each other).
 // With kCopy, the rows are first copied from b (stride ldb) into wbuf, 16 columns at a time just before use (the
-// first panel of a block); with kPrefetch, the rows at pf (stride ldb) are prefetched into L2 alongside.
-// H = 2: all 32 rows of the panel; H = 1: its first 16 only (a last panel of at most 16 rows).
+// first pass over a chunk); with kPrefetch, the rows at pf (stride ldb) are prefetched into L2 alongside.
+// H = 2: all 32 rows of the panel; H = 1: its first 16 only (the single panel of a tile of at most 16 rows).
 template <int NR, int H, bool kCopy, bool kPrefetch>
 EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel, const float* b, int64_t ldb,
                                       float* __restrict wbuf, const float* pf, __m512 (&acc)[NR][2]) {
@@ -123,6 +125,28 @@ EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel,
       for (int kk = 0; kk < 16; ++kk) k_step<NR, H>(pk + kk * kPanel, wk + kk, acc);
     } else {
       for (int64_t kk = 0; kk < width; ++kk) k_step<NR, H>(pk + kk * kPanel, wk + kk, acc);
+    }
+  }
+}
+
+// The remainder rows (fewer than 32, after the full panels) as dot products along K: acc[t][r] holds 16 lanes of
+// partial sums of row t of a (NT rows, stride lda, zero-padded to a multiple of 16 columns) times weight row r of
+// wbuf. Weights are loaded as vectors, so a row costs what it does inside a panel (2 rows x NR weights: 2 + NR loads
+// per 2 * NR FMAs), where a padded panel would pay for all 16 or 32 of its rows (~6% of the work at 128 rows).
+template <int NR, int NT>
+EF_AVX512 EF_AVX512_INLINE void dot_micro(int64_t kc, const float* __restrict a, int64_t lda,
+                                          const float* __restrict wbuf, __m512 (&acc)[2][NR]) {
+  for (int64_t k = 0; k < kc; k += 16) {
+    const __m512 a0 = _mm512_load_ps(a + k);
+    const __m512 a1 = NT == 2 ? _mm512_load_ps(a + lda + k) : a0;
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      __m512 w = _mm512_load_ps(wbuf + r * kKc + k);
+      // one load in a register for both rows: left to itself GCC folds the load into each FMA (twice the loads,
+      // which made these passes load-bound)
+      if constexpr (NT == 2) __asm__("" : "+v"(w));
+      acc[0][r] = _mm512_fmadd_ps(a0, w, acc[0][r]);
+      if constexpr (NT == 2) acc[1][r] = _mm512_fmadd_ps(a1, w, acc[1][r]);
     }
   }
 }
@@ -149,65 +173,126 @@ EF_AVX512 EF_AVX512_INLINE void store_block(__m512 (&acc)[NR][2], int64_t rows, 
   }
 }
 
-// One chunk: NR weight rows x kc columns of K (b, stride ldb) against every panel (panels: the first panel at this
-// K offset, panel stride pstride), accumulated into `partial` (np x NR x 32 floats) or, on the last K block, stored
-// into C[:, 0..NR). pf: the rows of the chunk after this one (same stride), prefetched into L2 meanwhile.
-template <int NR>
-EF_AVX512 void chunk(int64_t m, int64_t kc, bool first, bool last, const float* panels, int64_t pstride,
-                     const float* b, int64_t ldb, float* wbuf, const float* pf, float* partial, float* c,
-                     int64_t ldc) {
-  const int64_t np = (m + kPanel - 1) / kPanel;
-  for (int64_t p = 0; p < np; ++p) {
-    __m512 acc[NR][2];
-    float* part = partial + p * (NR * kPanel);
-    if (first) {
+// The packed A (pack_a_avx512): panels of 32 rows (k-major), then the remainder rows row-major. m % 32 = r rows
+// past the full panels (m > 32) run as dot products when that beats a zero-padded last panel, which costs a full
+// panel's work (r > 16) or a one-vector panel's (r <= 16). Measured one thread, 128 + r rows, K = 1024, hot weights
+// (GFLOP/s, padded vs dot): r = 2: 136 vs 154, 8: 147 vs 155, 14: 151 vs 153, 16: 158 vs 153, 20: 147 vs 152,
+// 24: 150 vs 151, 28: 154 vs 151.
+EF_AVX512_INLINE int64_t remainder_rows(int64_t m) {
+  const int64_t r = m % kPanel;
+  return m > kPanel && (r <= 14 || (r >= 17 && r <= 24)) ? r : 0;
+}
+EF_AVX512_INLINE int64_t panel_count(int64_t m) { return (m - remainder_rows(m) + kPanel - 1) / kPanel; }
+EF_AVX512_INLINE int64_t remainder_stride(int64_t K) { return (K + 15) / 16 * 16; }
+
+// One panel's pass over a chunk (see chunk): acc from / to its partial sums, or stored into C on the last K block.
+template <int NR, bool kCopy, bool kPrefetch>
+EF_AVX512 EF_AVX512_INLINE void panel_pass(int64_t prow, int64_t kc, bool first, bool last, const float* panel,
+                                           const float* b, int64_t ldb, float* wbuf, const float* pf, float* part,
+                                           float* c, int64_t ldc) {
+  __m512 acc[NR][2];
+  if (first) {
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    } else {
+    for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  } else {
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) {
-        acc[r][0] = _mm512_load_ps(part + r * kPanel);
-        acc[r][1] = _mm512_load_ps(part + r * kPanel + 16);
-      }
-    }
-    const float* panel = panels + p * pstride;
-    const int64_t prow = std::min<int64_t>(kPanel, m - p * kPanel);
-    if (prow > 16) {
-      if (p > 0)
-        micro<NR, 2, false, false>(kc, panel, b, ldb, wbuf, pf, acc);
-      else if (pf != nullptr)
-        micro<NR, 2, true, true>(kc, panel, b, ldb, wbuf, pf, acc);
-      else
-        micro<NR, 2, true, false>(kc, panel, b, ldb, wbuf, pf, acc);
-    } else {  // a last panel of at most 16 rows: half the work
-      if (p > 0)
-        micro<NR, 1, false, false>(kc, panel, b, ldb, wbuf, pf, acc);
-      else if (pf != nullptr)
-        micro<NR, 1, true, true>(kc, panel, b, ldb, wbuf, pf, acc);
-      else
-        micro<NR, 1, true, false>(kc, panel, b, ldb, wbuf, pf, acc);
-    }
-    if (last) {
-      store_block<NR>(acc, prow, c + p * kPanel * ldc, ldc);
-    } else {
-#pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) {
-        _mm512_store_ps(part + r * kPanel, acc[r][0]);
-        _mm512_store_ps(part + r * kPanel + 16, acc[r][1]);
-      }
+    for (int r = 0; r < NR; ++r) {
+      acc[r][0] = _mm512_load_ps(part + r * kPanel);
+      acc[r][1] = _mm512_load_ps(part + r * kPanel + 16);
     }
   }
+  if (prow > 16)
+    micro<NR, 2, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, acc);
+  else
+    micro<NR, 1, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, acc);
+  if (last) {
+    store_block<NR>(acc, prow, c, ldc);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      _mm512_store_ps(part + r * kPanel, acc[r][0]);
+      _mm512_store_ps(part + r * kPanel + 16, acc[r][1]);
+    }
+  }
+}
+
+// Dot-product passes over a chunk for the remainder rows (pairs, and a last single row), after the chunk's first
+// panel has filled wbuf: accumulated into `part` (per pair, 2 x NR vectors of 16 lane sums) or, on the last K block,
+// reduced and stored into C rows [0, nrem).
+template <int NR>
+EF_AVX512 void remainder_passes(int64_t nrem, int64_t kc, bool first, bool last, const float* rem, int64_t ldr,
+                                float* wbuf, float* part, float* c, int64_t ldc) {
+  for (int64_t t = 0; t < nrem; t += 2, part += NR * kPanel) {
+    __m512 acc[2][NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      acc[0][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + r * 16);
+      acc[1][r] = first ? _mm512_setzero_ps() : _mm512_load_ps(part + (NR + r) * 16);
+    }
+    const int64_t rows = std::min<int64_t>(2, nrem - t);
+    if (rows == 2)
+      dot_micro<NR, 2>(kc, rem + t * ldr, ldr, wbuf, acc);
+    else
+      dot_micro<NR, 1>(kc, rem + t * ldr, ldr, wbuf, acc);
+    if (!last) {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        _mm512_store_ps(part + r * 16, acc[0][r]);
+        _mm512_store_ps(part + (NR + r) * 16, acc[1][r]);
+      }
+      continue;
+    }
+    constexpr __mmask16 kCols = static_cast<__mmask16>((1u << NR) - 1u);
+    for (int64_t i = 0; i < rows; ++i) {  // lane sums: after the transpose, v[l] holds lane l of every weight row
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) v[r] = r < NR ? acc[i][r < NR ? r : 0] : _mm512_setzero_ps();
+      transpose16x16(v);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) v[r] = _mm512_add_ps(v[r], v[r + 8]);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) v[r] = _mm512_add_ps(v[r], v[r + 4]);
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
+      _mm512_mask_storeu_ps(c + (t + i) * ldc, kCols, sum);
+    }
+  }
+}
+
+// One chunk: NR weight rows x kc columns of K (b, stride ldb) against every row of A, accumulated into `partial`
+// or, on the last K block, stored into C[:, 0..NR). A's panels start at `panels` (this K offset, panel stride
+// pstride), its remainder rows at `rem` (this K offset, row stride ldr). The first panel copies the chunk into wbuf
+// (and prefetches the next chunk, pf, into L2) while its FMAs hide the loads' latency; the remainder rows come next,
+// while the copy is still in L1 (they reread the weights as vectors, 14 lines per 16 columns); then the other
+// panels, which stream through L1. partial: one NR x 32 block per panel, then one per pair of remainder rows.
+template <int NR>
+EF_AVX512 void chunk(int64_t m, int64_t kc, bool first, bool last, const float* panels, int64_t pstride,
+                     const float* rem, int64_t ldr, const float* b, int64_t ldb, float* wbuf, const float* pf,
+                     float* partial, float* c, int64_t ldc) {
+  const int64_t np = panel_count(m), nrem = remainder_rows(m), panel_rows = m - nrem;
+  const int64_t prow0 = std::min<int64_t>(kPanel, panel_rows);
+  if (pf != nullptr)
+    panel_pass<NR, true, true>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, partial, c, ldc);
+  else
+    panel_pass<NR, true, false>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, partial, c, ldc);
+  if (nrem > 0)
+    remainder_passes<NR>(nrem, kc, first, last, rem, ldr, wbuf, partial + np * (NR * kPanel), c + np * kPanel * ldc,
+                         ldc);
+  for (int64_t p = 1; p < np; ++p)
+    panel_pass<NR, false, false>(std::min<int64_t>(kPanel, panel_rows - p * kPanel), kc, first, last,
+                                 panels + p * pstride, b, ldb, wbuf, pf,
+                                 partial + p * (NR * kPanel), c + p * kPanel * ldc, ldc);
 }
 
 // chunk<nr> for the last, partial block of nr < kNr weight rows.
 template <int NR>
 EF_AVX512 void tail_chunk(int64_t nr, int64_t m, int64_t kc, bool first, bool last, const float* panels,
-                          int64_t pstride, const float* b, int64_t ldb, float* wbuf, const float* pf, float* partial,
-                          float* c, int64_t ldc) {
+                          int64_t pstride, const float* rem, int64_t ldr, const float* b, int64_t ldb, float* wbuf,
+                          const float* pf, float* partial, float* c, int64_t ldc) {
   if constexpr (NR > 1) {
-    if (nr < NR) return tail_chunk<NR - 1>(nr, m, kc, first, last, panels, pstride, b, ldb, wbuf, pf, partial, c, ldc);
+    if (nr < NR)
+      return tail_chunk<NR - 1>(nr, m, kc, first, last, panels, pstride, rem, ldr, b, ldb, wbuf, pf, partial, c, ldc);
   }
-  chunk<NR>(m, kc, first, last, panels, pstride, b, ldb, wbuf, pf, partial, c, ldc);
+  chunk<NR>(m, kc, first, last, panels, pstride, rem, ldr, b, ldb, wbuf, pf, partial, c, ldc);
 }
 
 // Partial sums kept per group of weight-row blocks (L2-resident), see gemm_abt_packed_avx512.
@@ -237,34 +322,47 @@ float* scratch(int64_t floats) {
 }  // namespace gemm512
 
 int64_t packed_a_floats(int64_t m, int64_t K) {
-  return (m + gemm512::kPanel - 1) / gemm512::kPanel * gemm512::kPanel * K;
+  return gemm512::panel_count(m) * gemm512::kPanel * K + gemm512::remainder_rows(m) * gemm512::remainder_stride(K);
 }
 
 float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
 
+// Panels k-major ([K][32] each; a tile under 32 rows: one panel, padding rows zero, never stored), then the
+// remainder rows row-major with their stride rounded up to 16 floats and the padding zeroed (the dot-product passes
+// read whole vectors).
 EF_AVX512 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed) {
   using gemm512::kPanel;
-  for (int64_t p = 0; p * kPanel < m; ++p) {
+  const int64_t np = gemm512::panel_count(m);
+  for (int64_t p = 0; p < np; ++p) {
     float* dst = packed + p * kPanel * K;
     const int64_t prow = std::min<int64_t>(kPanel, m - p * kPanel);
     const float* src = a + p * kPanel * lda;
-    gemm512::pack_half_panel(src, lda, std::min<int64_t>(prow, 16), K, dst);  // padding rows: zero, never stored
+    gemm512::pack_half_panel(src, lda, std::min<int64_t>(prow, 16), K, dst);
     gemm512::pack_half_panel(prow > 16 ? src + 16 * lda : src, lda, std::max<int64_t>(0, prow - 16), K, dst + 16);
+  }
+  const int64_t ldr = gemm512::remainder_stride(K);
+  float* rem = packed + np * kPanel * K;
+  for (int64_t t = m - gemm512::remainder_rows(m); t < m; ++t, rem += ldr) {
+    std::memcpy(rem, a + t * lda, K * sizeof(float));
+    std::memset(rem + K, 0, (ldr - K) * sizeof(float));
   }
 }
 
 // Loop order: groups of G weight-row blocks (G * kNr rows), then K blocks, then the blocks of the group, then the
-// panels. The live A data is one K block of every panel (m x kKc floats, L2), reused by the G blocks of a group;
-// the partial sums of a group (G x np x kNr x 32 floats) stay in L2 across K blocks. Each weight element is
-// loaded once, copied into the L1 chunk buffer by the first panel and read from there by the others.
+// rows of A (see chunk). The live A data is one K block of every row (m x kKc floats, L2), reused by the G blocks of
+// a group; the partial sums of a group (G x (panels + remainder pairs) x kNr x 32 floats) stay in L2 across K
+// blocks. Each weight element is loaded once, copied into the L1 chunk buffer by the first pass and read from there
+// by the others.
 EF_AVX512 void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const float* packed, const float* b,
                                       int64_t ldb, float* c, int64_t ldc) {
   using gemm512::kKc;
   using gemm512::kNr;
   using gemm512::kPanel;
   if (m <= 0 || n <= 0 || K <= 0) return;
-  const int64_t np = (m + kPanel - 1) / kPanel;
-  const int64_t block_floats = np * kNr * kPanel;
+  const int64_t np = gemm512::panel_count(m), nrem = gemm512::remainder_rows(m);
+  const int64_t block_floats = (np + (nrem + 1) / 2) * kNr * kPanel;
+  const int64_t ldr = gemm512::remainder_stride(K);
+  const float* rem = packed + np * kPanel * K;
   const int64_t G = std::max<int64_t>(1, gemm512::kPartialBytes / (block_floats * 4));
   const int64_t group_rows = G * kNr;
   float* wbuf = gemm512::scratch<0>(kNr * kKc + G * block_floats);
@@ -292,10 +390,11 @@ EF_AVX512 void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const flo
         float* part = partials + (j - j0) / kNr * block_floats;
         const float* bj = b + j * ldb + k0;
         if (nr == kNr)
-          gemm512::chunk<kNr>(m, kc, first, last, packed + k0 * kPanel, pstride, bj, ldb, wbuf, pf, part, c + j, ldc);
+          gemm512::chunk<kNr>(m, kc, first, last, packed + k0 * kPanel, pstride, rem + k0, ldr, bj, ldb, wbuf, pf,
+                              part, c + j, ldc);
         else
-          gemm512::tail_chunk<kNr - 1>(nr, m, kc, first, last, packed + k0 * kPanel, pstride, bj, ldb, wbuf, pf,
-                                       part, c + j, ldc);
+          gemm512::tail_chunk<kNr - 1>(nr, m, kc, first, last, packed + k0 * kPanel, pstride, rem + k0, ldr, bj, ldb,
+                                       wbuf, pf, part, c + j, ldc);
       }
     }
   }

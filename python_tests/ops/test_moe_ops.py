@@ -271,7 +271,10 @@ def nan_tailed(shape, gen, scale=1.0, row_pad=0):
     return t
 
 
-MANY_ROWS = [17, 31, 33, 0, 127, 129, 1, 255, 257, 16, 300]  # rows per expert: the many-rows GEMM's odd counts
+# rows per expert: the many-rows GEMM's odd counts. Past the full 32-row panels, m % 32 rows run as dot-product pairs
+# (and a last single row) for m % 32 in 1..14 and 17..24 (33, 34, 45, 49, 56, 300 = two tiles of 150, 78), else as a
+# zero-padded panel (47, 48, 57, 127, 255).
+MANY_ROWS = [17, 31, 33, 0, 127, 129, 1, 255, 257, 16, 300, 34, 45, 47, 48, 49, 56, 57, 78]
 
 
 @pytest.mark.parametrize("K,N", [(33, 7), (64, 30), (257, 15), (1000, 29), (1300, 14)])
