@@ -71,15 +71,15 @@ EF_AVX512 EF_AVX512_INLINE void transpose16x16(__m512 (&r)[16]) {
   }
 }
 
-// Rows [0, rows) of a (rows <= 16; missing rows read as zero) into dst[k][0..16) for k in [0, K) (dst stride 32).
-EF_AVX512 void pack_half_panel(const float* a, int64_t lda, int64_t rows, int64_t K, float* dst) {
+// Rows [0, rows) (rows <= 16; row i starts at src[i]; missing rows read as zero) into dst[k][0..16) for k in [0, K)
+// (dst stride 32).
+EF_AVX512 void pack_half_panel(const float* const* src, int64_t rows, int64_t K, float* dst) {
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int64_t width = std::min<int64_t>(16, K - k0);
     const __mmask16 mask = static_cast<__mmask16>((1u << width) - 1u);
     __m512 r[16];
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i)
-      r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, a + i * lda + k0) : _mm512_setzero_ps();
+    for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, src[i] + k0) : _mm512_setzero_ps();
     transpose16x16(r);
     for (int64_t j = 0; j < width; ++j) _mm512_store_ps(dst + (k0 + j) * kPanel, r[j]);
   }
@@ -327,25 +327,38 @@ int64_t packed_a_floats(int64_t m, int64_t K) {
 
 float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
 
+namespace gemm512 {
 // Panels k-major ([K][32] each; a tile under 32 rows: one panel, padding rows zero, never stored), then the
 // remainder rows row-major with their stride rounded up to 16 floats and the padding zeroed (the dot-product passes
-// read whole vectors).
-EF_AVX512 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed) {
-  using gemm512::kPanel;
-  const int64_t np = gemm512::panel_count(m);
+// read whole vectors). Row i of A starts at row(i).
+template <typename RowPtr>
+EF_AVX512 EF_AVX512_INLINE void pack_rows(int64_t m, int64_t K, const RowPtr& row, float* packed) {
+  const int64_t np = panel_count(m);
   for (int64_t p = 0; p < np; ++p) {
-    float* dst = packed + p * kPanel * K;
     const int64_t prow = std::min<int64_t>(kPanel, m - p * kPanel);
-    const float* src = a + p * kPanel * lda;
-    gemm512::pack_half_panel(src, lda, std::min<int64_t>(prow, 16), K, dst);
-    gemm512::pack_half_panel(prow > 16 ? src + 16 * lda : src, lda, std::max<int64_t>(0, prow - 16), K, dst + 16);
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, prow - 16 * h));
+      const float* src[16];
+      for (int64_t i = 0; i < 16; ++i) src[i] = i < rows ? row(p * kPanel + 16 * h + i) : nullptr;
+      pack_half_panel(src, rows, K, packed + p * kPanel * K + 16 * h);
+    }
   }
-  const int64_t ldr = gemm512::remainder_stride(K);
+  const int64_t ldr = remainder_stride(K);
   float* rem = packed + np * kPanel * K;
-  for (int64_t t = m - gemm512::remainder_rows(m); t < m; ++t, rem += ldr) {
-    std::memcpy(rem, a + t * lda, K * sizeof(float));
+  for (int64_t t = m - remainder_rows(m); t < m; ++t, rem += ldr) {
+    std::memcpy(rem, row(t), K * sizeof(float));
     std::memset(rem + K, 0, (ldr - K) * sizeof(float));
   }
+}
+}  // namespace gemm512
+
+EF_AVX512 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed) {
+  gemm512::pack_rows(m, K, [&](int64_t i) { return a + i * lda; }, packed);
+}
+
+EF_AVX512 void pack_a_gather_avx512(int64_t m, int64_t K, const float* x, int64_t ldx, const int64_t* rows,
+                                    float* packed) {
+  gemm512::pack_rows(m, K, [&](int64_t i) { return x + rows[i] * ldx; }, packed);
 }
 
 // Loop order: groups of G weight-row blocks (G * kNr rows), then K blocks, then the blocks of the group, then the
@@ -410,6 +423,7 @@ namespace cpu {
 int64_t packed_a_floats(int64_t, int64_t) { return 0; }
 float* packed_a_scratch(int64_t, int64_t) { return nullptr; }
 void pack_a_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
+void pack_a_gather_avx512(int64_t, int64_t, const float*, int64_t, const int64_t*, float*) {}
 void gemm_abt_packed_avx512(int64_t, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t) {}
 }  // namespace cpu
 }  // namespace eureka_fast

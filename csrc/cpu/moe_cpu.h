@@ -39,10 +39,18 @@ GatedActivation parse_gated_activation(const std::string& name, bool fused_names
 // Work is split into (expert, row block, column chunk) tiles run in parallel with single-threaded GEMMs, so the
 // many-experts / few-rows regime streams weights on every core and the many-rows regime runs cache-sized tiles.
 // Rows outside [offsets[0], offsets[E]) are left untouched.
+// Rows of A given by a gather instead of a dense buffer: row s of A is x + rows[s] * ldx (float only).
+struct RowGather {
+  const float* x;
+  int64_t ldx;
+  const int64_t* rows;
+};
+// With `gather`, tiles that run the AVX-512 many-rows GEMM (gated activation, kPackedGemmMinRowsAvx512+ rows, not
+// run whole) pack their rows straight from it; every other row of `a` must still be filled in.
 template <typename scalar_t>
 void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scalar_t* w, int64_t w_expert_stride,
                           int64_t w_row_stride, int64_t w_col_stride, int64_t N, const std::vector<int64_t>& offsets,
-                          GatedActivation act, scalar_t* out, int64_t ldo);
+                          GatedActivation act, scalar_t* out, int64_t ldo, const RowGather* gather = nullptr);
 
 // Gated activations on rows of `n` values: out = act(gate) * up.
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
@@ -83,6 +91,8 @@ void narrow_to_bf16_avx512bf16(const float* src, int64_t n, uint16_t* dst);
 int64_t packed_a_floats(int64_t m, int64_t K);
 float* packed_a_scratch(int64_t m, int64_t K);
 void pack_a_avx512(int64_t m, int64_t K, const float* a, int64_t lda, float* packed);
+// pack_a_avx512 with row i of A at x + rows[i] * ldx (a gather fused into the packing).
+void pack_a_gather_avx512(int64_t m, int64_t K, const float* x, int64_t ldx, const int64_t* rows, float* packed);
 void gemm_abt_packed_avx512(int64_t m, int64_t n, int64_t K, const float* packed, const float* b, int64_t ldb,
                             float* c, int64_t ldc);
 constexpr int64_t kPackedGemmMinRowsAvx512 = 17;

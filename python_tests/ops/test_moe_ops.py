@@ -563,6 +563,30 @@ def test_fused_experts_larger_shapes(T, H, I, E, k):
                                ref.fused_experts(x, w_gate_up, w_down, weights, ids), **FP32)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_experts_gather_fused_into_packing(threads):
+    """Experts whose gate+up tiles run the AVX-512 many-rows GEMM pack their token rows straight from x (no dense
+    gather); the others (few rows; 384+ rows run whole with 2 threads) read the gathered copy. Skewed routing gives
+    all three kinds in one call; x rows are strided with NaN between them, H is not a multiple of 16."""
+    gen = torch.Generator().manual_seed(43)
+    T, H, I, E, k = 900, 40, 24, 12, 2
+    x = nan_tailed((T, H), gen, row_pad=7)
+    w_gate_up, w_down = expert_weights(E, H, I, gen=gen)
+    ids = make_ids(T, E, k, "skewed", gen)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
+    assert counts.max() >= 384 and bool(((counts >= 17) & (counts < 384)).any()) and counts.min() < 17
+    weights = torch.rand(T, k, generator=gen)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.fused_experts(x, w_gate_up, w_down, weights, ids)
+    finally:
+        torch.set_num_threads(old)
+    want = ref.fused_experts(x.contiguous().double(), w_gate_up.double(), w_down.double(), weights.double(), ids)
+    assert not bool(out.isnan().any())
+    torch.testing.assert_close(out.double(), want, **FP32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_fused_experts_low_precision(dtype, activation):
