@@ -328,8 +328,8 @@ int64_t packed_a_floats(int64_t m, int64_t K) {
 float* packed_a_scratch(int64_t m, int64_t K) { return gemm512::scratch<1>(packed_a_floats(m, K)); }
 
 namespace gemm512 {
-// Panels k-major ([K][32] each; a tile under 32 rows: one panel, padding rows zero, never stored), then the
-// remainder rows row-major with their stride rounded up to 16 floats and the padding zeroed (the dot-product passes
+// Panels k-major ([K][32] each; the last one zero-padded unless the rows past the full panels are remainder rows,
+// see remainder_rows; padding rows are never stored), then the remainder rows row-major with their stride rounded up to 16 floats and the padding zeroed (the dot-product passes
 // read whole vectors). Row i of A starts at row(i).
 template <typename RowPtr>
 EF_AVX512 EF_AVX512_INLINE void pack_rows(int64_t m, int64_t K, const RowPtr& row, float* packed) {
