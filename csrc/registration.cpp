@@ -78,7 +78,8 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // kernel cannot run (other dtypes, no AVX-512) or would lose to BLAS (K > 1536): keep the BLAS path then.
   m.def("linear_pack(Tensor weight) -> Tensor");
   // out [M, N] = gelu?((accumulate ? out : 0) + x [M, K] W^T + bias) in place, W given by linear_pack (the
-  // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue).
+  // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue); out may
+  // also be [M, N / 64, 64] with each 64-column panel at its own stride (qkv written head-major).
   m.def("packed_linear_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, bool accumulate, bool gelu) -> "
         "Tensor(a!)");
 }

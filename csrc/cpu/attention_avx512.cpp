@@ -2,10 +2,11 @@
 // instead of two MKL GEMMs per query block (MKL runs K = 64 / N = 64 shapes at ~85% of its square rate and repacks
 // K for every query block).
 //
-// Per (batch, head): K and V are copied once into contiguous [keys, 64] buffers (L2-resident, 2 x 384 KB at 1500
-// keys; the rows of a fused QKV output are 3 * H * 64 floats apart). Per block of 64 queries:
-//   1. Q^T [64 dims][64 queries] packed once by gathers (q's bias and the scale folded in; missing queries zero),
-//      L1-resident.
+// Per (batch, head): K and V as contiguous [keys, 64] (L2-resident, 2 x 384 KB at 1500 keys): read in place when
+// dense (the encoder's head-major qkv), else copied once (the rows of a fused QKV output are 3 * H * 64 floats
+// apart). Per block of 64 queries:
+//   1. Q^T [64 dims][64 queries] packed once by gathers from dense rows (q's bias and the scale folded in; missing
+//      queries zero), L1-resident.
 //   2. Scores transposed, S^T[key][query] = K Q^T: register tiles of 6 keys x 64 queries (24 zmm accumulators,
 //      one broadcast K element per 4 FMAs); the column (per-query) max is folded into the tile's store. S^T
 //      (keys x 256 B, 384 KB at 1500 keys) stays in L2 next to K and V.
@@ -175,31 +176,49 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
                               int64_t v_row, int64_t Tq, int64_t keys, float scale, const float* q_bias,
                               const float* v_bias, float* ob, int64_t o_row) {
   thread_local std::vector<float> buffer;
-  const int64_t need = 2 * keys * kDh + keys * kQBlock + kDh * kQBlock + kQBlock * kDh + 3 * kQBlock + 6 * 16;
+  // K, V and Q rows already dense ([keys, 64], as the encoder's head-major qkv gives them) are read in place;
+  // rows further apart are copied first (K, V once per head; Q per block: 16-row gathers straight from rows
+  // 3 * d floats apart hit the same few L1 sets, ~1/3 of this function's own time at base)
+  const bool k_dense = k_row == kDh, v_dense = v_row == kDh, q_dense = q_row == kDh;
+  const int64_t need = (k_dense ? 0 : keys * kDh) + (v_dense ? 0 : keys * kDh) + keys * kQBlock + kDh * kQBlock +
+                       kQBlock * kDh + (q_dense ? 0 : kQBlock * kDh) + 3 * kQBlock + 7 * 16;
   if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
-  float* k_head = align64(buffer.data());
-  float* v_head = align64(k_head + keys * kDh);
-  float* st = align64(v_head + keys * kDh);
+  float* next = align64(buffer.data());
+  const float* k_head = kb;
+  const float* v_head = vb;
+  if (!k_dense) {
+    for (int64_t t = 0; t < keys; ++t) std::memcpy(next + t * kDh, kb + t * k_row, kDh * sizeof(float));
+    k_head = next;
+    next = align64(next + keys * kDh);
+  }
+  if (!v_dense) {
+    for (int64_t t = 0; t < keys; ++t) std::memcpy(next + t * kDh, vb + t * v_row, kDh * sizeof(float));
+    v_head = next;
+    next = align64(next + keys * kDh);
+  }
+  float* st = next;
   float* qt = align64(st + keys * kQBlock);
   float* obuf = align64(qt + kDh * kQBlock);
-  float* colmax = align64(obuf + kQBlock * kDh);
+  float* qrows = align64(obuf + kQBlock * kDh);  // used when !q_dense
+  float* colmax = q_dense ? qrows : align64(qrows + kQBlock * kDh);
   float* colsum = colmax + kQBlock;
   float* neg_max_l2e = colsum + kQBlock;
-  for (int64_t t = 0; t < keys; ++t) {
-    std::memcpy(k_head + t * kDh, kb + t * k_row, kDh * sizeof(float));
-    std::memcpy(v_head + t * kDh, vb + t * v_row, kDh * sizeof(float));
-  }
   const __m512i row_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(static_cast<int>(q_row)));
+                                                _mm512_set1_epi32(kDh));
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t q0 = 0; q0 < Tq; q0 += kQBlock) {
     const int64_t nq = std::min<int64_t>(kQBlock, Tq - q0);
     const int nz = static_cast<int>((nq + 15) / 16);
+    const float* qblock = qb + q0 * q_row;
+    if (!q_dense) {
+      for (int64_t i = 0; i < nq; ++i) std::memcpy(qrows + i * kDh, qb + (q0 + i) * q_row, kDh * sizeof(float));
+      qblock = qrows;
+    }
     // Q^T, scaled, by 16-row gathers; the rows past nq in the last used zmm are zero
     for (int z = 0; z < nz; ++z) {
       const int64_t rows = std::min<int64_t>(16, nq - 16 * z);
       const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1u);
-      const float* base = qb + (q0 + 16 * z) * q_row;
+      const float* base = qblock + 16 * z * kDh;
       for (int64_t d = 0; d < kDh; ++d) {
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_index, base + d, 4);
         if (q_bias) g = _mm512_maskz_add_ps(mask, g, _mm512_set1_ps(q_bias[d]));
@@ -246,8 +265,6 @@ bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float
                            const float* v, const int64_t* v_strides, int64_t B, int64_t H, int64_t Tq,
                            const int64_t* key_len, int64_t Tk, float scale, const float* q_bias,
                            const float* v_bias, float* out) {
-  // the Q^T gathers index 16 query rows with 32-bit offsets
-  if (q_strides[2] > std::numeric_limits<int32_t>::max() / 16) return false;
   run_tasks(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t keys = key_len ? key_len[b] : Tk;

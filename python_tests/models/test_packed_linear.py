@@ -84,6 +84,47 @@ def test_strided_rows_and_errors():
         torch.ops.eureka_fast.packed_linear_(square, square, pack(torch.randn(12, 12)), None, False, False)
 
 
+def pack_in_python(w):
+    """linear_pack's layout: 64-column panels, each k-major [K][width] (width: the panel's columns rounded up to
+    16, zero-padded)."""
+    n, k = w.shape
+    parts = []
+    for col in range(0, n, 64):
+        cols = min(64, n - col)
+        panel = torch.zeros(k, (cols + 15) // 16 * 16, dtype=w.dtype)
+        panel[:, :cols] = w[col:col + cols].t()
+        parts.append(panel.reshape(-1))
+    return torch.cat(parts)
+
+
+@compiled
+def test_python_packing_matches_linear_pack():
+    w = torch.randn(130, 33)
+    assert torch.equal(pack_in_python(w), pack(w))
+
+
+@compiled
+@pytest.mark.parametrize("m,k,heads", [(1500, 384, 18), (7, 100, 3), (1, 64, 1), (301, 512, 24)])
+@pytest.mark.parametrize("accumulate,gelu,with_bias", [(False, False, False), (True, True, True)])
+def test_panel_strided_out(m, k, heads, accumulate, gelu, with_bias):
+    # out [M, N / 64, 64] with each 64-column panel at its own stride: the encoder's head-major qkv ([heads, M, 64])
+    gen = torch.Generator().manual_seed(m + k + heads)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(heads * 64, k, generator=gen) / k ** 0.5
+    bias = torch.randn(heads * 64, generator=gen) if with_bias else None
+    base = torch.randn(heads + 1, m, 64, generator=gen)  # one more head: must stay untouched
+    out = base[:heads].transpose(0, 1)
+    if not accumulate:
+        out.fill_(float("nan"))
+    expected = reference(out.reshape(m, heads * 64), x, w, bias, accumulate, gelu)
+    untouched = base[heads].clone()
+    torch.ops.eureka_fast.packed_linear_(out, x, pack(w), bias, accumulate, gelu)
+    torch.testing.assert_close(out.reshape(m, heads * 64).double(), expected, atol=2e-5, rtol=1e-5)
+    assert torch.equal(base[heads], untouched)
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.eureka_fast.packed_linear_(torch.empty(m, heads * 2, 32), x, pack(w), None, False, False)
+
+
 @compiled
 def test_opcheck():
     x, w = torch.randn(9, 20), torch.randn(18, 20)
@@ -104,11 +145,35 @@ import eureka_fast.ops.api as api
 api._load_extension()
 print(torch.ops.eureka_fast.linear_pack(torch.randn(5, 3)).numel())
 """
+    # and the portable path of packed_linear_ (ATen on the unpacked weight), for [M, N] and panel-strided outs
+    portable = r"""
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import eureka_fast.ops.api as api
+from test_packed_linear import pack_in_python
+api._load_extension()
+g = torch.Generator().manual_seed(0)
+x, w, b = torch.randn(13, 40, generator=g), torch.randn(130, 40, generator=g), torch.randn(130, generator=g)
+out = torch.randn(13, 130, generator=g)
+expected = F.gelu(out.double() + x.double() @ w.double().t() + b.double())
+torch.ops.eureka_fast.packed_linear_(out, x, pack_in_python(w), b, True, True)
+err = (out.double() - expected).abs().max().item()
+heads = torch.full((3, 13, 64), float("nan"))
+w = torch.randn(192, 40, generator=g)
+torch.ops.eureka_fast.packed_linear_(heads.transpose(0, 1), x, pack_in_python(w), None, False, False)
+err = max(err, (heads.transpose(0, 1).reshape(13, 192).double() - x.double() @ w.double().t()).abs().max().item())
+print(err)
+"""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for isa in ("avx2", "baseline"):
         out = subprocess.run([sys.executable, "-c", script, root], env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa),
                              capture_output=True, text=True, check=True, timeout=300)
         assert out.stdout.strip().splitlines()[-1] == "0"
+        out = subprocess.run([sys.executable, "-c", portable, root, os.path.dirname(os.path.abspath(__file__))],
+                             env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa), capture_output=True, text=True,
+                             check=True, timeout=300)
+        assert float(out.stdout.strip().splitlines()[-1]) < 1e-4
 
 
 @compiled
