@@ -82,5 +82,10 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // also be [M, N / 64, 64] with each 64-column panel at its own stride (qkv written head-major).
   m.def("packed_linear_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, bool accumulate, bool gelu) -> "
         "Tensor(a!)");
+  // out [M, N] += x W^T + bias (a residual add), then normed [M, N] = LayerNorm(out) * ln_weight + ln_bias,
+  // returned: the encoder's out-proj and the next LayerNorm, normalised in the GEMM's epilogue where the whole
+  // weight fits one column block.
+  m.def("packed_linear_norm_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor ln_weight, "
+        "Tensor ln_bias, float eps, Tensor(b!) normed) -> Tensor(b!)");
 }
 // ---- END audio block ----

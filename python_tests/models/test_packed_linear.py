@@ -126,6 +126,54 @@ def test_panel_strided_out(m, k, heads, accumulate, gelu, with_bias):
 
 
 @compiled
+@pytest.mark.parametrize("m,k,n", [
+    (1500, 512, 512),  # base out-proj: the whole weight in one column block, rows normalised per tile
+    (301, 384, 384),   # tiny
+    (13, 768, 768),    # a weight past one block: the GEMM, then a LayerNorm pass
+    (7, 40, 100),      # a partial last panel and vector, a 1-row tail tile
+    (1, 3, 1),
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_norm_matches_float64(m, k, n, with_bias):
+    gen = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    lw, lb = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    base = torch.randn(m, n + 5, generator=gen) * 3 + 1  # out: a column slice, its neighbours untouched
+    out = base[:, :n]
+    stream = reference(out, x, w, bias, True, False)
+    expected = F.layer_norm(stream, (n,), lw.double(), lb.double(), 1e-5)
+    untouched = base[:, n:].clone()
+    normed = torch.full((m, n), float("nan"))  # poisoned: every element must be written
+    got = torch.ops.eureka_fast.packed_linear_norm_(out, x, pack(w), bias, lw, lb, 1e-5, normed)
+    assert got.data_ptr() == normed.data_ptr()
+    torch.testing.assert_close(out.double(), stream, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(normed.double(), expected, atol=5e-5, rtol=1e-5)
+    assert torch.equal(base[:, n:], untouched)
+    # the same row kernel (and rounding) as add_layer_norm_out, which it replaces after the GEMM
+    again = torch.ops.eureka_fast.add_layer_norm_out(out.clone(), None, lw, lb, 1e-5, torch.empty(m, n))
+    assert torch.equal(normed, again)
+
+
+@compiled
+def test_linear_norm_errors():
+    x, w = torch.randn(9, 20), torch.randn(18, 20)
+    out, normed, lw = torch.randn(9, 18), torch.empty(9, 18), torch.ones(18)
+    op = torch.ops.eureka_fast.packed_linear_norm_
+    with pytest.raises(RuntimeError, match="ln_weight and ln_bias must be"):
+        op(out, x, pack(w), None, lw[:-1], lw, 1e-5, normed)
+    with pytest.raises(RuntimeError, match="normed must be"):
+        op(out, x, pack(w), None, lw, lw, 1e-5, torch.empty(9, 17))
+    with pytest.raises(RuntimeError, match="eps must be"):
+        op(out, x, pack(w), None, lw, lw, float("nan"), normed)
+    with pytest.raises(RuntimeError, match="memory location"):
+        op(out, x, pack(w), None, lw, lw, 1e-5, out)
+    torch.library.opcheck(op, (out, x, pack(w), torch.randn(18), lw, torch.zeros(18), 1e-5, normed),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@compiled
 def test_opcheck():
     x, w = torch.randn(9, 20), torch.randn(18, 20)
     packed = pack(w)
@@ -163,6 +211,12 @@ heads = torch.full((3, 13, 64), float("nan"))
 w = torch.randn(192, 40, generator=g)
 torch.ops.eureka_fast.packed_linear_(heads.transpose(0, 1), x, pack_in_python(w), None, False, False)
 err = max(err, (heads.transpose(0, 1).reshape(13, 192).double() - x.double() @ w.double().t()).abs().max().item())
+lw, lb, normed = torch.randn(192, generator=g), torch.randn(192, generator=g), torch.full((13, 192), float("nan"))
+stream = torch.randn(13, 192, generator=g)
+expected = stream.double() + x.double() @ w.double().t()
+torch.ops.eureka_fast.packed_linear_norm_(stream, x, pack_in_python(w), None, lw, lb, 1e-5, normed)
+expected_norm = F.layer_norm(expected, (192,), lw.double(), lb.double(), 1e-5)
+err = max(err, (stream.double() - expected).abs().max().item(), (normed.double() - expected_norm).abs().max().item())
 print(err)
 """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
