@@ -58,8 +58,8 @@ def main() -> None:
             "layernorm x2": lambda: (layer.attn_norm(x), layer.mlp_norm(flat)),
             "qkv linear": lambda: F.linear(flat, layer.attn.qkv_weight, layer.attn.qkv_bias()),
             "attention": lambda: attention_op(q, k, v),
-            # the inference path's layout: qkv written head-major, dense [T, 64] heads
-            "attention (head-major)": lambda: attention_op(qh, kh, vh, q_bias=layer.attn.q_bias,
+            # dense [T, 64] heads (read in place, no K / V copies), as a head-major qkv would give them
+            "attention (dense heads)": lambda: attention_op(qh, kh, vh, q_bias=layer.attn.q_bias,
                                                            v_bias=layer.attn.v_bias),
             "out addmm": lambda: flat.clone().addmm_(att, layer.attn.out.weight.t()),
             "fc1 + gelu": lambda: _linear_gelu(flat, layer.fc1.weight, layer.fc1.bias),

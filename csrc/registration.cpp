@@ -78,8 +78,7 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // kernel cannot run (other dtypes, no AVX-512) or would lose to BLAS (K > 1536): keep the BLAS path then.
   m.def("linear_pack(Tensor weight) -> Tensor");
   // out [M, N] = gelu?((accumulate ? out : 0) + x [M, K] W^T + bias) in place, W given by linear_pack (the
-  // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue); out may
-  // also be [M, N / 64, 64] with each 64-column panel at its own stride (qkv written head-major).
+  // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue).
   m.def("packed_linear_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, bool accumulate, bool gelu) -> "
         "Tensor(a!)");
   // out [M, N] += x W^T + bias (a residual add), then normed [M, N] = LayerNorm(out) * ln_weight + ln_bias,

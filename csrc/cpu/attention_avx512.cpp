@@ -3,8 +3,7 @@
 // K for every query block).
 //
 // Per (batch, head): K and V as contiguous [keys, 64] (L2-resident, 2 x 384 KB at 1500 keys): read in place when
-// dense (the encoder's head-major qkv), else copied once (the rows of a fused QKV output are 3 * H * 64 floats
-// apart). Per block of 64 queries:
+// dense, else copied once (the rows of a fused QKV output are 3 * H * 64 floats apart). Per block of 64 queries:
 //   1. Q^T [64 dims][64 queries] packed once by gathers from dense rows (q's bias and the scale folded in; missing
 //      queries zero), L1-resident.
 //   2. Scores transposed, S^T[key][query] = K Q^T: register tiles of 6 keys x 64 queries (24 zmm accumulators,
@@ -175,9 +174,10 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
                               int64_t v_row, int64_t Tq, int64_t keys, float scale, const float* q_bias,
                               const float* v_bias, float* ob, int64_t o_row) {
   thread_local std::vector<float> buffer;
-  // K, V and Q rows already dense ([keys, 64], as the encoder's head-major qkv gives them) are read in place;
-  // rows further apart are copied first (K, V once per head; Q per block: 16-row gathers straight from rows
-  // 3 * d floats apart hit the same few L1 sets, ~1/3 of this function's own time at base)
+  // K, V and Q rows already dense ([keys, 64], e.g. contiguous [B, H, T, 64] inputs) are read in place; rows
+  // further apart (the encoder's fused [T, 3d] qkv) are copied first: K, V once per head, Q per block of 64 rows
+  // (then the Q^T gathers index 64-float rows: any caller stride, no 32-bit offset limit; measured no faster
+  // than gathering from the strided rows directly)
   const bool k_dense = k_row == kDh, v_dense = v_row == kDh, q_dense = q_row == kDh;
   const int64_t need = (k_dense ? 0 : keys * kDh) + (v_dense ? 0 : keys * kDh) + keys * kQBlock + kDh * kQBlock +
                        kQBlock * kDh + (q_dense ? 0 : kQBlock * kDh) + 3 * kQBlock + 7 * 16;

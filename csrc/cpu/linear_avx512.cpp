@@ -123,10 +123,9 @@ TileFn pick_tile(int rows, int nv) {
   }
 }
 
-// Panel p's 64 output columns start at out + p * panel_stride (kPanel for a plain [M, N] out).
 void packed_linear_avx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* packed,
-                          float* out, int64_t ldo, int64_t panel_stride, const float* bias, bool accumulate,
-                          bool gelu, const NormEpilogue& norm = NormEpilogue()) {
+                          float* out, int64_t ldo, const float* bias, bool accumulate, bool gelu,
+                          const NormEpilogue& norm = NormEpilogue()) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, K * kPanel * 4));
   const int64_t tiles = (m + kRows - 1) / kRows;
@@ -149,7 +148,7 @@ void packed_linear_avx512(int64_t m, int64_t n, int64_t K, const float* x, int64
           do {
             const int64_t kk = std::min(kChunk, K - k0);
             const bool final_chunk = k0 + kk >= K;
-            fn(kk, x + r0 * ldx + k0, ldx, packed + col * K + k0 * width, out + r0 * ldo + p * panel_stride, ldo,
+            fn(kk, x + r0 * ldx + k0, ldx, packed + col * K + k0 * width, out + r0 * ldo + col, ldo,
                final_chunk && bias ? bias + col : nullptr, accumulate || k0 > 0, final_chunk && gelu, last);
             k0 += kk;
           } while (k0 < K);
@@ -204,26 +203,21 @@ at::Tensor unpack_weight(const at::Tensor& packed, int64_t n, int64_t k) {
   return w;
 }
 
-// out: [M, N], or [M, N / 64, 64] with a unit last stride, i.e. each 64-column panel at its own stride (the
-// encoder's qkv written head-major, [3H, T, 64] per item, so attention reads contiguous [T, 64] heads).
 at::Tensor& packed_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                               const c10::optional<at::Tensor>& bias, bool accumulate, bool gelu,
                               const NormEpilogue* norm = nullptr) {
-  check_float_tensor(out, out.dim() == 3 ? 3 : 2, "out");
-  TORCH_CHECK(out.dim() == 2 || out.size(2) == kPanel, "out must be [M, N] or [M, N / 64, 64], got ", out.sizes());
+  check_float_tensor(out, 2, "out");
   check_float_tensor(x, 2, "x");
   check_float_tensor(packed, 1, "packed");
   TORCH_CHECK(out.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
               "packed_linear_ is float32 only, got out ", out.scalar_type(), ", x ", x.scalar_type(), ", packed ",
               packed.scalar_type());
-  const bool panels_out = out.dim() == 3;
-  const int64_t m = x.size(0), k = x.size(1), n = panels_out ? out.size(1) * kPanel : out.size(1);
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
   TORCH_CHECK(out.size(0) == m, "out must have x's ", m, " rows, got ", out.size(0));
   TORCH_CHECK(packed.is_contiguous() && packed.numel() == packed_floats(n, k), "packed must be linear_pack of a [",
               n, ", ", k, "] weight (", packed_floats(n, k), " floats), got ", packed.numel());
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "x must have a unit column stride, got strides ", x.strides());
-  TORCH_CHECK(out.size(-1) <= 1 || out.stride(-1) == 1, "out must have a unit column stride, got strides ",
-              out.strides());
+  TORCH_CHECK(n <= 1 || out.stride(1) == 1, "out must have a unit column stride, got strides ", out.strides());
   at::assert_no_overlap(out, x);  // tiles of out are written while later tiles still read x
   at::Tensor b;
   if (bias.has_value()) {
@@ -236,17 +230,16 @@ at::Tensor& packed_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
   if (!kernel_available(at::kFloat)) {
     // portable path: ATen on the unpacked weight (same math, BLAS rounding)
     at::Tensor r = at::mm(x, unpack_weight(packed, n, k).t());
-    if (accumulate) r.add_(out.reshape({m, n}));
+    if (accumulate) r.add_(out);
     if (b.defined()) r.add_(b.view({1, n}));
     if (gelu) at::gelu_(r);
-    out.copy_(r.view(out.sizes()));
+    out.copy_(r);
     return out;
   }
 #ifdef EF_LINEAR_X86
   packed_linear_avx512(m, n, k, x.data_ptr<float>(), m > 1 ? x.stride(0) : k, packed.data_ptr<float>(),
-                       out.data_ptr<float>(), m > 1 ? out.stride(0) : n,
-                       panels_out ? out.stride(1) : kPanel, b.defined() ? b.data_ptr<float>() : nullptr, accumulate,
-                       gelu, norm ? *norm : NormEpilogue());
+                       out.data_ptr<float>(), m > 1 ? out.stride(0) : n, b.defined() ? b.data_ptr<float>() : nullptr,
+                       accumulate, gelu, norm ? *norm : NormEpilogue());
 #endif
   return out;
 }

@@ -288,24 +288,15 @@ class EncoderLayer(nn.Module):
         # page, ~1,700 faults per layer, whenever glibc had returned the freed ones to the kernel)
         normed_buf = _scratch("normed", (batch * length, d), x)
         normed = _add_layer_norm(flat, pending_bias, self.attn_norm, out=normed_buf)
-        n_head, dh = self.attn.n_head, d // self.attn.n_head
+        qkv = _scratch("qkv", (batch * length, 3 * d), x)
         packed = _packed_weight(self, "qkv", self.attn.qkv_weight, x)
-        if packed is not None and dh == 64:
-            # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp), each 64-column panel (one head of q, k
-            # or v) written head-major: attention then reads dense [T, 64] heads instead of copying / gathering
-            # rows 3d floats apart
-            qkv = _scratch("qkv", (batch, 3 * n_head, length, dh), x)
-            for b in range(batch):
-                torch.ops.eureka_fast.packed_linear_(qkv[b].transpose(0, 1), normed[b * length:(b + 1) * length],
-                                                     packed, None, False, False)
-            q, k, v = qkv.view(batch, 3, n_head, length, dh).transpose(0, 1)
+        # [T, 3d] rows (attention copies its K / V heads once): writing qkv head-major instead measured a wash, the
+        # GEMM's scattered panels cost what attention saved (+0.3-0.5 / -0.1-0.3 ms per layer at tiny / base)
+        if packed is not None:  # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp)
+            torch.ops.eureka_fast.packed_linear_(qkv, normed, packed, None, False, False)
         else:
-            qkv = _scratch("qkv", (batch * length, 3 * d), x)
-            if packed is not None:
-                torch.ops.eureka_fast.packed_linear_(qkv, normed, packed, None, False, False)
-            else:
-                torch.mm(normed, self.attn.qkv_weight.t(), out=qkv)
-            q, k, v = qkv.view(batch, length, 3, n_head, dh).permute(2, 0, 3, 1, 4)
+            torch.mm(normed, self.attn.qkv_weight.t(), out=qkv)
+        q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
         if key_lengths is not None or attn_mask is None:
             # our CPU kernel (csrc/cpu/attention*.cpp); SDPA elsewhere
             attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias,

@@ -214,8 +214,8 @@ def test_dh64_ragged_key_lengths(T, nan_outputs):
 @compiled
 @pytest.mark.parametrize("T", [17, 1500])
 def test_dh64_head_major_dense_heads(T, nan_outputs):
-    # the encoder's head-major qkv ([B, 3H, T, 64]): q, k, v rows are dense and read in place (no copies);
-    # keys past an item's length are never read
+    # head-major qkv ([B, 3H, T, 64]): q, k, v rows are dense and read in place (no copies); keys past an item's
+    # length are never read
     lengths = torch.tensor([T, max(1, T // 3)])
     x = torch.randn(2, 3, 2, T, 64, generator=torch.Generator().manual_seed(T))
     q, k, v = x.transpose(0, 1)
