@@ -50,6 +50,7 @@ def main() -> None:
     q, k, v = layer.attn.project_qkv(layer.attn_norm(x))
     att = attention_op(q, k, v).transpose(1, 2).reshape(T, d).contiguous()
     hidden = torch.randn(T, 4 * d)
+    qh, kh, vh = torch.stack([q, k, v]).contiguous().unbind(0)
     with torch.inference_mode():
         parts = {
             "encoder (whole)": lambda: enc(mel),
@@ -57,6 +58,9 @@ def main() -> None:
             "layernorm x2": lambda: (layer.attn_norm(x), layer.mlp_norm(flat)),
             "qkv linear": lambda: F.linear(flat, layer.attn.qkv_weight, layer.attn.qkv_bias()),
             "attention": lambda: attention_op(q, k, v),
+            # dense [T, 64] heads (read in place, no K / V copies), as a head-major qkv would give them
+            "attention (dense heads)": lambda: attention_op(qh, kh, vh, q_bias=layer.attn.q_bias,
+                                                           v_bias=layer.attn.v_bias),
             "out addmm": lambda: flat.clone().addmm_(att, layer.attn.out.weight.t()),
             "fc1 + gelu": lambda: _linear_gelu(flat, layer.fc1.weight, layer.fc1.bias),
             "fc2 addmm": lambda: flat.clone().addmm_(hidden, layer.fc2.weight.t()),
@@ -66,9 +70,9 @@ def main() -> None:
         packed = {name: _packed_weight(layer, name, w, x) for name, w in
                   (("qkv", layer.attn.qkv_weight), ("out", layer.attn.out.weight), ("fc1", layer.fc1.weight),
                    ("fc2", layer.fc2.weight))}
-        if all(p is not None for p in packed.values()):
+        if all(packed[name] is not None for name in ("qkv", "out", "fc1")):  # base's fc2 (K = 2048) keeps MKL
             linear = torch.ops.eureka_fast.packed_linear_
-            qkv_out, hidden_out = torch.empty(T, 3 * d), torch.empty(T, 4 * d)
+            qkv_out, hidden_out, normed_out = torch.empty(T, 3 * d), torch.empty(T, 4 * d), torch.empty(T, d)
             pos = enc.positional_embedding
             parts.update({
                 "conv stem (ours)": lambda: enc._packed_stem(mel, None),
@@ -77,9 +81,13 @@ def main() -> None:
                 "conv stem (ours)+pos": lambda: enc._packed_stem(mel, None).add_(pos),
                 "qkv (ours)": lambda: linear(qkv_out, flat, packed["qkv"], None, False, False),
                 "out += (ours)": lambda: linear(flat.clone(), att, packed["out"], None, True, False),
+                "out += + LN (ours)": lambda: torch.ops.eureka_fast.packed_linear_norm_(
+                    flat.clone(), att, packed["out"], layer.attn.out.bias, layer.mlp_norm.weight, layer.mlp_norm.bias,
+                    layer.mlp_norm.eps, normed_out),
                 "fc1 + gelu (ours)": lambda: linear(hidden_out, flat, packed["fc1"], layer.fc1.bias, False, True),
-                "fc2 += (ours)": lambda: linear(flat.clone(), hidden, packed["fc2"], None, True, False),
             })
+            if packed["fc2"] is not None:
+                parts["fc2 += (ours)"] = lambda: linear(flat.clone(), hidden, packed["fc2"], None, True, False)
         times = best(parts, args.rounds)
     for name, ms in times.items():
         print("%-18s %8.2f ms" % (name, ms))

@@ -81,5 +81,10 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // encoder's Linear layers and conv stem with their bias / GELU / residual add in the GEMM's epilogue).
   m.def("packed_linear_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, bool accumulate, bool gelu) -> "
         "Tensor(a!)");
+  // out [M, N] += x W^T + bias (a residual add), then normed [M, N] = LayerNorm(out) * ln_weight + ln_bias,
+  // returned: the encoder's out-proj and the next LayerNorm, normalised in the GEMM's epilogue where the whole
+  // weight fits one column block.
+  m.def("packed_linear_norm_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor ln_weight, "
+        "Tensor ln_bias, float eps, Tensor(b!) normed) -> Tensor(b!)");
 }
 // ---- END audio block ----

@@ -2,10 +2,10 @@
 // instead of two MKL GEMMs per query block (MKL runs K = 64 / N = 64 shapes at ~85% of its square rate and repacks
 // K for every query block).
 //
-// Per (batch, head): K and V are copied once into contiguous [keys, 64] buffers (L2-resident, 2 x 384 KB at 1500
-// keys; the rows of a fused QKV output are 3 * H * 64 floats apart). Per block of 64 queries:
-//   1. Q^T [64 dims][64 queries] packed once by gathers (q's bias and the scale folded in; missing queries zero),
-//      L1-resident.
+// Per (batch, head): K and V as contiguous [keys, 64] (L2-resident, 2 x 384 KB at 1500 keys): read in place when
+// dense, else copied once (the rows of a fused QKV output are 3 * H * 64 floats apart). Per block of 64 queries:
+//   1. Q^T [64 dims][64 queries] packed once by gathers from dense rows (q's bias and the scale folded in; missing
+//      queries zero), L1-resident.
 //   2. Scores transposed, S^T[key][query] = K Q^T: register tiles of 6 keys x 64 queries (24 zmm accumulators,
 //      one broadcast K element per 4 FMAs); the column (per-query) max is folded into the tile's store. S^T
 //      (keys x 256 B, 384 KB at 1500 keys) stays in L2 next to K and V.
@@ -19,9 +19,8 @@
 // Measured (1 thread, tiny: 6 heads, T = 1500): both products run at ~96% of the FMA peak, the exps take ~8% of the
 // time. Smaller chunks that keep V's chunk in L1 (32-128 keys) were slower (the accumulators' reload per chunk
 // costs more than streaming V from L2).
-// Exponentials whose argument is below -80 (natural log units) give exactly 0, as in the generic kernel, so no
-// denormal ever reaches the FMAs; the task also runs with FTZ/DAZ set (restored after) so a tiny V element cannot
-// make one either.
+// Each task runs with FTZ/DAZ set (restored after): exponentials below 2^-126 (natural-log argument below ~-87.3)
+// give exactly 0, so no denormal ever reaches the FMAs, and a tiny V element cannot make one either.
 #include "cpu/attention_avx512.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,14 +40,14 @@ namespace {
 constexpr int kDh = 64;      // head dim this kernel handles
 constexpr int kQBlock = 64;  // queries per block: 4 zmm
 constexpr int kKeyTile = 6;  // keys per S^T register tile
-constexpr int kQTile = 6;    // queries per P V register tile
+constexpr int kQTile = 6;    // queries per P V register tile (12 x 32 dims, half the V bytes per FMA: no faster)
 constexpr int kSumChunk = 256;  // keys per exp + P V chunk: partial sums per chunk (accuracy, see pv_tile)
 
 // 2^t for t <= ~0: t = floor(t) + f, f in [0, 1) by vreduceps (exact, one instruction), 2^f by a degree-5
 // polynomial (near-minimax for relative error, 1.6e-7 in float32 Horner), times 2^floor(t) by vscalefps (which
-// floors its exponent operand itself). t below -80 log2(e) gives exactly 0.
-EF_AVX512 inline __m512 exp2_kept(__m512 t) {
-  const __mmask16 kept = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-115.41560327111707f), _CMP_GE_OQ);
+// floors its exponent operand itself). Results below 2^-126 (t < -126, -inf included) are exactly 0: vscalefps
+// flushes them under the FTZ bit every task sets (no compare + mask: ~10% of the exps' instructions).
+EF_AVX512 inline __m512 exp2_flushed(__m512 t) {
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(1.877576695e-03f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.989340626e-03f));
@@ -56,7 +55,7 @@ EF_AVX512 inline __m512 exp2_kept(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.401536107e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931530833e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999404e-01f));
-  return _mm512_maskz_scalef_ps(kept, p, t);
+  return _mm512_scalef_ps(p, t);
 }
 
 // S^T[KK keys][NZ*16 queries] = K[KK][64] Q^T[64][NZ*16]; rows of st and qt have stride kQBlock, k rows kDh.
@@ -155,7 +154,7 @@ EF_AVX512 void exp_rows(const float* st, int64_t nk, const float* neg_max_l2e, f
   }
   for (int64_t t = 0; t < nk; ++t) {
     for (int j = 0; j < NZ; ++j) {
-      const __m512 e = exp2_kept(_mm512_fmadd_ps(_mm512_loadu_ps(st + t * kQBlock + 16 * j), l2e, shift[j]));
+      const __m512 e = exp2_flushed(_mm512_fmadd_ps(_mm512_loadu_ps(st + t * kQBlock + 16 * j), l2e, shift[j]));
       _mm512_storeu_ps(p + t * kQBlock + 16 * j, e);
       sum[j] = _mm512_add_ps(sum[j], e);
     }
@@ -175,31 +174,50 @@ EF_AVX512 void attention_head(const float* qb, int64_t q_row, const float* kb, i
                               int64_t v_row, int64_t Tq, int64_t keys, float scale, const float* q_bias,
                               const float* v_bias, float* ob, int64_t o_row) {
   thread_local std::vector<float> buffer;
-  const int64_t need = 2 * keys * kDh + keys * kQBlock + kDh * kQBlock + kQBlock * kDh + 3 * kQBlock + 6 * 16;
+  // K, V and Q rows already dense ([keys, 64], e.g. contiguous [B, H, T, 64] inputs) are read in place; rows
+  // further apart (the encoder's fused [T, 3d] qkv) are copied first: K, V once per head, Q per block of 64 rows
+  // (then the Q^T gathers index 64-float rows: any caller stride, no 32-bit offset limit; measured no faster
+  // than gathering from the strided rows directly)
+  const bool k_dense = k_row == kDh, v_dense = v_row == kDh, q_dense = q_row == kDh;
+  const int64_t need = (k_dense ? 0 : keys * kDh) + (v_dense ? 0 : keys * kDh) + keys * kQBlock + kDh * kQBlock +
+                       kQBlock * kDh + (q_dense ? 0 : kQBlock * kDh) + 3 * kQBlock + 7 * 16;
   if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
-  float* k_head = align64(buffer.data());
-  float* v_head = align64(k_head + keys * kDh);
-  float* st = align64(v_head + keys * kDh);
+  float* next = align64(buffer.data());
+  const float* k_head = kb;
+  const float* v_head = vb;
+  if (!k_dense) {
+    for (int64_t t = 0; t < keys; ++t) std::memcpy(next + t * kDh, kb + t * k_row, kDh * sizeof(float));
+    k_head = next;
+    next = align64(next + keys * kDh);
+  }
+  if (!v_dense) {
+    for (int64_t t = 0; t < keys; ++t) std::memcpy(next + t * kDh, vb + t * v_row, kDh * sizeof(float));
+    v_head = next;
+    next = align64(next + keys * kDh);
+  }
+  float* st = next;
   float* qt = align64(st + keys * kQBlock);
   float* obuf = align64(qt + kDh * kQBlock);
-  float* colmax = align64(obuf + kQBlock * kDh);
+  float* qrows = align64(obuf + kQBlock * kDh);  // used when !q_dense
+  float* colmax = q_dense ? qrows : align64(qrows + kQBlock * kDh);
   float* colsum = colmax + kQBlock;
   float* neg_max_l2e = colsum + kQBlock;
-  for (int64_t t = 0; t < keys; ++t) {
-    std::memcpy(k_head + t * kDh, kb + t * k_row, kDh * sizeof(float));
-    std::memcpy(v_head + t * kDh, vb + t * v_row, kDh * sizeof(float));
-  }
   const __m512i row_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(static_cast<int>(q_row)));
+                                                _mm512_set1_epi32(kDh));
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t q0 = 0; q0 < Tq; q0 += kQBlock) {
     const int64_t nq = std::min<int64_t>(kQBlock, Tq - q0);
     const int nz = static_cast<int>((nq + 15) / 16);
+    const float* qblock = qb + q0 * q_row;
+    if (!q_dense) {
+      for (int64_t i = 0; i < nq; ++i) std::memcpy(qrows + i * kDh, qb + (q0 + i) * q_row, kDh * sizeof(float));
+      qblock = qrows;
+    }
     // Q^T, scaled, by 16-row gathers; the rows past nq in the last used zmm are zero
     for (int z = 0; z < nz; ++z) {
       const int64_t rows = std::min<int64_t>(16, nq - 16 * z);
       const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1u);
-      const float* base = qb + (q0 + 16 * z) * q_row;
+      const float* base = qblock + 16 * z * kDh;
       for (int64_t d = 0; d < kDh; ++d) {
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, row_index, base + d, 4);
         if (q_bias) g = _mm512_maskz_add_ps(mask, g, _mm512_set1_ps(q_bias[d]));
@@ -246,8 +264,6 @@ bool attention_dh64_avx512(const float* q, const int64_t* q_strides, const float
                            const float* v, const int64_t* v_strides, int64_t B, int64_t H, int64_t Tq,
                            const int64_t* key_len, int64_t Tk, float scale, const float* q_bias,
                            const float* v_bias, float* out) {
-  // the Q^T gathers index 16 query rows with 32-bit offsets
-  if (q_strides[2] > std::numeric_limits<int32_t>::max() / 16) return false;
   run_tasks(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
     const int64_t keys = key_len ? key_len[b] : Tk;

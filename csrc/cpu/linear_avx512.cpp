@@ -18,7 +18,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
+#include "cpu/add_ln_avx512.h"
 #include "cpu/common.h"
 #include "cpu/gelu_avx512.h"
 #include "cpu/moe_cpu.h"
@@ -53,6 +55,15 @@ void pack_weight(const float* w, int64_t n, int64_t k, float* dst) {
       for (int64_t j = 0; j < width; ++j) panel[kk * width + j] = j < cols ? w[(col + j) * k + kk] : 0.f;
   }
 }
+
+// LayerNorm epilogue (packed_linear_norm_): normed rows = LayerNorm(out rows) * ln_w + ln_b.
+struct NormEpilogue {
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float eps = 0.f;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
 
 #ifdef EF_LINEAR_X86
 // C[MR rows, 16 * NV columns] (the last vector masked by `last`) from x rows a (stride lda) and one packed panel b.
@@ -113,10 +124,14 @@ TileFn pick_tile(int rows, int nv) {
 }
 
 void packed_linear_avx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* packed,
-                          float* out, int64_t ldo, const float* bias, bool accumulate, bool gelu) {
+                          float* out, int64_t ldo, const float* bias, bool accumulate, bool gelu,
+                          const NormEpilogue& norm = NormEpilogue()) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, K * kPanel * 4));
   const int64_t tiles = (m + kRows - 1) / kRows;
+  // With the whole weight in one column block (out-proj at tiny and base: 0.6 / 1 MB) each row tile's full rows
+  // are done in turn and still in L1: normalise them there instead of in one more pass over [M, N].
+  const bool norm_in_tile = norm.w != nullptr && block >= panels;
   at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t p0 = 0; p0 < panels; p0 += block) {
       const int64_t p1 = std::min(panels, p0 + block);
@@ -138,9 +153,17 @@ void packed_linear_avx512(int64_t m, int64_t n, int64_t K, const float* x, int64
             k0 += kk;
           } while (k0 < K);
         }
+        if (norm_in_tile)
+          add_ln_rows_avx512(out + r0 * ldo, ldo, norm.y + r0 * norm.ldy, norm.ldy, rows, n, nullptr, norm.w, norm.b,
+                             norm.eps);
       }
     }
   });
+  if (norm.w != nullptr && !norm_in_tile)
+    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+      add_ln_rows_avx512(out + r0 * ldo, ldo, norm.y + r0 * norm.ldy, norm.ldy, r1 - r0, n, nullptr, norm.w, norm.b,
+                         norm.eps);
+    });
 }
 #endif
 
@@ -181,7 +204,8 @@ at::Tensor unpack_weight(const at::Tensor& packed, int64_t n, int64_t k) {
 }
 
 at::Tensor& packed_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
-                              const c10::optional<at::Tensor>& bias, bool accumulate, bool gelu) {
+                              const c10::optional<at::Tensor>& bias, bool accumulate, bool gelu,
+                              const NormEpilogue* norm = nullptr) {
   check_float_tensor(out, 2, "out");
   check_float_tensor(x, 2, "x");
   check_float_tensor(packed, 1, "packed");
@@ -215,16 +239,60 @@ at::Tensor& packed_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Te
 #ifdef EF_LINEAR_X86
   packed_linear_avx512(m, n, k, x.data_ptr<float>(), m > 1 ? x.stride(0) : k, packed.data_ptr<float>(),
                        out.data_ptr<float>(), m > 1 ? out.stride(0) : n, b.defined() ? b.data_ptr<float>() : nullptr,
-                       accumulate, gelu);
+                       accumulate, gelu, norm ? *norm : NormEpilogue());
 #endif
   return out;
+}
+
+at::Tensor& packed_linear_cpu_op(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                 const c10::optional<at::Tensor>& bias, bool accumulate, bool gelu) {
+  return packed_linear_cpu(out, x, packed, bias, accumulate, gelu);
+}
+
+// out [M, N] += x W^T + bias (the residual add of the encoder's out-proj), then normed = LayerNorm(out) * ln_weight
+// + ln_bias over N (the next LayerNorm), returns normed. Float32 only, like packed_linear_.
+at::Tensor& packed_linear_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                   const c10::optional<at::Tensor>& bias, const at::Tensor& ln_weight,
+                                   const at::Tensor& ln_bias, double eps, at::Tensor& normed) {
+  check_float_tensor(out, 2, "out");
+  check_float_tensor(normed, 2, "normed");
+  const int64_t n = out.size(1);
+  for (const at::Tensor* t : {&ln_weight, &ln_bias}) {
+    check_float_tensor(*t, 1, "ln_weight / ln_bias");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->size(0) == n, "ln_weight and ln_bias must be float32 [", n,
+                "], got ", t->scalar_type(), " ", t->sizes());
+  }
+  TORCH_CHECK(normed.scalar_type() == at::kFloat && normed.sizes() == out.sizes() &&
+                  (n <= 1 || normed.stride(1) == 1),
+              "normed must be float32 of out's shape ", out.sizes(), " with a unit column stride, got ",
+              normed.scalar_type(), " ", normed.sizes(), " strides ", normed.strides());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  at::assert_no_overlap(normed, out);
+  at::assert_no_overlap(normed, x);
+  if (!kernel_available(at::kFloat) || out.size(0) == 0 || n == 0) {
+    packed_linear_cpu(out, x, packed, bias, true, false);
+    normed.copy_(at::layer_norm(out, {n}, ln_weight, ln_bias, eps));
+    return normed;
+  }
+#ifdef EF_LINEAR_X86
+  const at::Tensor w = ln_weight.contiguous(), b = ln_bias.contiguous();
+  NormEpilogue norm;
+  norm.w = w.data_ptr<float>();
+  norm.b = b.data_ptr<float>();
+  norm.eps = static_cast<float>(eps);
+  norm.y = normed.data_ptr<float>();
+  norm.ldy = out.size(0) > 1 ? normed.stride(0) : n;
+  packed_linear_cpu(out, x, packed, bias, true, false, &norm);
+#endif
+  return normed;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
   m.impl("linear_pack", &linear_pack_cpu);
-  m.impl("packed_linear_", &packed_linear_cpu);
+  m.impl("packed_linear_", &packed_linear_cpu_op);
+  m.impl("packed_linear_norm_", &packed_linear_norm_cpu);
 }
 
 }  // namespace cpu

@@ -60,6 +60,11 @@ def _register_fake() -> None:
         def _(out, x, packed, bias, accumulate, gelu):
             return out
 
+    if hasattr(torch.ops.eureka_fast, "packed_linear_norm_"):
+        @torch.library.register_fake("eureka_fast::packed_linear_norm_")
+        def _(out, x, packed, bias, ln_weight, ln_bias, eps, normed):
+            return normed
+
 
 def _kernel_available(device: torch.device) -> bool:
     if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):

@@ -84,6 +84,73 @@ def test_strided_rows_and_errors():
         torch.ops.eureka_fast.packed_linear_(square, square, pack(torch.randn(12, 12)), None, False, False)
 
 
+def pack_in_python(w):
+    """linear_pack's layout: 64-column panels, each k-major [K][width] (width: the panel's columns rounded up to
+    16, zero-padded)."""
+    n, k = w.shape
+    parts = []
+    for col in range(0, n, 64):
+        cols = min(64, n - col)
+        panel = torch.zeros(k, (cols + 15) // 16 * 16, dtype=w.dtype)
+        panel[:, :cols] = w[col:col + cols].t()
+        parts.append(panel.reshape(-1))
+    return torch.cat(parts)
+
+
+@compiled
+def test_python_packing_matches_linear_pack():
+    w = torch.randn(130, 33)
+    assert torch.equal(pack_in_python(w), pack(w))
+
+
+@compiled
+@pytest.mark.parametrize("m,k,n", [
+    (1500, 512, 512),  # base out-proj: the whole weight in one column block, rows normalised per tile
+    (301, 384, 384),   # tiny
+    (13, 768, 768),    # a weight past one block: the GEMM, then a LayerNorm pass
+    (7, 40, 100),      # a partial last panel and vector, a 1-row tail tile
+    (1, 3, 1),
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_norm_matches_float64(m, k, n, with_bias):
+    gen = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    lw, lb = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    base = torch.randn(m, n + 5, generator=gen) * 3 + 1  # out: a column slice, its neighbours untouched
+    out = base[:, :n]
+    stream = reference(out, x, w, bias, True, False)
+    expected = F.layer_norm(stream, (n,), lw.double(), lb.double(), 1e-5)
+    untouched = base[:, n:].clone()
+    normed = torch.full((m, n), float("nan"))  # poisoned: every element must be written
+    got = torch.ops.eureka_fast.packed_linear_norm_(out, x, pack(w), bias, lw, lb, 1e-5, normed)
+    assert got.data_ptr() == normed.data_ptr()
+    torch.testing.assert_close(out.double(), stream, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(normed.double(), expected, atol=5e-5, rtol=1e-5)
+    assert torch.equal(base[:, n:], untouched)
+    # the same row kernel (and rounding) as add_layer_norm_out, which it replaces after the GEMM
+    again = torch.ops.eureka_fast.add_layer_norm_out(out.clone(), None, lw, lb, 1e-5, torch.empty(m, n))
+    assert torch.equal(normed, again)
+
+
+@compiled
+def test_linear_norm_errors():
+    x, w = torch.randn(9, 20), torch.randn(18, 20)
+    out, normed, lw = torch.randn(9, 18), torch.empty(9, 18), torch.ones(18)
+    op = torch.ops.eureka_fast.packed_linear_norm_
+    with pytest.raises(RuntimeError, match="ln_weight and ln_bias must be"):
+        op(out, x, pack(w), None, lw[:-1], lw, 1e-5, normed)
+    with pytest.raises(RuntimeError, match="normed must be"):
+        op(out, x, pack(w), None, lw, lw, 1e-5, torch.empty(9, 17))
+    with pytest.raises(RuntimeError, match="eps must be"):
+        op(out, x, pack(w), None, lw, lw, float("nan"), normed)
+    with pytest.raises(RuntimeError, match="memory location"):
+        op(out, x, pack(w), None, lw, lw, 1e-5, out)
+    torch.library.opcheck(op, (out, x, pack(w), torch.randn(18), lw, torch.zeros(18), 1e-5, normed),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @compiled
 def test_opcheck():
     x, w = torch.randn(9, 20), torch.randn(18, 20)
@@ -104,11 +171,38 @@ import eureka_fast.ops.api as api
 api._load_extension()
 print(torch.ops.eureka_fast.linear_pack(torch.randn(5, 3)).numel())
 """
+    # and the portable paths of packed_linear_ / packed_linear_norm_ (ATen on the unpacked weight)
+    portable = r"""
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import eureka_fast.ops.api as api
+from test_packed_linear import pack_in_python
+api._load_extension()
+g = torch.Generator().manual_seed(0)
+x, w, b = torch.randn(13, 40, generator=g), torch.randn(130, 40, generator=g), torch.randn(130, generator=g)
+out = torch.randn(13, 130, generator=g)
+expected = F.gelu(out.double() + x.double() @ w.double().t() + b.double())
+torch.ops.eureka_fast.packed_linear_(out, x, pack_in_python(w), b, True, True)
+err = (out.double() - expected).abs().max().item()
+w = torch.randn(192, 40, generator=g)
+lw, lb, normed = torch.randn(192, generator=g), torch.randn(192, generator=g), torch.full((13, 192), float("nan"))
+stream = torch.randn(13, 192, generator=g)
+expected = stream.double() + x.double() @ w.double().t()
+torch.ops.eureka_fast.packed_linear_norm_(stream, x, pack_in_python(w), None, lw, lb, 1e-5, normed)
+expected_norm = F.layer_norm(expected, (192,), lw.double(), lb.double(), 1e-5)
+err = max(err, (stream.double() - expected).abs().max().item(), (normed.double() - expected_norm).abs().max().item())
+print(err)
+"""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for isa in ("avx2", "baseline"):
         out = subprocess.run([sys.executable, "-c", script, root], env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa),
                              capture_output=True, text=True, check=True, timeout=300)
         assert out.stdout.strip().splitlines()[-1] == "0"
+        out = subprocess.run([sys.executable, "-c", portable, root, os.path.dirname(os.path.abspath(__file__))],
+                             env=dict(os.environ, EUREKA_FAST_CPU_ISA=isa), capture_output=True, text=True,
+                             check=True, timeout=300)
+        assert float(out.stdout.strip().splitlines()[-1]) < 1e-4
 
 
 @compiled

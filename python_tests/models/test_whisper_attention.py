@@ -212,6 +212,26 @@ def test_dh64_ragged_key_lengths(T, nan_outputs):
 
 
 @compiled
+@pytest.mark.parametrize("T", [17, 1500])
+def test_dh64_head_major_dense_heads(T, nan_outputs):
+    # head-major qkv ([B, 3H, T, 64]): q, k, v rows are dense and read in place (no copies); keys past an item's
+    # length are never read
+    lengths = torch.tensor([T, max(1, T // 3)])
+    x = torch.randn(2, 3, 2, T, 64, generator=torch.Generator().manual_seed(T))
+    q, k, v = x.transpose(0, 1)
+    expected = reference64(q, k, v, lengths)
+    poisoned = x.clone()
+    poisoned[:, 1:].masked_fill_(~(torch.arange(T)[None, :] < lengths[:, None])[:, None, None, :, None],
+                                 float("nan"))
+    q, k, v = poisoned.transpose(0, 1)
+    assert q.stride(2) == 64 and k.stride(2) == 64
+    with torch.inference_mode():
+        got = attention(q, k, v, lengths)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, atol=3e-6, rtol=1e-5)
+
+
+@compiled
 def test_dh64_peaked_scores_tiny_values_and_fp_state():
     # most exps fall below the cutoff (exactly 0), which must not change the result
     q, k, v = qkv(1, 2, 80, 300, 64, scale=40.0)
