@@ -61,6 +61,13 @@ bool runs_whole(const std::vector<int64_t>& offsets, int64_t e) {
   return at::get_num_threads() > 1 && !at::in_parallel_region() && offsets[e + 1] - offsets[e] >= whole_expert_rows();
 }
 
+// Rows per tile for an expert's `rows` rows: an even split into blocks of at most kRowBlock (no tiny trailing block;
+// the last block may be a few rows shorter).
+int64_t row_block(int64_t rows) {
+  const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  return (rows + n_blocks - 1) / n_blocks;
+}
+
 // Tiles for the experts that do not run whole.
 std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
@@ -71,8 +78,7 @@ std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out)
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
     if (rows <= 0 || runs_whole(offsets, e)) continue;
-    const int64_t n_blocks = (rows + kRowBlock - 1) / kRowBlock;
-    const int64_t per = (rows + n_blocks - 1) / n_blocks;  // even split: no tiny trailing block
+    const int64_t per = row_block(rows);
     for (int64_t r = 0; r < rows; r += per) blocks.push_back({e, offsets[e] + r, std::min(per, rows - r)});
   }
   std::vector<Tile> tiles;
@@ -102,6 +108,15 @@ bool use_packed_gemm(int64_t m, int64_t K, int64_t b_col_stride) {
     return avx512 && m >= kPackedGemmMinRowsAvx512 && b_col_stride == 1 && K > 0;
   }
   return false;
+}
+
+// Whether every tile of expert e (gated, float, weights with column stride w_col_stride) packs its rows through
+// the AVX-512 many-rows GEMM, and so can take them from a RowGather instead of the dense rows.
+bool expert_tiles_pack(const std::vector<int64_t>& offsets, int64_t e, int64_t K, int64_t w_col_stride) {
+  const int64_t rows = offsets[e + 1] - offsets[e];
+  if (rows <= 0 || runs_whole(offsets, e)) return false;
+  const int64_t per = row_block(rows), last = rows - per * ((rows - 1) / per);  // the shortest block
+  return use_packed_gemm<float>(last, K, w_col_stride);
 }
 
 // One tile's product C = A B^T: the streaming kernel for a few rows of float with unit-stride weight rows, the
@@ -641,13 +656,11 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     // others (few rows, whole-expert BLAS, 2-byte or strided weights) read the dense rows gathered here.
     const bool two_byte = reads_2byte_weights(w_gate_up, cd);
     const at::Tensor wgu = two_byte ? w_gate_up : blas_ready_weight(w_gate_up, cd);
-    const bool fuse_gather = std::is_same_v<scalar_t, float> && !two_byte && cpu_isa() == CpuIsa::Avx512 &&
-                             inner_strides(wgu).second == 1;
+    const bool fuse_gather = std::is_same_v<scalar_t, float> && !two_byte && inner_strides(wgu).second == 1;
     std::vector<int64_t> token_of(fuse_gather ? S : 0);
     for (int64_t s = 0; s < static_cast<int64_t>(token_of.size()); ++s) token_of[s] = sorted_rows[s] / k;
     std::vector<char> dense(E, 1);
-    for (int64_t e = 0; e < E && fuse_gather; ++e)
-      dense[e] = offsets[e + 1] - offsets[e] < kPackedGemmMinRowsAvx512 || runs_whole(offsets, e);
+    for (int64_t e = 0; e < E && fuse_gather; ++e) dense[e] = !expert_tiles_pack(offsets, e, H, 1);
     at::parallel_for(0, S, std::max<int64_t>(1, 4096 / H), [&](int64_t s0, int64_t s1) {
       int64_t e = std::upper_bound(offsets.begin(), offsets.end(), s0) - offsets.begin() - 1;
       for (int64_t s = s0; s < s1; ++s) {
