@@ -20,7 +20,6 @@ namespace eureka_fast {
 namespace cpu {
 namespace {
 
-
 // x [..., d] contiguous float32 / float64 (updated in place when bias is given), bias / weight / ln_bias [d].
 // `given_y`: the caller's buffer of x's shape and dtype (contiguous) for the result, or undefined for a fresh one.
 at::Tensor add_layer_norm_impl(at::Tensor& x, const c10::optional<at::Tensor>& bias, const at::Tensor& weight,

@@ -657,15 +657,16 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
     const bool two_byte = reads_2byte_weights(w_gate_up, cd);
     const at::Tensor wgu = two_byte ? w_gate_up : blas_ready_weight(w_gate_up, cd);
     const bool fuse_gather = std::is_same_v<scalar_t, float> && !two_byte && inner_strides(wgu).second == 1;
-    std::vector<int64_t> token_of(fuse_gather ? S : 0);
-    for (int64_t s = 0; s < static_cast<int64_t>(token_of.size()); ++s) token_of[s] = sorted_rows[s] / k;
+    std::vector<int64_t> token_of(S);  // x row of each expert-sorted row
+    for (int64_t s = 0; s < S; ++s) token_of[s] = sorted_rows[s] / k;
     std::vector<char> dense(E, 1);
-    for (int64_t e = 0; e < E && fuse_gather; ++e) dense[e] = !expert_tiles_pack(offsets, e, H, 1);
+    if (fuse_gather)
+      for (int64_t e = 0; e < E; ++e) dense[e] = !expert_tiles_pack(offsets, e, H, 1);
     at::parallel_for(0, S, std::max<int64_t>(1, 4096 / H), [&](int64_t s0, int64_t s1) {
       int64_t e = std::upper_bound(offsets.begin(), offsets.end(), s0) - offsets.begin() - 1;
       for (int64_t s = s0; s < s1; ++s) {
         while (s >= offsets[e + 1]) ++e;
-        if (dense[e]) std::memcpy(xs + s * H, xp + (sorted_rows[s] / k) * x_stride, H * sizeof(scalar_t));
+        if (dense[e]) std::memcpy(xs + s * H, xp + token_of[s] * x_stride, H * sizeof(scalar_t));
       }
     });
     // 2. gate+up GEMM with the gated activation in the epilogue -> [S, I]
