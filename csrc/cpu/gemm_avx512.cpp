@@ -11,9 +11,9 @@
 // panels broadcast from that copy. (Weight rows 4 KB apart, K = 1024 or 2048, all map to one L1 set, so read in
 // place by every panel they evict each other: a K = 1024 tile ran at ~0.9x of MKL that way, ~1.1x with the copy.)
 // While one chunk is in use the next is prefetched into L2 (the hardware prefetcher stops at every 4 KB page, i.e.
-// every row). A last panel of at most 16 rows runs a one-vector kernel (half the work); rows left past the full
-// panels may instead run as dot products along K against the same L1 copy (see remainder_rows). Loop order and
-// partial sums: see gemm_abt_packed_avx512.
+// every row), a slice of its rows by each panel pass. A last panel of at most 16 rows runs a one-vector kernel
+// (half the work); rows left past the full panels may instead run as dot products along K against the same L1
+// copy (see remainder_rows). Loop order and partial sums: see gemm_abt_packed_avx512.
 // Self-contained (no ATen) so a stand-alone micro-benchmark (bench/gemm_tiles.cpp) can include it.
 #include <algorithm>
 #include <cstdint>
@@ -102,11 +102,11 @@ EF_AVX512 EF_AVX512_INLINE void k_step(const float* a, const float* w, __m512 (&
 // wbuf ([NR][kKc], a fixed stride: constant displacements and no L1 set conflicts, whereas weight rows 4 KB apart
 // (K = 1024, 2048) all fall in one L1 set and more than 12 of them evict each other).
 // With kCopy, the rows are first copied from b (stride ldb) into wbuf, 16 columns at a time just before use (the
-// first pass over a chunk); with kPrefetch, the rows at pf (stride ldb) are prefetched into L2 alongside.
+// first pass over a chunk); with kPrefetch, rows [pr0, pr1) at pf (stride ldb) are prefetched into L2 alongside.
 // H = 2: all 32 rows of the panel; H = 1: its first 16 only (the single panel of a tile of at most 16 rows).
 template <int NR, int H, bool kCopy, bool kPrefetch>
 EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel, const float* b, int64_t ldb,
-                                      float* __restrict wbuf, const float* pf, __m512 (&acc)[NR][2]) {
+                                      float* __restrict wbuf, const float* pf, int pr0, int pr1, __m512 (&acc)[NR][2]) {
   for (int64_t k = 0; k < kc; k += 16) {
     const int64_t width = std::min<int64_t>(16, kc - k);
     if constexpr (kCopy) {
@@ -116,7 +116,7 @@ EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel,
     }
     if constexpr (kPrefetch) {
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ldb + k), EF_GEMM512_PF_HINT);
+      for (int r = pr0; r < pr1; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ldb + k), EF_GEMM512_PF_HINT);
     }
     const float* pk = panel + k * kPanel;
     const float* wk = wbuf + k;
@@ -188,8 +188,8 @@ EF_AVX512_INLINE int64_t remainder_stride(int64_t K) { return (K + 15) / 16 * 16
 // One panel's pass over a chunk (see chunk): acc from / to its partial sums, or stored into C on the last K block.
 template <int NR, bool kCopy, bool kPrefetch>
 EF_AVX512 EF_AVX512_INLINE void panel_pass(int64_t prow, int64_t kc, bool first, bool last, const float* panel,
-                                           const float* b, int64_t ldb, float* wbuf, const float* pf, float* part,
-                                           float* c, int64_t ldc) {
+                                           const float* b, int64_t ldb, float* wbuf, const float* pf, int pr0, int pr1,
+                                           float* part, float* c, int64_t ldc) {
   __m512 acc[NR][2];
   if (first) {
 #pragma GCC unroll 16
@@ -202,9 +202,9 @@ EF_AVX512 EF_AVX512_INLINE void panel_pass(int64_t prow, int64_t kc, bool first,
     }
   }
   if (prow > 16)
-    micro<NR, 2, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, acc);
+    micro<NR, 2, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, pr0, pr1, acc);
   else
-    micro<NR, 1, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, acc);
+    micro<NR, 1, kCopy, kPrefetch>(kc, panel, b, ldb, wbuf, pf, pr0, pr1, acc);
   if (last) {
     store_block<NR>(acc, prow, c, ldc);
   } else {
@@ -261,26 +261,35 @@ EF_AVX512 void remainder_passes(int64_t nrem, int64_t kc, bool first, bool last,
 // One chunk: NR weight rows x kc columns of K (b, stride ldb) against every row of A, accumulated into `partial`
 // or, on the last K block, stored into C[:, 0..NR). A's panels start at `panels` (this K offset, panel stride
 // pstride), its remainder rows at `rem` (this K offset, row stride ldr). The first panel copies the chunk into wbuf
-// (and prefetches the next chunk, pf, into L2) while its FMAs hide the loads' latency; the remainder rows come next,
-// while the copy is still in L1 (they reread the weights as vectors, 14 lines per 16 columns); then the other
-// panels, which stream through L1. partial: one NR x 32 block per panel, then one per pair of remainder rows.
+// while its FMAs hide the loads' latency; the remainder rows come next, while the copy is still in L1 (they reread
+// the weights as vectors, 14 lines per 16 columns); then the other panels, which stream through L1. partial: one
+// NR x 32 block per panel, then one per pair of remainder rows.
 template <int NR>
 EF_AVX512 void chunk(int64_t m, int64_t kc, bool first, bool last, const float* panels, int64_t pstride,
                      const float* rem, int64_t ldr, const float* b, int64_t ldb, float* wbuf, const float* pf,
                      float* partial, float* c, int64_t ldc) {
   const int64_t np = panel_count(m), nrem = remainder_rows(m), panel_rows = m - nrem;
   const int64_t prow0 = std::min<int64_t>(kPanel, panel_rows);
+  // The next chunk's prefetches are spread over all panel passes (each takes a slice of its rows): issued all in
+  // the first pass they come in a burst that fills the line-fill buffers the panel loads also need.
+  auto pr = [&](int64_t p) { return static_cast<int>(p * NR / np); };
   if (pf != nullptr)
-    panel_pass<NR, true, true>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, partial, c, ldc);
+    panel_pass<NR, true, true>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, 0, pr(1), partial, c, ldc);
   else
-    panel_pass<NR, true, false>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, partial, c, ldc);
+    panel_pass<NR, true, false>(prow0, kc, first, last, panels, b, ldb, wbuf, pf, 0, 0, partial, c, ldc);
   if (nrem > 0)
     remainder_passes<NR>(nrem, kc, first, last, rem, ldr, wbuf, partial + np * (NR * kPanel), c + np * kPanel * ldc,
                          ldc);
-  for (int64_t p = 1; p < np; ++p)
-    panel_pass<NR, false, false>(std::min<int64_t>(kPanel, panel_rows - p * kPanel), kc, first, last,
-                                 panels + p * pstride, b, ldb, wbuf, pf,
-                                 partial + p * (NR * kPanel), c + p * kPanel * ldc, ldc);
+  for (int64_t p = 1; p < np; ++p) {
+    const int64_t prow = std::min<int64_t>(kPanel, panel_rows - p * kPanel);
+    float* part = partial + p * (NR * kPanel);
+    float* cp = c + p * kPanel * ldc;
+    if (pf != nullptr)
+      panel_pass<NR, false, true>(prow, kc, first, last, panels + p * pstride, b, ldb, wbuf, pf, pr(p), pr(p + 1),
+                                  part, cp, ldc);
+    else
+      panel_pass<NR, false, false>(prow, kc, first, last, panels + p * pstride, b, ldb, wbuf, pf, 0, 0, part, cp, ldc);
+  }
 }
 
 // chunk<nr> for the last, partial block of nr < kNr weight rows.
