@@ -17,5 +17,6 @@ from .api import (  # noqa: F401
     permute,
     route_topk,
     stack_norm_project,
+    ultravox_projector_args,
 )
 from . import reference  # noqa: F401
