@@ -266,11 +266,10 @@ def eager_downsample_chain(x, lengths, *, k, pool, norm, norm_weight=None, norm_
     Linear, then zero the padding rows of each clip."""
     B, T, D = x.shape
     T_out = -(-T // k)
-    h = F.pad(x, (0, 0, 0, T_out * k - T))
     if pool == "stack":
-        h = h.reshape(B, T_out, k * D)
-    else:
-        h = F.avg_pool1d(h.transpose(1, 2), k, k).transpose(1, 2)
+        h = F.pad(x, (0, 0, 0, T_out * k - T)).reshape(B, T_out, k * D)
+    else:  # a short last window averages the frames it has, as stack_norm_project does
+        h = F.avg_pool1d(x.transpose(1, 2), k, k, ceil_mode=True).transpose(1, 2)
     if norm == "layer":
         h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
     elif norm == "rms":
