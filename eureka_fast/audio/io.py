@@ -30,7 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["AudioError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
+__all__ = ["AudioError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE", "MIN_SAMPLE_RATE",
+           "MAX_SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
 # Rates outside this range are not audio anyone records speech at; a header claiming them is corrupt or the caller
@@ -458,11 +459,13 @@ def load_audio(source: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
       - bytes / bytearray / memoryview holding an encoded file;
       - a ``data:audio/...;base64,...`` URI;
       - ``(array, rate)``: samples shaped [time], [time, channels] or [channels, time]; integer arrays are PCM and
-        scaled to [-1, 1);
+        scaled to [-1, 1); the rate is a whole number of Hz (an int, or a float / numpy / 0-d tensor scalar with an
+        integral value). Several clips are a list, never a tuple;
       - a bare 1-D numpy array or torch tensor, taken to be at `sr` already.
 
     Stereo and multichannel audio is averaged to mono; other rates are resampled with soxr.
-    Raises `AudioError` (a ValueError) naming the source and the problem.
+    Raises `AudioError` (a ValueError) naming the source and the problem, including files cut short where the
+    container states their length (all but constant-bitrate MP3s without a Xing/Info header).
     """
     sr = _check_rate(sr, "target")
     if isinstance(source, tuple):

@@ -114,7 +114,8 @@ def test_transformers_dir_with_bad_config_or_weights(tmp_path):
     weights = next(directory.glob("*.safetensors"))
     raw = weights.read_bytes()
     weights.write_bytes(raw[: len(raw) // 2])
-    expect_load_error(weights, "corrupt or truncated safetensors", loader=lambda p: load_whisper_encoder(str(directory)))
+    expect_load_error(weights, "corrupt or truncated safetensors",
+                      loader=lambda p: load_whisper_encoder(str(directory)))
 
 
 def test_ctranslate2_dir_missing_variables(tmp_path):
