@@ -16,10 +16,11 @@ from .features import (
     mel_filters,
     slaney_mel_filters,
 )
-from .io import SAMPLE_RATE, AudioError, load_audio
+from .io import SAMPLE_RATE, AudioError, is_array_rate_pair, load_audio
 
 __all__ = [
-    "AudioError", "load_audio", "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "SAMPLES_PER_TOKEN", "FRAMES_PER_TOKEN",
+    "AudioError", "load_audio", "is_array_rate_pair", "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "SAMPLES_PER_TOKEN",
+    "FRAMES_PER_TOKEN",
     "FRAMES_PER_WINDOW", "SAMPLES_PER_WINDOW", "TOKENS_PER_WINDOW", "PAD_VALUE", "EurekaFeatures",
     "audio_token_count", "log_mel", "eureka_features_batch", "mel_filters", "slaney_mel_filters",
 ]

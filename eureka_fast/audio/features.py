@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .io import AudioError, load_audio
+from .io import AudioError, is_array_rate_pair, load_audio
 
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "SAMPLES_PER_TOKEN", "FRAMES_PER_TOKEN", "FRAMES_PER_WINDOW",
@@ -269,13 +269,20 @@ class EurekaFeatures:
         return sum(self.token_counts)
 
 
-def _eureka_request(clips: Sequence[Any], n_mels: int) -> EurekaFeatures:
+def _eureka_request(clips: Sequence[Any], n_mels: int, where: str = "") -> EurekaFeatures:
+    """Features of one request's clips; `where` prefixes error messages (e.g. "requests[3] " in a batch)."""
     if len(clips) == 0:
         raise AudioError("<request>: no audio clips given")
     per_clip = []
     counts = []
-    for clip in clips:
-        features, tokens = _eureka_clip(_as_tensor(clip), n_mels)
+    for index, clip in enumerate(clips):
+        try:
+            features, tokens = _eureka_clip(_as_tensor(clip), n_mels)
+        except AudioError as exc:
+            if len(clips) == 1 and not where:
+                raise
+            # Say which clip: "<array>" alone does not tell the caller which of several arrays was bad.
+            raise AudioError("%sclips[%d] (of %d): %s" % (where, index, len(clips), exc)) from exc
         per_clip.append(features)
         counts.append(tokens)
     frames = per_clip[0] if len(per_clip) == 1 else torch.cat(per_clip, dim=1)
@@ -315,9 +322,10 @@ def eureka_features_batch(requests: Sequence[Sequence[Any]], n_mels: int = 80):
     _check_n_mels(n_mels)
     windows, per_request, counts = [], [], []
     with torch.no_grad():
-        for request in requests:
-            clips = request if isinstance(request, (list, tuple)) and not _is_array_rate_pair(request) else [request]
-            feats = _eureka_request(list(clips), n_mels)
+        for index, request in enumerate(requests):
+            # A request is a list (or tuple) of clips, or one clip: an array, a path, bytes or an (array, rate) pair.
+            clips = request if isinstance(request, (list, tuple)) and not is_array_rate_pair(request) else [request]
+            feats = _eureka_request(list(clips), n_mels, where="requests[%d] " % index if len(requests) > 1 else "")
             windows.append(feats.windows)
             per_request.append(feats.windows.shape[0])
             counts.append(feats.token_counts)
@@ -325,7 +333,3 @@ def eureka_features_batch(requests: Sequence[Sequence[Any]], n_mels: int = 80):
         return torch.empty(0, n_mels, FRAMES_PER_WINDOW), [], []
     return torch.cat(windows, dim=0), per_request, counts
 
-
-def _is_array_rate_pair(item: Any) -> bool:
-    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, np.integer))
-            and not isinstance(item[0], (int, np.integer)))

@@ -4,24 +4,34 @@ Decoding goes through libsndfile (via `soundfile`: WAV PCM 8/16/24/32-bit and IE
 with libsndfile >= 1.1, MP3). Anything libsndfile cannot open (m4a, webm, ...) falls back to an `ffmpeg` subprocess
 when the `ffmpeg` executable is on PATH. Resampling uses soxr (band-limited, high quality), never decimation.
 
-Every failure is raised as `AudioError`, whose message names the source (file path, "<bytes>", "<data URI>",
-"<array>") and the problem.
+Every failure is raised as `AudioError`, whose message names the source (file path, "<bytes, N bytes>",
+"<data URI ...>", "<array>") and the problem. A file cut short is reported where its container states its length
+(WAV, FLAC, Ogg, MP3 with a Xing/Info or VBRI header); a constant-bitrate MP3 without such a header states no length,
+so a cut one decodes to the frames that remain (see `_declared_length`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import math
+import numbers
 import os
+import re
 import shutil
 import struct
 import subprocess
-from typing import Any
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["AudioError", "load_audio", "SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
+__all__ = ["AudioError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE", "MIN_SAMPLE_RATE",
+           "MAX_SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
 # Rates outside this range are not audio anyone records speech at; a header claiming them is corrupt or the caller
@@ -41,65 +51,287 @@ def _describe(source: Any) -> str:
             return "<data URI %s...>" % text[:40]
         return repr(text)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return "<%d bytes>" % len(source)
+        return "<bytes, %d bytes>" % len(source)
     return "<array>"
 
 
+def is_sample_rate(value: Any) -> bool:
+    """Whether `value` is a scalar number (the rate of an ``(array, rate)`` pair), as opposed to an array or a clip."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, numbers.Real):  # int, float, numpy integer and floating scalars
+        return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    if type(value).__name__ == "Tensor":
+        import torch
+
+        return value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+    return False
+
+
+def is_array_rate_pair(item: Any) -> bool:
+    """Whether `item` is one clip given as ``(samples, sample_rate)`` rather than a tuple of clips."""
+    return isinstance(item, tuple) and len(item) == 2 and is_sample_rate(item[1]) and not is_sample_rate(item[0])
+
+
 def _check_rate(rate: Any, name: str) -> int:
+    if isinstance(rate, (bool, np.bool_)):
+        raise AudioError("%s: sample rate %r is not a number" % (name, rate))
     try:
-        rate_int = int(rate)
-    except (TypeError, ValueError):
-        raise AudioError("%s: sample rate %r is not an integer" % (name, rate)) from None
-    if rate_int != rate or not (MIN_SAMPLE_RATE <= rate_int <= MAX_SAMPLE_RATE):
+        rate_float = float(rate)
+    except (TypeError, ValueError, OverflowError):
+        shape = getattr(rate, "shape", None)
+        what = "an array of shape %s" % (tuple(shape),) if shape is not None else "a %s" % type(rate).__name__
+        raise AudioError("%s: sample rate must be a number of Hz, got %s" % (name, what)) from None
+    if not math.isfinite(rate_float):
+        raise AudioError("%s: sample rate %r is not a finite number" % (name, rate))
+    if rate_float != math.floor(rate_float):
+        raise AudioError("%s: sample rate %r is not a whole number of Hz" % (name, rate))
+    if not (MIN_SAMPLE_RATE <= rate_float <= MAX_SAMPLE_RATE):
         raise AudioError(
             "%s: sample rate %r is out of the supported range [%d, %d] Hz"
             % (name, rate, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
         )
-    return rate_int
+    return int(rate_float)
 
 
-def _wav_truncation(head: bytes, file_size: int) -> str | None:
-    """For a RIFF/WAVE file, compare the byte count the `data` chunk declares with what the file holds.
+# ----------------------------------------------------------------------------------------------------------------------
+# Truncation: what the container says the length is, checked against what was decoded.
+#
+# Decoders shorten a cut file to whatever is left (libsndfile for WAV and MP3, ffmpeg for everything) with at most a
+# warning on stderr, which would drop audio without a word. Where the container states its length up front we compare:
+# the WAV `data` chunk size, FLAC's STREAMINFO sample count, and an MP3's Xing/Info or VBRI frame count (with the LAME
+# tag's encoder delay and padding). Ogg states no total length before its last page, but every page states its own
+# size and the last page carries an end-of-stream flag, so a cut Ogg file is recognised from its page structure.
+# A constant-bitrate MP3 without a Xing/Info header (e.g. `ffmpeg -write_xing 0`, many streaming captures) states no
+# length anywhere: a cut one cannot be told from a short one and decodes to the frames that are present.
 
-    libsndfile silently shortens a truncated WAV to the samples present, which would drop audio without a word; we
-    want that reported. Returns a description of the truncation or None. `head` is the start of the file (enough to
-    hold the chunk headers before `data`).
-    """
+
+@dataclass
+class _DeclaredLength:
+    samples: int  # per channel, at `rate`
+    rate: int
+    source: str  # which header said so, for the message
+    slack: int  # samples the decode may fall short by without the file being cut (decoder delay, partial frames)
+
+
+def _read_at(fh: BinaryIO, offset: int, count: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(count)
+
+
+def _skip_id3v2(fh: BinaryIO) -> int:
+    """Offset just past a leading ID3v2 tag (MP3s, and some FLACs, start with one), or 0."""
+    header = _read_at(fh, 0, 10)
+    if len(header) == 10 and header[:3] == b"ID3" and all(b < 0x80 for b in header[6:10]):
+        size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]  # "syncsafe": 7 bits a byte
+        return 10 + size + (10 if header[5] & 0x10 else 0)  # a footer repeats the header
+    return 0
+
+
+def _wav_declared(fh: BinaryIO, file_size: int) -> tuple[_DeclaredLength, int] | None:
+    """For a RIFF/WAVE file: (the sample count its `data` chunk declares, the whole samples the file holds)."""
+    head = _read_at(fh, 0, 65536)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
         return None
     endian = "<" if head[:4] == b"RIFF" else ">"
+    block_align = 0
     pos = 12
     while pos + 8 <= len(head):
         chunk_id = head[pos:pos + 4]
         (chunk_size,) = struct.unpack(endian + "I", head[pos + 4:pos + 8])
+        if chunk_id == b"fmt " and pos + 24 <= len(head):
+            (rate,) = struct.unpack(endian + "I", head[pos + 12:pos + 16])
+            (block_align,) = struct.unpack(endian + "H", head[pos + 20:pos + 22])
         if chunk_id == b"data":
             # 0 and 0xFFFFFFFF are the placeholders streaming writers leave when the length is unknown.
-            if chunk_size in (0, 0xFFFFFFFF):
+            if chunk_size in (0, 0xFFFFFFFF) or block_align == 0:
                 return None
-            available = file_size - (pos + 8)
-            if available < chunk_size:
-                return "truncated: the WAV header declares %d bytes of samples but the file holds %d" % (
-                    chunk_size, max(available, 0))
-            return None
+            available = max(file_size - (pos + 8), 0)
+            declared = _DeclaredLength(chunk_size // block_align, rate, "WAV data chunk", 0)
+            return declared, min(available, chunk_size) // block_align
         pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word aligned
     return None
 
 
-def _decode_with_ffmpeg(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndarray:
+def _flac_declared(fh: BinaryIO) -> _DeclaredLength | None:
+    start = _skip_id3v2(fh)
+    head = _read_at(fh, start, 42)
+    # "fLaC", then the STREAMINFO block (type 0, always first): 4-byte block header, 34 bytes of data.
+    if len(head) < 42 or head[:4] != b"fLaC" or head[4] & 0x7F != 0:
+        return None
+    (packed,) = struct.unpack(">Q", head[18:26])  # rate:20 channels-1:3 bits-1:5 total samples:36
+    rate, total = packed >> 44, packed & ((1 << 36) - 1)
+    if total == 0 or rate == 0:  # 0: unknown (a stream written without seeking back)
+        return None
+    return _DeclaredLength(total, rate, "FLAC STREAMINFO", 0)
+
+
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by MPEG version bits
+
+
+def _mp3_declared(fh: BinaryIO) -> _DeclaredLength | None:
+    """The length an MP3's first frame declares in a Xing/Info (with LAME tag) or VBRI header, or None."""
+    start = _skip_id3v2(fh)
+    head = _read_at(fh, start, 4096)
+    for pos in range(max(len(head) - 200, 0)):
+        if head[pos] != 0xFF or head[pos + 1] & 0xE0 != 0xE0:
+            continue
+        version, layer = (head[pos + 1] >> 3) & 3, (head[pos + 1] >> 1) & 3
+        rate_index = (head[pos + 2] >> 2) & 3
+        if version == 1 or layer == 0 or rate_index == 3 or (head[pos + 2] >> 4) in (0, 15):
+            continue  # reserved values: not a frame header
+        break
+    else:
+        return None
+    rate = _MP3_RATES[version][rate_index]
+    samples_per_frame = {3: 384, 2: 1152}.get(layer, 1152 if version == 3 else 576)  # layer bits: 3 = I, 1 = III
+    mono = (head[pos + 3] >> 6) == 3
+    side_info = (17 if mono else 32) if version == 3 else (9 if mono else 17)
+    xing = pos + 4 + side_info
+    if head[xing:xing + 4] in (b"Xing", b"Info"):
+        (flags,) = struct.unpack(">I", head[xing + 4:xing + 8])
+        if not flags & 1:
+            return None  # no frame count
+        (frames,) = struct.unpack(">I", head[xing + 8:xing + 12])
+        lame = xing + 8 + 4 * bool(flags & 1) + 4 * bool(flags & 2) + 100 * bool(flags & 4) + 4 * bool(flags & 8)
+        tag = head[lame:lame + 24]
+        delay = padding = 0
+        if len(tag) == 24 and tag[:4].isalnum():
+            # LAME tag: 9-byte encoder name, ..., then 12 bits encoder delay and 12 bits padding at byte 21. Gapless
+            # decoders (mpg123, ffmpeg) drop exactly these.
+            delay, padding = (tag[21] << 4) | (tag[22] >> 4), ((tag[22] & 0x0F) << 8) | tag[23]
+            slack = samples_per_frame
+        else:
+            slack = 2 * samples_per_frame  # a decoder may or may not drop its own delay
+        return _DeclaredLength(frames * samples_per_frame - delay - padding, rate, "MP3 Xing/Info header", slack)
+    vbri = pos + 4 + 32
+    if head[vbri:vbri + 4] == b"VBRI":
+        (frames,) = struct.unpack(">I", head[vbri + 14:vbri + 18])
+        return _DeclaredLength(frames * samples_per_frame, rate, "MP3 VBRI header", 2 * samples_per_frame + 2048)
+    return None
+
+
+def _ogg_truncation(fh: BinaryIO, file_size: int) -> str | None:
+    """Walk an Ogg file's pages: a page running past the end of the file, or a last page without the end-of-stream
+    flag, means the file was cut. Returns a description, or None (not Ogg, or complete)."""
+    pos, last_flags = 0, None
+    while pos < file_size:
+        header = _read_at(fh, pos, 27)
+        if len(header) < 27:
+            return "truncated: the Ogg file ends inside a page header at byte %d" % pos
+        if header[:4] != b"OggS":
+            return None  # not Ogg, or corrupt in a way the decoder will report
+        segments = header[26]
+        table = _read_at(fh, pos + 27, segments)
+        page_size = 27 + segments + sum(table)
+        if len(table) < segments or pos + page_size > file_size:
+            return ("truncated: the Ogg page at byte %d needs %d bytes but the file ends after %d"
+                    % (pos, page_size, file_size - pos))
+        last_flags = header[5]
+        pos += page_size
+    if last_flags is not None and not last_flags & 0x04:
+        return "truncated: the Ogg stream ends without its end-of-stream page"
+    return None
+
+
+def _declared_length(fh: BinaryIO, file_size: int, name: str) -> _DeclaredLength | None:
+    """The length the container declares, for checking the decode against. Raises AudioError at once where the
+    container's structure alone shows the file is cut (WAV data chunk longer than the file, Ogg page cut off)."""
+    magic = _read_at(fh, 0, 4)
+    if magic in (b"RIFF", b"RIFX"):
+        wav = _wav_declared(fh, file_size)
+        if wav is not None and wav[1] < wav[0].samples:
+            raise AudioError("%s: file is truncated (expected %d samples per channel from the %s, the file holds %d)"
+                             % (name, wav[0].samples, wav[0].source, wav[1]))
+        return None  # libsndfile reads what the data chunk declares
+    if magic == b"OggS":
+        problem = _ogg_truncation(fh, file_size)
+        if problem:
+            raise AudioError("%s: file is %s" % (name, problem))
+        return None
+    return _flac_declared(fh) or _mp3_declared(fh)
+
+
+def _check_complete(declared: _DeclaredLength | None, decoded: int, decoded_rate: int, name: str) -> None:
+    if declared is None:
+        return
+    # ffmpeg hands back samples already resampled to `decoded_rate`: compare at the declared rate.
+    got = decoded if decoded_rate == declared.rate else int(round(decoded * declared.rate / decoded_rate))
+    if got < declared.samples - declared.slack:
+        raise AudioError("%s: file is truncated or corrupt (expected %d samples per channel at %d Hz from the %s, "
+                         "got %d)" % (name, declared.samples, declared.rate, declared.source, got))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+class _BackendFailed(Exception):
+    """A decoder could not decode the input; the message is its short reason."""
+
+
+# libmpg123 (libsndfile's MP3 decoder) prints notes such as "Illegal Audio-MPEG-Header" and "Xing stream size off"
+# straight to the process's stderr. They are either reported properly by us (truncation, not audio) or harmless, so
+# while libsndfile decodes something that may be MP3 the C-level stderr goes to a temporary file; lines that are not
+# decoder chatter (another thread's output) are written back afterwards. One decode at a time may redirect.
+_STDERR_LOCK = threading.Lock()
+_DECODER_CHATTER = re.compile(r"^\s*(Note|Warning|Error|\[[^\]]*(mpg123|libmpg123)[^\]]*\])\b|mpg123", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _decoder_stderr_silenced(enabled: bool):
+    if not enabled:
+        yield
+        return
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to silence
+            yield
+            return
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                text = capture.read().decode("utf-8", "replace")
+        other = [line for line in text.splitlines() if line.strip() and not _DECODER_CHATTER.search(line)]
+        if other:
+            os.write(2, ("\n".join(other) + "\n").encode())
+
+
+def _decode_with_ffmpeg(data: bytes | None, path: str | None, sr: int) -> np.ndarray:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioError("%s: libsndfile cannot decode it and ffmpeg is not installed" % name)
+        raise _BackendFailed("ffmpeg: not installed")
     # ffmpeg decodes, downmixes and resamples in one go; float output avoids a 16-bit requantisation.
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path if path is not None else "pipe:0",
+    source = path if path is not None else "pipe:0"
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", source,
            "-f", "f32le", "-ac", "1", "-acodec", "pcm_f32le", "-ar", str(sr), "pipe:1"]
     try:
         proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
     except OSError as exc:
-        raise AudioError("%s: running ffmpeg failed: %s" % (name, exc)) from exc
+        raise _BackendFailed("ffmpeg: could not run (%s)" % exc) from exc
     if proc.returncode != 0:
-        message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise AudioError("%s: not decodable audio (ffmpeg: %s)" % (name, message[-1] if message else "failed"))
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1] if lines else "failed"
+        if reason.startswith(source + ": "):  # ffmpeg prefixes the input's name, which the caller names already
+            reason = reason[len(source) + 2:]
+        raise _BackendFailed("ffmpeg: %s" % reason)
     return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+
+
+def _libsndfile_reason(exc: Exception, path: str | None) -> str:
+    reason = str(getattr(exc, "error_string", None) or exc).strip().rstrip(".")
+    if "does not exist or is not a regular file" in reason and (path is None or os.path.isfile(path)):
+        # libsndfile's MP3 probe reports data it cannot parse with this code, though the file is there.
+        reason = "unrecognised or corrupt data"
+    return "libsndfile: " + reason
 
 
 def _decode(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndarray:
@@ -115,28 +347,34 @@ def _decode(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndar
         if size == 0:
             raise AudioError("%s: file is empty" % name)
         with open(path, "rb") as fh:
-            head = fh.read(65536)
+            declared = _declared_length(fh, size, name)
+            magic = _read_at(fh, 0, 4)
     else:
         size = len(data)
         if size == 0:
             raise AudioError("%s: no bytes to decode (empty)" % name)
-        head = data[:65536]
-    truncation = _wav_truncation(head, size)
-    if truncation:
-        raise AudioError("%s: %s" % (name, truncation))
+        declared = _declared_length(io.BytesIO(data), size, name)
+        magic = data[:4]
 
+    may_be_mp3 = magic not in (b"RIFF", b"RIFX", b"fLaC", b"OggS")
     try:
-        samples, rate = sf.read(path if path is not None else io.BytesIO(data), dtype="float32", always_2d=True)
+        with _decoder_stderr_silenced(may_be_mp3):
+            samples, rate = sf.read(path if path is not None else io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        soundfile_error = str(exc)
-        if "lost sync" in soundfile_error or "truncated" in soundfile_error.lower():
-            raise AudioError("%s: corrupt or truncated audio (%s)" % (name, soundfile_error)) from exc
+        soundfile_reason = _libsndfile_reason(exc, path)
         try:
-            return _decode_with_ffmpeg(data, path, name, sr)
-        except AudioError as ffmpeg_exc:
-            raise AudioError("%s: not a readable audio file (libsndfile: %s; %s)"
-                             % (name, soundfile_error, str(ffmpeg_exc).split(": ", 1)[-1])) from exc
+            samples = _decode_with_ffmpeg(data, path, sr)
+        except _BackendFailed as ffmpeg_exc:
+            if declared is not None:
+                raise AudioError("%s: file is truncated or corrupt (expected %d samples per channel at %d Hz from the "
+                                 "%s, none could be decoded: %s; %s)" % (name, declared.samples, declared.rate,
+                                                                        declared.source, soundfile_reason, ffmpeg_exc)
+                                 ) from exc
+            raise AudioError("%s: not a decodable audio file (%s; %s)" % (name, soundfile_reason, ffmpeg_exc)) from exc
+        _check_complete(declared, len(samples), sr, name)
+        return _to_mono_resampled(samples, sr, sr, name, channels_last=True)
     rate = _check_rate(rate, name)
+    _check_complete(declared, samples.shape[0], rate, name)
     return _to_mono_resampled(samples, rate, sr, name, channels_last=True)
 
 
@@ -201,10 +439,15 @@ def _from_data_uri(uri: str, sr: int) -> np.ndarray:
         raise AudioError("%s: malformed data URI (no comma before the payload)" % name)
     if not header.endswith(";base64"):
         raise AudioError("%s: only base64 data URIs are supported" % name)
+    # Line breaks and spaces are allowed in a data URI's base64 (RFC 2397 payloads are often wrapped); anything else
+    # outside the base64 alphabet means the payload is not base64, not that it decodes to nothing.
+    payload = re.sub(r"\s+", "", payload)
+    if not payload:
+        raise AudioError("%s: empty payload in data: URI" % name)
     try:
-        data = base64.b64decode(payload, validate=False)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise AudioError("%s: invalid base64 payload (%s)" % (name, exc)) from exc
+        raise AudioError("%s: invalid base64 in data: URI (%s)" % (name, exc)) from exc
     return _decode(data, None, name, sr)
 
 
@@ -216,16 +459,24 @@ def load_audio(source: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
       - bytes / bytearray / memoryview holding an encoded file;
       - a ``data:audio/...;base64,...`` URI;
       - ``(array, rate)``: samples shaped [time], [time, channels] or [channels, time]; integer arrays are PCM and
-        scaled to [-1, 1);
+        scaled to [-1, 1); the rate is a whole number of Hz (an int, or a float / numpy / 0-d tensor scalar with an
+        integral value). Several clips are a list, never a tuple;
       - a bare 1-D numpy array or torch tensor, taken to be at `sr` already.
 
     Stereo and multichannel audio is averaged to mono; other rates are resampled with soxr.
-    Raises `AudioError` (a ValueError) naming the source and the problem.
+    Raises `AudioError` (a ValueError) naming the source and the problem, including files cut short where the
+    container states their length (all but constant-bitrate MP3s without a Xing/Info header).
     """
     sr = _check_rate(sr, "target")
     if isinstance(source, tuple):
         if len(source) != 2:
-            raise AudioError("<array>: expected (array, rate), got a tuple of %d items" % len(source))
+            raise AudioError("<array>: expected (array, sample_rate), got a tuple of %d items; pass several clips "
+                             "as a list" % len(source))
+        if not is_sample_rate(source[1]):
+            shape = getattr(source[1], "shape", None)
+            what = "an array of shape %s" % (tuple(shape),) if shape is not None else "a %s" % type(source[1]).__name__
+            raise AudioError("<array>: a tuple is read as (array, sample_rate), but its second item is %s, not a "
+                             "number; pass several clips as a list [clip, clip, ...]" % what)
         return _from_array(source[0], source[1], sr)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), None, _describe(source), sr)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -997,11 +999,44 @@ def _count_layers(keys: Iterable[str], prefix: str, separator: str = ".") -> int
     return len(indices)
 
 
+def _torch_load(path: str) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only: a checkpoint never runs code here), its
+    failures turned into ValueErrors that name the file and say what is wrong with it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text suggests loading with weights_only=False, i.e. executing whatever the file contains; a Whisper
+        # checkpoint never needs that, so report only what the restricted unpickler refused.
+        refused = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        raise ValueError("%s: not a PyTorch checkpoint of tensors and plain containers (%s)"
+                         % (path, (refused.group(1) if refused else str(exc).splitlines()[0]).split(". ")[0].strip())
+                         ) from None
+    except EOFError:
+        raise ValueError("%s: empty or truncated checkpoint file" % path) from None
+    except RuntimeError as exc:  # the zip container: "PytorchStreamReader failed reading zip archive: ..."
+        raise ValueError("%s: corrupt or truncated PyTorch checkpoint (%s)"
+                         % (path, str(exc).split(". ")[0].strip())) from None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError("%s: malformed JSON (%s)" % (path, exc)) from None
+
+
 def _read_openai_pt(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint or "dims" not in checkpoint:
         raise ValueError("%s: not an openai-whisper checkpoint (expected 'dims' and 'model_state_dict')" % path)
-    return dict(checkpoint["model_state_dict"]), WhisperDims(**checkpoint["dims"])
+    if not isinstance(checkpoint["dims"], dict) or not isinstance(checkpoint["model_state_dict"], dict):
+        raise ValueError("%s: not an openai-whisper checkpoint ('dims' and 'model_state_dict' must be dicts)" % path)
+    try:
+        dims = WhisperDims(**checkpoint["dims"])
+    except TypeError as exc:
+        raise ValueError("%s: checkpoint 'dims' do not describe a Whisper model (%s)" % (path, exc)) from None
+    return dict(checkpoint["model_state_dict"]), dims
 
 
 _HF_RENAMES = [
@@ -1037,28 +1072,37 @@ def _hf_to_openai(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _read_transformers_dir(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
     config_path = os.path.join(path, "config.json")
-    with open(config_path) as fh:
-        config = json.load(fh)
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError("%s: expected a JSON object, got %s" % (config_path, type(config).__name__))
     sd: dict[str, Tensor] = {}
     shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if shards:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         for shard in shards:
-            sd.update(load_file(os.path.join(path, shard)))
+            try:
+                sd.update(load_file(os.path.join(path, shard)))
+            except SafetensorError as exc:
+                raise ValueError("%s: corrupt or truncated safetensors file (%s)"
+                                 % (os.path.join(path, shard), exc)) from None
     else:
         bins = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
         if not bins:
             raise ValueError("%s: no *.safetensors or pytorch_model*.bin weights" % path)
         for shard in bins:
-            sd.update(torch.load(os.path.join(path, shard), map_location="cpu", weights_only=True))
+            sd.update(_torch_load(os.path.join(path, shard)))
     sd = _hf_to_openai(sd)
-    dims = WhisperDims(
-        n_mels=config["num_mel_bins"], n_audio_ctx=config.get("max_source_positions", 1500),
-        n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
-        n_audio_layer=config["encoder_layers"], n_vocab=config["vocab_size"],
-        n_text_ctx=config.get("max_target_positions", 448), n_text_state=config["d_model"],
-        n_text_head=config["decoder_attention_heads"], n_text_layer=config["decoder_layers"])
+    try:
+        dims = WhisperDims(
+            n_mels=config["num_mel_bins"], n_audio_ctx=config.get("max_source_positions", 1500),
+            n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
+            n_audio_layer=config["encoder_layers"], n_vocab=config["vocab_size"],
+            n_text_ctx=config.get("max_target_positions", 448), n_text_state=config["d_model"],
+            n_text_head=config["decoder_attention_heads"], n_text_layer=config["decoder_layers"])
+    except KeyError as exc:
+        raise ValueError("%s: not a Whisper config (no %s)" % (config_path, exc)) from None
     return sd, dims
 
 
@@ -1126,7 +1170,7 @@ def read_ctranslate2_model_bin(path: str) -> tuple[str, dict[str, np.ndarray]]:
             for _ in range(take("I")):
                 alias, target = string(), string()
                 variables[alias] = variables[target]
-    except struct.error as exc:
+    except (struct.error, UnicodeDecodeError) as exc:
         raise ValueError("%s: truncated or not a CTranslate2 model.bin (%s)" % (path, exc)) from exc
     return spec_name, variables
 
@@ -1235,8 +1279,17 @@ def resolve_whisper_path(path_or_name: str | os.PathLike) -> str:
 
 
 def load_whisper_state(path_or_name: str | os.PathLike) -> tuple[dict[str, Tensor], WhisperDims, str]:
-    """Read any supported checkpoint -> (openai-whisper-named float state dict, dims, resolved path)."""
+    """Read any supported checkpoint -> (openai-whisper-named float state dict, dims, resolved path).
+
+    A file that cannot be read as a checkpoint raises ValueError naming the file and the problem."""
     path = resolve_whisper_path(path_or_name)
+    try:
+        return _read_whisper_state(path)
+    except KeyError as exc:  # a CTranslate2 model.bin without one of the variables the layout needs
+        raise ValueError("%s: not a complete Whisper checkpoint (no %s)" % (path, exc)) from None
+
+
+def _read_whisper_state(path: str) -> tuple[dict[str, Tensor], WhisperDims, str]:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "model.bin")):
             sd, dims = _read_ctranslate2_dir(path)
@@ -1252,23 +1305,36 @@ def load_whisper_state(path_or_name: str | os.PathLike) -> tuple[dict[str, Tenso
     return sd, dims, path
 
 
-def _load_into(module: nn.Module, sd: dict[str, Tensor], prefix: str, device, dtype) -> None:
+def _convert_state(sd: dict[str, Tensor], dims: WhisperDims, with_decoder: bool, path: str) -> dict[str, Tensor]:
+    try:
+        return _openai_to_ours(sd, dims, with_decoder)
+    except KeyError as exc:
+        raise ValueError("%s: not a complete Whisper checkpoint (no %s for the %d-layer model its dims describe)"
+                         % (path, exc, dims.n_audio_layer)) from None
+
+
+def _load_into(module: nn.Module, sd: dict[str, Tensor], prefix: str, device, dtype, path: str = "checkpoint"
+               ) -> None:
     own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    missing, unexpected = module.load_state_dict(own, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(own, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with the dims (size mismatch for ...)
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise ValueError("%s: weights do not match the dims it declares (%s)" % (path, detail)) from None
     # The encoder's positional table is a buffer we can recompute; everything else must come from the file.
     missing = [k for k in missing if k != "positional_embedding" or prefix != "encoder."]
     if missing or unexpected:
-        raise ValueError("checkpoint does not match the Whisper layout: missing %s, unexpected %s"
-                         % (missing[:8], unexpected[:8]))
+        raise ValueError("%s: does not match the Whisper layout: missing %s, unexpected %s"
+                         % (path, missing[:8], unexpected[:8]))
     module.to(device=device, dtype=dtype)
 
 
 def load_whisper_encoder(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
                          dtype: torch.dtype = torch.float32) -> WhisperEncoder:
     """Whisper encoder from an openai-whisper .pt, a transformers directory, a CTranslate2 directory or "tiny.en"."""
-    sd, dims, _ = load_whisper_state(path_or_name)
+    sd, dims, path = load_whisper_state(path_or_name)
     encoder = WhisperEncoder(dims)
-    _load_into(encoder, _openai_to_ours(sd, dims, with_decoder=False), "encoder.", device, dtype)
+    _load_into(encoder, _convert_state(sd, dims, False, path), "encoder.", device, dtype, path)
     return encoder.eval()
 
 
@@ -1278,8 +1344,9 @@ def _load_tokenizer(path: str, dims: WhisperDims) -> WhisperTokenizer:
     for name in ("config.json", "generation_config.json"):
         candidate = os.path.join(directory, name)
         if os.path.isdir(path) and os.path.exists(candidate):
-            with open(candidate) as fh:
-                loaded = json.load(fh)
+            loaded = _read_json(candidate)
+            if not isinstance(loaded, dict):
+                raise ValueError("%s: expected a JSON object, got %s" % (candidate, type(loaded).__name__))
             for key in ("suppress_ids", "suppress_ids_begin", "suppress_tokens", "begin_suppress_tokens"):
                 if loaded.get(key) is not None:
                     config[key] = loaded[key]
@@ -1295,8 +1362,8 @@ def load_whisper_model(path_or_name: str | os.PathLike, device: str | torch.devi
     """Full Whisper (encoder, decoder, tokenizer) ready for `.transcribe(audio)`."""
     sd, dims, path = load_whisper_state(path_or_name)
     model = WhisperModel(dims)
-    ours = _openai_to_ours(sd, dims, with_decoder=True)
-    _load_into(model.encoder, ours, "encoder.", device, dtype)
-    _load_into(model.decoder, ours, "decoder.", device, dtype)
+    ours = _convert_state(sd, dims, True, path)
+    _load_into(model.encoder, ours, "encoder.", device, dtype, path)
+    _load_into(model.decoder, ours, "decoder.", device, dtype, path)
     model.tokenizer = _load_tokenizer(path, dims)
     return model.eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eureka_fast.audio import (AudioError, EurekaFeatures, FRAMES_PER_WINDOW, PAD_VALUE, SAMPLES_PER_TOKEN,
-                               TOKENS_PER_WINDOW, audio_token_count, eureka_features_batch, log_mel,
+                               TOKENS_PER_WINDOW, audio_token_count, eureka_features_batch, load_audio, log_mel,
                                slaney_mel_filters)
 
 whisper = pytest.importorskip("whisper")
@@ -189,3 +189,34 @@ def test_padded_signal_equals_zero_pad_then_reflect_pad(samples, padded_to):
     zero_padded = torch.nn.functional.pad(waveform, (0, padded_to - samples))
     expected = torch.nn.functional.pad(zero_padded[None, None], (200, 200), mode="reflect")[0, 0]
     torch.testing.assert_close(_padded_signal(waveform, padded_to, 200), expected, atol=0, rtol=0)
+
+
+def test_batch_accepts_array_rate_pairs_with_float_rates():
+    clip = speechlike(1.5, seed=3)
+    at_48k = clip  # taken to be recorded at 48 kHz below
+    windows, per_request, counts = eureka_features_batch([(at_48k, 48000.0), [(at_48k, np.int64(48000))]])
+    expected = log_mel(load_audio((at_48k, 48000)))
+    assert per_request == [1, 1] and counts == [expected.token_counts, expected.token_counts]
+    torch.testing.assert_close(windows[0], expected.windows[0], rtol=0, atol=0)
+    torch.testing.assert_close(windows[1], expected.windows[0], rtol=0, atol=0)
+
+
+def test_errors_say_which_clip_and_request():
+    good = speechlike(1.0)
+    bad = good.copy()
+    bad[10] = np.nan
+    with pytest.raises(AudioError, match=r"clips\[1\] \(of 2\).*NaN"):
+        log_mel([good, bad])
+    with pytest.raises(AudioError, match=r"requests\[1\] clips\[2\] \(of 3\).*sample rate"):
+        eureka_features_batch([[good], [good, good, (good, 5)]])
+    with pytest.raises(AudioError, match=r"requests\[0\] clips\[0\] \(of 1\).*zero samples"):
+        eureka_features_batch([[np.zeros(0, np.float32)], [good]])
+    with pytest.raises(AudioError, match=r"^<array>: clip contains NaN"):  # one clip: no index needed
+        log_mel(bad)
+
+
+def test_tuple_of_two_clips_explains_what_is_expected():
+    a, b = speechlike(1.0), speechlike(0.5, seed=1)
+    with pytest.raises(AudioError, match=r"\(array, sample_rate\).*second item is an array of shape \(8000,\).*list"):
+        log_mel((a, b))
+    assert log_mel([a, b]).token_counts == [13, 7]

@@ -2,6 +2,7 @@
 
 import base64
 import os
+import re
 import shutil
 import subprocess
 
@@ -130,13 +131,13 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     _expect_error(tmp_path / "empty.wav", "empty.wav", "empty")
     (tmp_path / "text.wav").write_text("this is not audio at all " * 20)
-    _expect_error(tmp_path / "text.wav", "text.wav", "not a readable audio file")
+    _expect_error(tmp_path / "text.wav", "text.wav", "not a decodable audio file")
     _expect_error(str(tmp_path), "directory")
 
     sf.write(tmp_path / "full.wav", tone(440), SR, subtype="PCM_16")
     raw = (tmp_path / "full.wav").read_bytes()
     (tmp_path / "cut.wav").write_bytes(raw[: len(raw) // 2])
-    _expect_error(tmp_path / "cut.wav", "cut.wav", "truncated")
+    _expect_error(tmp_path / "cut.wav", "cut.wav", "truncated", "expected %d samples" % len(tone(440)))
     (tmp_path / "header_only.wav").write_bytes(raw[:44])
     _expect_error(tmp_path / "header_only.wav", "header_only.wav")  # declares samples it lacks
 
@@ -164,8 +165,157 @@ def test_array_and_inline_errors():
     _expect_error((tone(440), 16000.5), "sample rate")
     _expect_error((np.zeros((3, 4, 5), np.float32), SR), "shape")
     _expect_error(b"", "empty")
-    _expect_error(b"RIFF\x00\x00", "not a readable audio file")
+    _expect_error(b"RIFF\x00\x00", "not a decodable audio file")
     _expect_error("data:audio/wav;base64", "malformed")
-    _expect_error("data:audio/wav;base64,!!!!", "data URI")
+    _expect_error("data:audio/wav;base64,!!!!", "data URI", "invalid base64")
     _expect_error("https://example.com/a.wav", "URL")
     _expect_error(12345, "unsupported")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Truncated compressed files: the container states the length, the decode must reach it.
+
+
+def _encode(tmp_path, signal, rate, kind):
+    """Write `signal` as `kind`; returns the path, or skips when no encoder for it is available here."""
+    if kind in ("flac", "ogg-vorbis", "ogg-opus", "mp3-libsndfile"):
+        fmt, subtype, ext = {"flac": ("FLAC", None, "flac"), "ogg-vorbis": ("OGG", "VORBIS", "ogg"),
+                             "ogg-opus": ("OGG", "OPUS", "ogg"), "mp3-libsndfile": ("MP3", None, "mp3")}[kind]
+        path = tmp_path / ("%s.%s" % (kind, ext))
+        try:
+            sf.write(path, signal, rate, format=fmt, subtype=subtype)
+        except (sf.LibsndfileError, TypeError, ValueError) as exc:
+            pytest.skip("libsndfile cannot write %s here: %s" % (kind, exc))
+        return path
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg not installed")
+    sf.write(tmp_path / "source.wav", signal, rate, subtype="FLOAT")
+    options = {"mp3-ffmpeg-cbr": ["-c:a", "libmp3lame", "-b:a", "64k"],  # writes an "Info" header with LAME tag
+               "mp3-ffmpeg-vbr": ["-c:a", "libmp3lame", "-q:a", "4"],  # "Xing" header
+               "mp3-no-xing": ["-c:a", "libmp3lame", "-b:a", "64k", "-write_xing", "0"]}[kind]
+    path = tmp_path / (kind + ".mp3")
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(tmp_path / "source.wav")] + options
+                   + [str(path)], check=True)
+    return path
+
+
+TRUNCATION_KINDS = ["flac", "ogg-vorbis", "ogg-opus", "mp3-libsndfile", "mp3-ffmpeg-cbr", "mp3-ffmpeg-vbr"]
+
+
+@pytest.mark.parametrize("kind", TRUNCATION_KINDS)
+def test_truncated_compressed_files_raise(tmp_path, kind, capfd):
+    rate = 16000
+    signal = tone(440, seconds=2.0, sr=rate)
+    path = _encode(tmp_path, signal, rate, kind)
+    raw = path.read_bytes()
+    # The complete file is not flagged, and decodes to its full length (lossy codecs: within a frame).
+    assert abs(len(load_audio(path)) - len(signal)) <= 1152
+    for keep in (0.75, 0.4):
+        cut = tmp_path / ("cut_%d_%s" % (keep * 100, path.name))
+        cut.write_bytes(raw[: int(len(raw) * keep)])
+        message = _expect_error(cut, cut.name, "truncated")
+        with pytest.raises(AudioError, match="truncated"):
+            load_audio(cut.read_bytes())  # the same from memory
+        if kind.startswith("ogg"):
+            continue  # Ogg states no total length before its last page: the cut page is reported instead
+        assert "expected %d samples" % len(signal) in message, message
+        got = int(re.search(r"got (\d+)", message).group(1))
+        assert got < len(signal) - 1152, message
+        if kind == "mp3-ffmpeg-cbr":  # constant bitrate: the samples left are proportional to the bytes left
+            assert abs(got - len(signal) * keep) < 0.05 * len(signal), message
+    # libmpg123's own warnings ("Xing stream size off by more than 1%") are not printed: the error says it.
+    err = capfd.readouterr().err
+    assert "Xing" not in err and "mpg123" not in err, err
+
+
+def test_truncated_stereo_44100_flac_counts_samples_per_channel(tmp_path):
+    rate = 44100
+    stereo = np.stack([tone(440, seconds=1.0, sr=rate), tone(660, seconds=1.0, sr=rate)], axis=1)
+    sf.write(tmp_path / "s.flac", stereo, rate)
+    raw = (tmp_path / "s.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(raw[: len(raw) // 2])
+    _expect_error(tmp_path / "cut.flac", "cut.flac", "truncated", "expected %d samples" % rate, "44100 Hz")
+
+
+def test_cbr_mp3_without_xing_header_states_no_length(tmp_path):
+    # Documented limitation: a constant-bitrate MP3 without a Xing/Info header declares no length, so a cut one is
+    # indistinguishable from a shorter recording and decodes to the frames present.
+    signal = tone(440, seconds=2.0)
+    path = _encode(tmp_path, signal, SR, "mp3-no-xing")
+    raw = path.read_bytes()
+    assert b"Xing" not in raw[:4096] and b"Info" not in raw[:4096]
+    (tmp_path / "cut.mp3").write_bytes(raw[: len(raw) // 2])
+    shortened = load_audio(tmp_path / "cut.mp3")
+    assert 0.3 * len(signal) < len(shortened) < 0.7 * len(signal)
+
+
+def test_ogg_without_end_of_stream_page_is_truncated(tmp_path):
+    signal = tone(440, seconds=2.0)
+    path = _encode(tmp_path, signal, SR, "ogg-vorbis")
+    raw = bytearray(path.read_bytes())
+    # Cut exactly at a page boundary: every page is whole, but the last one lacks the end-of-stream flag.
+    last_page = raw.rfind(b"OggS")
+    cut = raw[:last_page]
+    (tmp_path / "cut.ogg").write_bytes(bytes(cut))
+    _expect_error(tmp_path / "cut.ogg", "cut.ogg", "truncated", "end-of-stream")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample rates, messages
+
+
+@pytest.mark.parametrize("rate, fragment", [
+    (float("inf"), "not a finite number"), (float("-inf"), "not a finite number"), (float("nan"), "not a finite"),
+    (0, "out of the supported range"), (-16000, "out of the supported range"), (1e12, "out of the supported range"),
+    (16000.5, "not a whole number"), ("16000", "not a number"), (True, "not a number"),
+    (np.array([16000, 8000]), "shape (2,)"), (None, "not a number"),
+])
+def test_bad_sample_rates_raise_audio_error(rate, fragment):
+    _expect_error((tone(440), rate), "<array>", fragment)
+
+
+@pytest.mark.parametrize("rate", [48000.0, np.float32(48000), np.int64(48000), torch.tensor(48000), np.array(48000)])
+def test_integral_sample_rates_of_any_numeric_type_are_accepted(rate):
+    signal = tone(440, sr=48000)
+    np.testing.assert_array_equal(load_audio((signal, rate)), load_audio((signal, 48000)))
+    assert len(load_audio((signal, rate))) == len(signal) // 3
+
+
+def test_tuple_of_clips_is_not_taken_for_array_and_rate():
+    message = _expect_error((tone(440), tone(660)), "(array, sample_rate)", "list")
+    assert "shape (8000,)" in message, message
+    _expect_error((tone(440), tone(660), tone(880)), "tuple of 3 items")
+
+
+def test_undecodable_mp3_gives_one_short_message_and_no_decoder_noise(tmp_path, capfd):
+    junk = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    (tmp_path / "junk.mp3").write_bytes(junk)
+    message = _expect_error(tmp_path / "junk.mp3", "junk.mp3", "not a decodable audio file")
+    assert "does not exist" not in message and len(message) < 300, message
+    message = _expect_error(junk, "<bytes, 3000 bytes>", "not a decodable audio file")
+    assert "BytesIO" not in message and "0x" not in message, message
+    err = capfd.readouterr().err
+    assert "Illegal Audio-MPEG-Header" not in err and "mpg123" not in err, err
+
+
+def test_data_uri_base64_is_validated_and_may_be_wrapped(tmp_path):
+    sf.write(tmp_path / "x.wav", tone(500), SR, subtype="PCM_16")
+    raw = (tmp_path / "x.wav").read_bytes()
+    encoded = base64.b64encode(raw).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME-style line breaks
+    np.testing.assert_array_equal(load_audio("data:audio/wav;base64," + wrapped), load_audio(raw))
+    _expect_error("data:audio/wav;base64,!!!@@@", "invalid base64 in data: URI")
+    _expect_error("data:audio/wav;base64," + encoded[:-8] + "*" + encoded[-7:], "invalid base64")
+    _expect_error("data:audio/wav;base64,", "empty")
+
+
+def test_decoder_stderr_capture_passes_other_output_through(capfd):
+    from eureka_fast.audio.io import _decoder_stderr_silenced
+
+    with _decoder_stderr_silenced(True):
+        os.write(2, b"Note: Illegal Audio-MPEG-Header 0x00000000 at offset 2996.\n")
+        os.write(2, b"Warning: Xing stream size off by more than 1%\n")
+        os.write(2, b"another library's message\n")
+    err = capfd.readouterr().err
+    assert "another library's message" in err
+    assert "Illegal" not in err and "Xing" not in err
