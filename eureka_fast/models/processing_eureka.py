@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+from ..audio import is_array_rate_pair
 from .configuration_eureka import AUDIO_END_TOKEN, AUDIO_PAD_TOKEN, AUDIO_START_TOKEN, AUDIO_TOKEN_TYPE
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -434,7 +435,7 @@ class EurekaAudioProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         if audio is None:
             clips = []
-        elif isinstance(audio, (list, tuple)) and not _is_array_rate_pair(audio):
+        elif isinstance(audio, (list, tuple)) and not is_array_rate_pair(audio):
             clips = list(audio)
         else:
             clips = [audio]
@@ -544,11 +545,6 @@ def _load_tokenizer(directory: str):
         if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             return PreTrainedTokenizerFast.from_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
-
-
-def _is_array_rate_pair(item) -> bool:
-    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, np.integer))
-            and not isinstance(item[0], (int, np.integer)))
 
 
 def _is_single_conversation(conversations) -> bool:
