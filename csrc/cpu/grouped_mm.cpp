@@ -630,11 +630,13 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.size(1) == weights.size(1), "ids must have the shape of weights ",
               weights.sizes(), ", got ", ids.sizes());
   const int64_t k = weights.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "weights and ids must have between 1 and ", E,
+              " columns (top-k k in [1, E = w_gate_up.size(0)]), got k = ", k);
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   const at::ScalarType cd = compute_dtype(x.scalar_type());
   at::Tensor out = empty_large_output({T, H}, x.options().dtype(cd));
   if (T == 0 || H == 0) return out.to(x.scalar_type());
-  if (k == 0 || I == 0) return out.zero_().to(x.scalar_type());
+  if (I == 0) return out.zero_().to(x.scalar_type());
   const int64_t S = T * k;
   std::vector<int64_t> counts(E), offsets(E + 1), padded(E + 1), sorted_rows(S), inverse_rows(S);
   build_plan(ids_l.data_ptr<int64_t>(), S, E, 0, counts.data(), offsets.data(), padded.data(), sorted_rows.data(),

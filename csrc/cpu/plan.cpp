@@ -38,6 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan_
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(block >= 0, "block must be >= 0, got ", block);
   at::Tensor ids_l = checked_ids(ids, num_experts, "ids");
+  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "ids must have between 1 and ", num_experts,
+              " columns (top-k k in [1, num_experts]), got k = ", ids.size(1));
   const int64_t rows = ids_l.numel();
   auto opts = ids.options().dtype(at::kLong);
   at::Tensor counts = at::empty({num_experts}, opts), offsets = at::empty({num_experts + 1}, opts),
@@ -69,6 +71,8 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& sorted_rows, int64
   const int64_t T = x.size(0), H = x.size(1);
   at::Tensor rows = checked_rows(sorted_rows, T * top_k, "sorted_rows");
   const int64_t S = rows.numel();
+  TORCH_CHECK(S == T * top_k, "sorted_rows must have T*top_k = ", T * top_k, " entries (one per routed row of x), got ",
+              S);
   at::Tensor xc = x.stride(1) == 1 || H <= 1 ? x : x.contiguous();
   at::Tensor out = empty_large_output({S, H}, x.options());
   if (S == 0 || H == 0) return out;
@@ -121,6 +125,7 @@ at::Tensor combine_cpu(const at::Tensor& y_sorted, const at::Tensor& inverse_row
   check_float_tensor(y_sorted, 2, "y_sorted");
   check_float_tensor(weights, 2, "weights");
   const int64_t T = weights.size(0), k = weights.size(1), S = y_sorted.size(0), H = y_sorted.size(1);
+  TORCH_CHECK(k >= 1, "weights must have shape [T, k] with k >= 1, got ", weights.sizes());
   at::Tensor inv = checked_rows(inverse_rows, S, "inverse_rows");
   TORCH_CHECK(inv.numel() == T * k, "inverse_rows must have T*k = ", T * k, " entries, got ", inv.numel());
   const at::ScalarType cd = compute_dtype(y_sorted.scalar_type());
@@ -154,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_o
   const int64_t T = weights.size(0), k = weights.size(1), S = y_sorted.size(0), H = y_sorted.size(1);
   TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == H, "grad_out must have shape [", T, ", ", H, "], got ",
               grad_out.sizes());
+  TORCH_CHECK(k >= 1, "weights must have shape [T, k] with k >= 1, got ", weights.sizes());
   at::Tensor inv = checked_rows(inverse_rows, S, "inverse_rows");
   TORCH_CHECK(inv.numel() == T * k, "inverse_rows must have T*k = ", T * k, " entries, got ", inv.numel());
   const at::ScalarType cd = compute_dtype(y_sorted.scalar_type());

@@ -1,6 +1,7 @@
 // Routing on the CPU: route_topk (softmax / sigmoid scoring, selection bias, grouped top-k) and moe_aux_loss.
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -22,7 +23,8 @@ struct DescendingStable {
 // The k best of values[0..E) into order[0..k), descending, ties to the lower index (the order of a stable
 // descending sort). Small k: one pass keeping a sorted list of the best k (a value enters only if it beats the
 // current k-th, so for random scores ~k ln(E/k) insertions), ~5x cheaper than partial_sort over an index array at
-// E = 64, k = 8; larger k: partial_sort. NaN never enters the small-k list (the API rejects non-finite logits).
+// E = 64, k = 8; larger k: partial_sort. NaN never enters the small-k list, which would then leave order[] short:
+// route_rows skips rows with a non-finite logit (and route_topk_cpu then raises) and rejects a non-finite bias.
 template <typename acc_t>
 void select_topk(const acc_t* values, int64_t E, int64_t k, int64_t* order) {
   constexpr int64_t kInsertionMaxK = 16;
@@ -47,19 +49,29 @@ void select_topk(const acc_t* values, int64_t E, int64_t k, int64_t* order) {
   }
 }
 
+// Returns the first row (token) with a NaN or infinite logit, or -1; such rows are skipped (outputs unwritten).
 template <typename acc_t>
-void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool renormalize, const acc_t* bias,
-                int64_t n_group, int64_t topk_group, double routed_scaling, at::Tensor& weights, at::Tensor& ids) {
+int64_t route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool renormalize, const acc_t* bias,
+                   int64_t n_group, int64_t topk_group, double routed_scaling, at::Tensor& weights, at::Tensor& ids) {
   const int64_t T = logits.size(0), E = logits.size(1);
   const acc_t* in = logits.data_ptr<acc_t>();
   acc_t* w_out = weights.data_ptr<acc_t>();
   int32_t* id_out = ids.data_ptr<int32_t>();
   const int64_t group_size = E / n_group;
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> scores(E), choice(E), group_score(n_group);
     std::vector<int64_t> order(E), group_order(n_group);
     for (int64_t t = t0; t < t1; ++t) {
       const acc_t* row = in + t * E;
+      bool finite = true;
+      for (int64_t e = 0; e < E; ++e) finite &= std::isfinite(row[e]);
+      if (!finite) {
+        int64_t seen = first_bad.load();
+        while (t < seen && !first_bad.compare_exchange_weak(seen, t)) {
+        }
+        continue;
+      }
       if (use_softmax) {
         acc_t mx = row[0];
         for (int64_t e = 1; e < E; ++e) mx = std::max(mx, row[e]);
@@ -107,6 +119,8 @@ void route_rows(const at::Tensor& logits, int64_t k, bool use_softmax, bool reno
       }
     }
   });
+  const int64_t bad = first_bad.load();
+  return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
 }
 
 std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int64_t k, c10::string_view scoring,
@@ -124,22 +138,32 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cpu(const at::Tensor& logits, int6
               topk_group);
   TORCH_CHECK(n_group == 1 || k <= topk_group * (E / n_group), "k=", k, " exceeds the ", topk_group * (E / n_group),
               " experts in the topk_group=", topk_group, " kept groups");
+  TORCH_CHECK(std::isfinite(routed_scaling), "routed_scaling must be a finite number, got ", routed_scaling);
   const at::ScalarType cd = compute_dtype(logits.scalar_type());
   at::Tensor x = logits.to(cd).contiguous();
   at::Tensor bias;
   if (correction_bias.has_value()) {
     check_cpu(*correction_bias, "correction_bias");
+    check_floating(*correction_bias, "correction_bias");
     TORCH_CHECK(correction_bias->dim() == 1 && correction_bias->size(0) == E, "correction_bias must have shape [", E,
                 "], got ", correction_bias->sizes());
     bias = correction_bias->to(cd).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(cd, "route_topk_bias", [&] {
+      const scalar_t* b = bias.data_ptr<scalar_t>();
+      for (int64_t e = 0; e < E; ++e)
+        TORCH_CHECK(std::isfinite(b[e]), "correction_bias contains NaN or infinite values (", b[e], " at expert ", e,
+                    ")");
+    });
   }
   at::Tensor weights = at::empty({T, k}, logits.options().dtype(cd));
   at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
   if (T == 0) return {weights, ids};
+  int64_t bad_row = -1;
   AT_DISPATCH_FLOATING_TYPES(cd, "route_topk", [&] {
-    route_rows<scalar_t>(x, k, use_softmax, renormalize, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, n_group,
-                         topk_group, routed_scaling, weights, ids);
+    bad_row = route_rows<scalar_t>(x, k, use_softmax, renormalize, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                                   n_group, topk_group, routed_scaling, weights, ids);
   });
+  TORCH_CHECK(bad_row < 0, "logits contain NaN or infinite values (first in row ", bad_row, ")");
   return {weights, ids};
 }
 
@@ -148,6 +172,8 @@ at::Tensor moe_aux_loss_cpu(const at::Tensor& router_probs, const at::Tensor& id
   const int64_t T = router_probs.size(0), E = router_probs.size(1);
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   TORCH_CHECK(ids.size(0) == T, "ids must have ", T, " rows (one per token of router_probs), got ", ids.size(0));
+  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= E, "ids must have between 1 and ", E,
+              " columns (top-k k in [1, E = router_probs.size(1)]), got k = ", ids.size(1));
   const at::ScalarType cd = compute_dtype(router_probs.scalar_type());
   if (T == 0 || ids_l.numel() == 0) return at::zeros({}, router_probs.options().dtype(cd));
   at::Tensor p = router_probs.to(cd).contiguous();

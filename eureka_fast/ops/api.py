@@ -129,13 +129,22 @@ def _int(value, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -
 
 
 def _check_values() -> bool:
-    """Data-dependent checks (value ranges, finiteness) run in eager mode; a compiled graph skips them (the C++
-    kernels still bounds-check every index they read)."""
+    """Data-dependent checks (value ranges, finiteness of tensors and of float arguments) run in eager mode; a
+    torch.compile trace skips them, since they need a tensor's values on the host (or a bool from a symbolic
+    float) and would break the graph. The compiled kernels repeat every one of them (index ranges, k, finite logits,
+    correction_bias and routed_scaling), so a compiled graph still raises on bad values, from the kernel."""
     return not torch.compiler.is_compiling()
 
 
+def _check_top_k(k, num_experts, name: str, what: str) -> None:
+    """k (the columns of ``name``) must lie in [1, num_experts]; T = 0 rows is fine."""
+    if k < 1 or k > num_experts:
+        raise ValueError(f"{name} must have between 1 and {num_experts} columns (top-k k in [1, {what}]), "
+                         f"got k = {k}")
+
+
 def _check_ids(ids: torch.Tensor, num_experts: int, name: str = "ids") -> None:
-    if ids.numel() and _check_values():
+    if _check_values() and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"{name} must lie in [0, {num_experts}), found values in [{lo}, {hi}]")
@@ -169,17 +178,27 @@ def route_topk(logits, k, *, scoring="softmax", renormalize=False, correction_bi
     _int(topk_group, "topk_group", 1, n_group)
     if n_group > 1 and k > topk_group * (E // n_group):
         raise ValueError(f"k={k} exceeds the {topk_group * (E // n_group)} experts in the topk_group={topk_group} kept groups")
-    if not isinstance(routed_scaling, (int, float)) or not math.isfinite(routed_scaling):
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__} {renormalize!r}")
+    if isinstance(routed_scaling, bool) or not isinstance(routed_scaling, (int, float)):
+        raise ValueError(f"routed_scaling must be a finite number, got {type(routed_scaling).__name__} "
+                         f"{routed_scaling!r}")
+    # math.isfinite on a float that torch.compile traces symbolically (dynamic=True) breaks the graph: eager only
+    # (the kernel checks it too).
+    if _check_values() and not math.isfinite(routed_scaling):
         raise ValueError(f"routed_scaling must be a finite number, got {routed_scaling!r}")
     if correction_bias is not None:
         _tensor(correction_bias, "correction_bias", dim=1, floating=True)
         if correction_bias.shape[0] != E:
             raise ValueError(f"correction_bias must have shape [{E}], got {tuple(correction_bias.shape)}")
     _same_device(logits=logits, correction_bias=correction_bias)
-    if _check_values() and logits.numel() and not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or infinite values")
+    if _check_values():
+        if logits.numel() and not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or infinite values")
+        if correction_bias is not None and not bool(torch.isfinite(correction_bias).all()):
+            raise ValueError("correction_bias contains NaN or infinite values")
     if _use_kernel("route_topk", logits.device, use_reference):
-        return torch.ops.eureka_fast.route_topk(logits, k, scoring, bool(renormalize), correction_bias, n_group,
+        return torch.ops.eureka_fast.route_topk(logits, k, scoring, renormalize, correction_bias, n_group,
                                                 topk_group, float(routed_scaling))
     return ref.route_topk(logits, k, scoring, renormalize, correction_bias, n_group, topk_group, routed_scaling)
 
@@ -191,6 +210,7 @@ def moe_aux_loss(router_probs, ids, *, use_reference=False) -> torch.Tensor:
     _tensor(ids, "ids", dim=2, integer=True)
     if ids.shape[0] != router_probs.shape[0]:
         raise ValueError(f"ids must have {router_probs.shape[0]} rows (one per token), got shape {tuple(ids.shape)}")
+    _check_top_k(ids.shape[1], router_probs.shape[1], "ids", "E = router_probs.shape[1]")
     _same_device(router_probs=router_probs, ids=ids)
     _check_ids(ids, router_probs.shape[1])
     if _use_kernel("moe_aux_loss", router_probs.device, use_reference):
@@ -206,6 +226,7 @@ def moe_plan(ids, num_experts, *, block=0, use_reference=False) -> MoEPlan:
     _tensor(ids, "ids", dim=2, integer=True)
     _int(num_experts, "num_experts", 1)
     _int(block, "block", 0)
+    _check_top_k(ids.shape[1], num_experts, "ids", "num_experts")
     _check_ids(ids, num_experts)
     if _use_kernel("moe_plan", ids.device, use_reference):
         parts = torch.ops.eureka_fast.moe_plan(ids, num_experts, block)
@@ -233,6 +254,9 @@ def combine(y_sorted, plan: MoEPlan, weights, *, use_reference=False) -> torch.T
     _tensor(weights, "weights", dim=2, floating=True)
     _check_plan(plan)
     T, k = weights.shape
+    if k < 1:
+        raise ValueError(f"weights must have shape [T, k] with k >= 1 (one column per routed slot), "
+                         f"got {tuple(weights.shape)}")
     if k != plan.top_k or plan.inverse_rows.numel() != T * k:
         raise ValueError(f"weights must have shape [T, {plan.top_k}] matching the plan's {plan.inverse_rows.numel()} "
                          f"rows, got {tuple(weights.shape)}")
@@ -296,8 +320,7 @@ def _check_expert_layer(x, w_gate_up, w_down, weights, ids) -> None:
         raise ValueError(f"weights must have {T} rows (one per token of x), got shape {tuple(weights.shape)}")
     if tuple(ids.shape) != tuple(weights.shape):
         raise ValueError(f"ids must have the shape of weights {tuple(weights.shape)}, got {tuple(ids.shape)}")
-    if weights.shape[1] > E:
-        raise ValueError(f"top-k = {weights.shape[1]} exceeds the {E} experts")
+    _check_top_k(weights.shape[1], E, "weights and ids", "E = w_gate_up.shape[0]")
     _same_device(x=x, w_gate_up=w_gate_up, w_down=w_down, weights=weights, ids=ids)
     _check_ids(ids, E)
 

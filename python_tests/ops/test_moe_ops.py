@@ -47,17 +47,23 @@ ROUTE_CASES = sorted({(E, E if k == "E" else k) for E in (1, 2, 8, 60, 64, 128) 
                       if k == "E" or k <= E})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("E,k", ROUTE_CASES)
 @pytest.mark.parametrize("T", [0, 1, 7, 33, 256])
-def test_route_topk_softmax_case_matrix(E, k, T):
+def test_route_topk_softmax_case_matrix(E, k, T, dtype):
+    """fp32 and bf16 logits (bf16: many exact ties between experts, all broken to the lower id). Weights are fp32
+    either way, computed from the logits widened to fp32, so fp32 tolerances hold for both."""
     gen = torch.Generator().manual_seed(E * 1000 + k * 10 + T)
-    logits = torch.randn(T, E, generator=gen) * 3
+    logits = (torch.randn(T, E, generator=gen) * 3).to(dtype)
     for renormalize in (False, True):
         w, ids = ops.route_topk(logits, k, renormalize=renormalize)
         rw, rids = ref.route_topk(logits, k, "softmax", renormalize)
         assert ids.dtype == torch.int32 and w.dtype == torch.float32
         assert torch.equal(ids, rids)
         torch.testing.assert_close(w, rw, **FP32)
+    if dtype == torch.bfloat16 and T:
+        # independent of both: softmax is monotone, so the top k are a stable descending sort of the logits
+        assert torch.equal(ids.long(), torch.sort(-logits.float(), dim=1, stable=True).indices[:, :k])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -142,21 +148,35 @@ def test_moe_plan_exact_and_invariants(E, k, T, routing):
         assert plan.top_k == k and plan.num_experts == E
 
 
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,H,E,k", [(0, 5, 4, 2), (1, 7, 4, 4), (33, 13, 8, 2), (256, 64, 60, 8)])
-def test_permute_and_combine_match_reference(dtype, T, H, E, k):
+@pytest.mark.parametrize("T,H,E,k", [(0, 5, 4, 2), (1, 7, 4, 4), (33, 13, 8, 2), (256, 64, 60, 8), (45, 9, 1, 1)])
+def test_permute_and_combine_match_reference(dtype, T, H, E, k, routing):
+    """Every routing pattern (all-to-one: experts 0..k-1 take every row, the rest none) with contiguous and
+    non-contiguous inputs: x every other column of a wider tensor or column-major, y_sorted rows strided inside a
+    wider buffer or column-major, weights a transposed view."""
     gen = torch.Generator().manual_seed(T * 7 + H)
-    ids = make_ids(T, E, k, "uniform", gen)
+    ids = make_ids(T, E, k, routing, gen)
     plan = ops.moe_plan(ids, E)
-    # a non-contiguous x: every other column of a wider tensor
-    x = torch.randn(T, 2 * H, generator=gen).to(dtype)[:, ::2]
-    xs = ops.permute(x, plan)
-    assert torch.equal(xs, ref.permute(x, plan.sorted_rows, k))
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    want_xs = ref.permute(x, plan.sorted_rows, k)
+    assert torch.equal(want_xs, x[plan.sorted_rows // k])  # the reference itself, against plain indexing
+    x_strided = torch.zeros(T, 2 * H, dtype=dtype)[:, ::2]  # every other column of a wider tensor
+    x_strided.copy_(x)
+    x_colmajor = x.t().contiguous().t()
+    for xin in (x, x_strided, x_colmajor):
+        assert torch.equal(ops.permute(xin, plan), want_xs)
     weights = torch.rand(T, k, generator=gen)
     y = torch.randn(T * k, H, generator=gen).to(dtype)
-    out = ops.combine(y, plan, weights)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out, ref.combine(y, plan.inverse_rows, weights), **(FP32 if dtype == torch.float32 else BF16))
+    want = ref.combine(y, plan.inverse_rows, weights)
+    tol = FP32 if dtype == torch.float32 else BF16
+    y_strided = torch.full((T * k, H + 3), float("nan"), dtype=dtype)[:, 1:H + 1]
+    y_strided.copy_(y)
+    w_t = weights.t().contiguous().t()
+    for yin, win in ((y, weights), (y_strided, weights), (y.t().contiguous().t(), w_t)):
+        out = ops.combine(yin, plan, win)
+        assert out.dtype == dtype and out.shape == (T, H)
+        torch.testing.assert_close(out, want, **tol)
 
 
 @pytest.mark.parametrize("H", [1, 15, 16, 17, 63, 64, 65, 100, 130, 1024])
@@ -552,6 +572,29 @@ def test_fused_experts_case_matrix(E, k, T, routing):
         torch.testing.assert_close(out, ref.fused_experts_dense(x, w_gate_up, w_down, weights, ids), **FP32)
 
 
+@pytest.mark.parametrize("E,k", sorted(set(FUSED_CASES)))
+@pytest.mark.parametrize("T", [0, 1, 7, 33, 256])
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])
+def test_fused_experts_case_matrix_bf16(E, k, T, routing):
+    """The fp32 case matrix's shapes with bf16 activations and weights (fp32 routing weights), against the float64
+    dense reference on the same bf16 values at bf16 tolerance (KERNELS.md: inputs of O(0.1..1), atol 2e-2). Takes
+    the all-bf16 path where it applies (experts past the few-rows kernel, bf16 matmul hardware), the float path
+    otherwise."""
+    gen = torch.Generator().manual_seed(E * 31 + k * 7 + T + 1)
+    H, I = 21, 10  # not multiples of 8
+    x = (torch.randn(T, H, generator=gen) * 0.5).to(torch.bfloat16)
+    w_gate_up, w_down = expert_weights(E, H, I, dtype=torch.bfloat16, gen=gen, scale=1.0)
+    ids = make_ids(T, E, k, routing, gen)
+    weights = torch.rand(T, k, generator=gen)
+    weights = weights / weights.sum(1, keepdim=True)
+    out = ops.fused_experts(x, w_gate_up, w_down, weights, ids)
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    if T:
+        assert bool(torch.isfinite(out).all())
+        want = ref.fused_experts_dense(x.double(), w_gate_up.double(), w_down.double(), weights.double(), ids)
+        torch.testing.assert_close(out.double(), want, **BF16)
+
+
 @pytest.mark.parametrize("T,H,I,E,k", [(4096, 24, 12, 8, 2), (300, 64, 96, 128, 8)])
 def test_fused_experts_larger_shapes(T, H, I, E, k):
     gen = torch.Generator().manual_seed(19)
@@ -639,18 +682,49 @@ def test_fused_experts_gradients_and_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b, c, e: ops.fused_experts(a, b, c, e, ids64), (x64, wgu64, wd64, w64))
 
 
-def test_fused_experts_deterministic():
+def _bitwise_equal(first, second):
+    """Same dtype, shape and bytes (tensors, or tuples of them)."""
+    if isinstance(first, torch.Tensor):
+        as_bytes = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731
+        return first.dtype == second.dtype and first.shape == second.shape and torch.equal(as_bytes(first),
+                                                                                           as_bytes(second))
+    return len(first) == len(second) and all(_bitwise_equal(a, b) for a, b in zip(first, second))
+
+
+def test_two_runs_bitwise_equal():
+    """Every op, run twice on the same inputs (threaded: the default thread count), gives the same bits (compared
+    as bytes, so NaN payloads and signed zeros count too): route_topk (softmax and grouped sigmoid), moe_plan,
+    permute, combine, grouped_mm forward (skewed rows: few-rows, many-rows and whole-expert tiles), fused_experts in
+    fp32 and bf16, moe_aux_loss."""
     gen = torch.Generator().manual_seed(37)
     T, H, I, E, k = 300, 48, 40, 16, 4
     x = torch.randn(T, H, generator=gen)
     wgu, wd = expert_weights(E, H, I, gen=gen)
+    logits = torch.randn(T, E, generator=gen)
     ids = make_ids(T, E, k, "skewed", gen)
     weights = torch.rand(T, k, generator=gen)
-    first = ops.fused_experts(x, wgu, wd, weights, ids)
-    assert torch.equal(first, ops.fused_experts(x, wgu, wd, weights, ids))
     plan = ops.moe_plan(ids, E)
     y = torch.randn(T * k, H, generator=gen)
-    assert torch.equal(ops.combine(y, plan, weights), ops.combine(y, plan, weights))
+    offsets = torch.tensor([0, 3, 3, 40, 500, 900, 1200])
+    a = torch.randn(1200, 36, generator=gen)
+    w = torch.randn(6, 50, 36, generator=gen) / 6
+    x16, wgu16, wd16 = x.to(torch.bfloat16), wgu.to(torch.bfloat16), wd.to(torch.bfloat16)
+    runs = {
+        "route_topk softmax": lambda: ops.route_topk(logits, k, renormalize=True),
+        "route_topk grouped sigmoid": lambda: ops.route_topk(logits, k, scoring="sigmoid", correction_bias=logits[0],
+                                                             n_group=4, topk_group=2, routed_scaling=2.5),
+        "moe_plan": lambda: ops.moe_plan(ids, E, block=8)[:5],
+        "permute": lambda: ops.permute(x, plan),
+        "combine": lambda: ops.combine(y, plan, weights),
+        "grouped_mm": lambda: ops.grouped_mm(a, w, offsets),
+        "grouped_mm silu_mul": lambda: ops.grouped_mm(a, w, offsets, activation="silu_mul"),
+        "grouped_mm bf16": lambda: ops.grouped_mm(a.to(torch.bfloat16), w.to(torch.bfloat16), offsets),
+        "fused_experts": lambda: ops.fused_experts(x, wgu, wd, weights, ids),
+        "fused_experts bf16": lambda: ops.fused_experts(x16, wgu16, wd16, weights, ids),
+        "moe_aux_loss": lambda: ops.moe_aux_loss(torch.softmax(logits, -1), ids),
+    }
+    for name, run in runs.items():
+        assert _bitwise_equal(run(), run()), name
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -690,18 +764,38 @@ def test_fused_experts_matches_transformers_experts(family):
 # --------------------------------------------------------------------------------------------------------------
 # moe_aux_loss
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("T,E,k", [(0, 4, 2), (1, 1, 1), (37, 8, 2), (256, 64, 8)])
-def test_moe_aux_loss(T, E, k):
-    gen = torch.Generator().manual_seed(43)
-    probs = torch.softmax(torch.randn(T, E, generator=gen), -1).requires_grad_()
-    ids = make_ids(T, E, k, "skewed", gen)
+@pytest.mark.parametrize("T,E,k,routing", [(0, 4, 2, "skewed"), (1, 1, 1, "skewed"), (37, 8, 2, "skewed"),
+                                            (256, 64, 8, "skewed"), (33, 60, 60, "uniform"), (7, 2, 2, "uniform"),
+                                            (50, 8, 2, "all_to_one"), (129, 128, 8, "uniform")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_moe_aux_loss(T, E, k, routing, dtype):
+    """k = E, E = 1, all-to-one routing (the loss's maximum, E * P_0...), bf16 and float64 probabilities; the loss is
+    float32 (float64 for float64 probabilities), its gradient in the probabilities' dtype."""
+    gen = torch.Generator().manual_seed(43 + T + E)
+    probs = torch.softmax(torch.randn(T, E, generator=gen), -1).to(dtype).requires_grad_()
+    ids = make_ids(T, E, k, routing, gen)
     loss = ops.moe_aux_loss(probs, ids)
     want = ref.moe_aux_loss(probs, ids)
+    assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(loss, want, **FP32)
     if T:
-        # independent formula: E * sum_e mean_t p[t,e] * count_e / (T*k)
-        counts = torch.bincount(ids.flatten().long(), minlength=E).float()
-        torch.testing.assert_close(loss, E * (probs.mean(0) * counts / (T * k)).sum(), **FP32)
+        # independent formula in float64: E * sum_e mean_t p[t,e] * count_e / (T*k)
+        counts = torch.bincount(ids.flatten().long(), minlength=E).double()
+        independent = E * (probs.detach().double().mean(0) * counts / (T * k)).sum()
+        torch.testing.assert_close(loss.double(), independent, **FP32)
         (g,) = torch.autograd.grad(loss, probs)
         (gr,) = torch.autograd.grad(want, probs)
+        assert g.dtype == dtype
         torch.testing.assert_close(g, gr, **FP32)
+    else:
+        assert float(loss.detach()) == 0.0
+
+
+def test_moe_aux_loss_non_contiguous_probs():
+    gen = torch.Generator().manual_seed(47)
+    T, E, k = 40, 12, 3
+    probs = torch.softmax(torch.randn(E, T, generator=gen), 0).t()  # column-major
+    ids = make_ids(T, E, k, "uniform", gen)
+    torch.testing.assert_close(ops.moe_aux_loss(probs, ids), ref.moe_aux_loss(probs.contiguous(), ids), **FP32)
+    torch.testing.assert_close(ops.moe_aux_loss(probs, ids.t().contiguous().t()),
+                               ref.moe_aux_loss(probs.contiguous(), ids), **FP32)

@@ -71,25 +71,89 @@ class TinyMoE(torch.nn.Module):
 
 
 @compiled
-def test_torch_compile_fullgraph_moe_layer():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_fullgraph_moe_layer(dynamic):
+    """fullgraph=True fails on any graph break; dynamic=True traces the token count (and float arguments)
+    symbolically, which is where Python-side value checks (math.isfinite, bool(tensor)) used to break the graph.
+    Forward and backward against eager, at two token counts (the second reuses the dynamic graph)."""
     torch.manual_seed(0)
     layer = TinyMoE()
-    x = torch.randn(20, 16, requires_grad=True)
-    eager_out, eager_aux = layer(x)
-    compiled_layer = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    out, aux = compiled_layer(x)
-    torch.testing.assert_close(out, eager_out)
-    torch.testing.assert_close(aux, eager_aux)
-    (out.sum() + aux).backward()
-    g_compiled = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    (eager_out.sum() + eager_aux).backward()
-    for g, p in zip(g_compiled, layer.parameters()):
-        torch.testing.assert_close(g, p.grad)
+    compiled_layer = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for T in (20, 13):
+        x = torch.randn(T, 16, requires_grad=True)
+        eager_out, eager_aux = layer(x)
+        out, aux = compiled_layer(x)
+        torch.testing.assert_close(out, eager_out)
+        torch.testing.assert_close(aux, eager_aux)
+        layer.zero_grad()
+        (out.sum() + aux).backward()
+        g_compiled = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        (eager_out.sum() + eager_aux).backward()
+        for g, p in zip(g_compiled, layer.parameters()):
+            torch.testing.assert_close(g, p.grad)
+
+
+def _every_moe_op(x, logits, w_gate_up, w_down, bias, scaling):
+    """Every MoE op's Python wrapper in one function: softmax routing into the unfused pipeline
+    (moe_plan -> permute -> grouped_mm x2 -> combine), DeepSeek routing (sigmoid, correction_bias, groups, a float
+    routed_scaling argument) into fused_experts, and the aux loss."""
+    weights, ids = ops.route_topk(logits, 2, renormalize=True)
+    plan = ops.moe_plan(ids, w_gate_up.shape[0], block=4)
+    h = ops.grouped_mm(ops.permute(x, plan), w_gate_up, plan.offsets, activation="silu_mul")
+    unfused = ops.combine(ops.grouped_mm(h, w_down, plan.offsets), plan, weights)
+    w2, ids2 = ops.route_topk(logits, 3, scoring="sigmoid", renormalize=False, correction_bias=bias, n_group=2,
+                              topk_group=1, routed_scaling=scaling)
+    fused = ops.fused_experts(x, w_gate_up, w_down, w2, ids2, activation="gelu")
+    aux = ops.moe_aux_loss(torch.softmax(logits, -1), ids)
+    return unfused, fused, aux, w2, ids2, plan.padded_offsets
 
 
 @compiled
-def test_moe_plan_pieces_compile():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_every_moe_op_compiles_fullgraph(dynamic):
+    gen = torch.Generator().manual_seed(2)
+    E, H, I = 8, 6, 4
+    w_gate_up = torch.randn(E, 2 * I, H, generator=gen) * 0.3
+    w_down = torch.randn(E, H, I, generator=gen) * 0.3
+    bias = torch.randn(E, generator=gen) * 0.1
+    fn = torch.compile(_every_moe_op, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for T, scaling in ((11, 2.5), (17, 2.5), (0, 1.0)):  # T = 0: empty outputs, compiled too
+        x, logits = torch.randn(T, H, generator=gen), torch.randn(T, E, generator=gen)
+        for got, want in zip(fn(x, logits, w_gate_up, w_down, bias, scaling),
+                             _every_moe_op(x, logits, w_gate_up, w_down, bias, scaling)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@compiled
+def test_compiled_graph_still_rejects_bad_values():
+    """The Python value checks are skipped inside a trace; the kernels' own checks still raise at run time."""
+    x, wgu, wd, weights, ids = _moe_inputs()
+
+    def route(logits, bias, scaling):
+        return ops.route_topk(logits, 2, scoring="sigmoid", correction_bias=bias, routed_scaling=scaling)
+
+    def experts(ids):
+        return ops.fused_experts(x, wgu, wd, weights, ids)
+
+    route_c = torch.compile(route, fullgraph=True, backend="aot_eager", dynamic=True)
+    experts_c = torch.compile(experts, fullgraph=True, backend="aot_eager", dynamic=True)
+    logits, bias = torch.randn(9, 5), torch.zeros(5)
+    torch.testing.assert_close(route_c(logits, bias, 2.0), route(logits, bias, 2.0))
+    with pytest.raises(RuntimeError, match="logits contain NaN"):
+        route_c(torch.full((9, 5), float("nan")), bias, 2.0)
+    with pytest.raises(RuntimeError, match="correction_bias contains NaN"):
+        route_c(logits, torch.tensor([0.0, float("inf"), 0.0, 0.0, 0.0]), 2.0)
+    with pytest.raises(RuntimeError, match="routed_scaling must be a finite number"):
+        route_c(logits, bias, float("nan"))
+    torch.testing.assert_close(experts_c(ids), experts(ids))
+    with pytest.raises(RuntimeError, match="ids must lie in"):
+        experts_c(ids + 5)
+
+
+@compiled
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_moe_plan_pieces_compile(dynamic):
     def pipeline(x, ids, weights, w):
         plan = ops.moe_plan(ids, w.shape[0])
         y = ops.grouped_mm(ops.permute(x, plan), w, plan.offsets, activation="silu_mul")
@@ -97,7 +161,7 @@ def test_moe_plan_pieces_compile():
 
     x, wgu, _, weights, ids = _moe_inputs()
     want = pipeline(x, ids, weights, wgu)
-    got = torch.compile(pipeline, fullgraph=True, backend="aot_eager")(x, ids, weights, wgu)
+    got = torch.compile(pipeline, fullgraph=True, backend="aot_eager", dynamic=dynamic)(x, ids, weights, wgu)
     torch.testing.assert_close(got, want)
 
 
@@ -140,7 +204,78 @@ def _bad_cases():
         ("fe activation", lambda: ops.fused_experts(x, wgu, wd, weights, ids, activation="tanh"), ValueError,
          "activation"),
         ("fe x rank", lambda: ops.fused_experts(x[None], wgu, wd, weights, ids), ValueError, "x"),
+        ("fe k=0", lambda: ops.fused_experts(x, wgu, wd, weights[:, :0], ids[:, :0]), ValueError,
+         r"weights and ids must have between 1 and 5 columns.*got k = 0"),
+        ("fe k=0 T=0", lambda: ops.fused_experts(x[:0], wgu, wd, weights[:0, :0], ids[:0, :0]), ValueError,
+         r"weights and ids must have between 1 and 5 columns.*got k = 0"),
+        ("fe k>E", lambda: ops.fused_experts(x, wgu, wd, torch.rand(9, 6), torch.zeros(9, 6, dtype=torch.int32)),
+         ValueError, r"weights and ids must have between 1 and 5 columns.*got k = 6"),
+        ("fe weights dtype", lambda: ops.fused_experts(x, wgu, wd, weights.long(), ids), TypeError, "weights"),
+        ("fe ids dtype", lambda: ops.fused_experts(x, wgu, wd, weights, ids.float()), TypeError, "ids"),
+        ("fe device", lambda: ops.fused_experts(x, wgu.to("meta"), wd, weights, ids), ValueError,
+         "w_gate_up is on meta"),
         ("aux ids rows", lambda: ops.moe_aux_loss(torch.rand(4, 5), ids), ValueError, "ids"),
+        ("aux k=0", lambda: ops.moe_aux_loss(torch.rand(9, 5), ids[:, :0]), ValueError,
+         r"ids must have between 1 and 5 columns.*got k = 0"),
+        ("aux k>E", lambda: ops.moe_aux_loss(torch.rand(9, 5), torch.zeros(9, 6, dtype=torch.int32)), ValueError,
+         r"ids must have between 1 and 5 columns.*got k = 6"),
+        ("aux probs dtype", lambda: ops.moe_aux_loss(torch.ones(9, 5, dtype=torch.long), ids), TypeError,
+         "router_probs"),
+        ("aux ids range", lambda: ops.moe_aux_loss(torch.rand(9, 5), ids + 5), ValueError, r"ids must lie in \[0, 5\)"),
+        ("plan k=0", lambda: ops.moe_plan(ids[:, :0], 5), ValueError, r"ids must have between 1 and 5 columns.*k = 0"),
+        ("plan k=0 T=0", lambda: ops.moe_plan(ids[:0, :0], 5), ValueError, r"ids must have between 1 and 5 columns"),
+        ("plan k>E", lambda: ops.moe_plan(torch.zeros(9, 3, dtype=torch.int32), 2), ValueError,
+         r"ids must have between 1 and 2 columns.*k = 3"),
+        ("plan block", lambda: ops.moe_plan(ids, 5, block=-1), ValueError, "block"),
+        ("nan bias", lambda: ops.route_topk(logits, 2, scoring="sigmoid",
+                                            correction_bias=torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0])),
+         ValueError, "correction_bias contains NaN or infinite"),
+        ("inf bias", lambda: ops.route_topk(logits, 2, correction_bias=torch.full((5,), float("-inf"))), ValueError,
+         "correction_bias contains NaN or infinite"),
+        ("bias dtype", lambda: ops.route_topk(logits, 2, correction_bias=torch.zeros(5, dtype=torch.long)), TypeError,
+         "correction_bias"),
+        ("inf logits", lambda: ops.route_topk(torch.tensor([[0.0, float("inf"), 1.0]]), 1), ValueError,
+         "logits contain NaN or infinite"),
+        ("renormalize str", lambda: ops.route_topk(logits, 2, renormalize="yes"), TypeError,
+         "renormalize must be a bool, got str"),
+        ("renormalize int", lambda: ops.route_topk(logits, 2, renormalize=1), TypeError,
+         "renormalize must be a bool, got int"),
+        ("renormalize None", lambda: ops.route_topk(logits, 2, renormalize=None), TypeError,
+         "renormalize must be a bool"),
+        ("routed_scaling nan", lambda: ops.route_topk(logits, 2, routed_scaling=float("nan")), ValueError,
+         "routed_scaling must be a finite number"),
+        ("routed_scaling inf", lambda: ops.route_topk(logits, 2, routed_scaling=float("inf")), ValueError,
+         "routed_scaling must be a finite number"),
+        ("routed_scaling str", lambda: ops.route_topk(logits, 2, routed_scaling="2"), ValueError,
+         "routed_scaling must be a finite number"),
+        ("topk_group", lambda: ops.route_topk(torch.randn(3, 8), 2, n_group=2, topk_group=3), ValueError,
+         "topk_group"),
+        ("k > kept groups", lambda: ops.route_topk(torch.randn(3, 8), 5, n_group=4, topk_group=2), ValueError,
+         "kept groups"),
+        ("permute x rank", lambda: ops.permute(x[0], plan), ValueError, "x must have 2 dimensions"),
+        ("permute device", lambda: ops.permute(x.to("meta"), plan), ValueError, "is on"),
+        ("combine k=0", lambda: ops.combine(torch.randn(18, 6), plan, weights[:, :0]), ValueError,
+         r"weights must have shape \[T, k\] with k >= 1"),
+        ("combine tokens", lambda: ops.combine(torch.randn(18, 6), plan, weights[:4]), ValueError, "weights"),
+        ("combine y dtype", lambda: ops.combine(torch.ones(18, 6, dtype=torch.long), plan, weights), TypeError,
+         "y_sorted"),
+        ("combine weights dtype", lambda: ops.combine(torch.randn(18, 6), plan, weights.long()), TypeError,
+         "weights"),
+        ("combine y rank", lambda: ops.combine(torch.randn(18), plan, weights), ValueError, "y_sorted"),
+        ("gmm a dtype", lambda: ops.grouped_mm(torch.ones(18, 6, dtype=torch.long), wgu, plan.offsets), TypeError,
+         "a must be a floating-point"),
+        ("gmm w rank", lambda: ops.grouped_mm(torch.randn(18, 6), wgu[0], plan.offsets), ValueError,
+         "w must have 3 dimensions"),
+        ("gmm offsets dtype", lambda: ops.grouped_mm(torch.randn(18, 6), wgu, plan.offsets.float()), TypeError,
+         "offsets must be an integer"),
+        ("gmm offsets length", lambda: ops.grouped_mm(torch.randn(18, 6), wgu, plan.offsets[:-1]), ValueError,
+         r"offsets must have shape \[6\]"),
+        ("gmm negative offset", lambda: ops.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([-1, 5, 6, 9, 9, 18])),
+         ValueError, "offsets must be non-decreasing from >= 0"),
+        ("gmm odd N gated", lambda: ops.grouped_mm(torch.randn(18, 6), wgu[:, :7], plan.offsets,
+                                                   activation="silu_mul"), ValueError, "even N"),
+        ("gmm device", lambda: ops.grouped_mm(torch.randn(18, 6), wgu.to("meta"), plan.offsets), ValueError,
+         "w is on meta"),
         ("snp x rank", lambda: ops.stack_norm_project(torch.randn(4, 3), 2, w1=torch.randn(2, 6)), ValueError, "x"),
         ("snp k", lambda: ops.stack_norm_project(torch.randn(1, 4, 3), 0, w1=torch.randn(2, 6)), ValueError, "k"),
         ("snp w1", lambda: ops.stack_norm_project(torch.randn(1, 4, 3), 2, w1=torch.randn(2, 5)), ValueError, "w1"),
@@ -158,6 +293,134 @@ def test_bad_input_raises_clear_error(case):
     _, fn, exc, word = case
     with pytest.raises(exc, match=word):
         fn()
+
+
+def _bad_kernel_calls():
+    """Bad arguments straight to torch.ops.eureka_fast.* (no Python wrapper in front): (name, call, message)."""
+    x, wgu, wd, weights, ids = _moe_inputs()
+    i32 = dict(dtype=torch.int32)
+    nan, inf = float("nan"), float("inf")
+    return [
+        ("fe k=0", lambda: OPS.fused_experts(x, wgu, wd, weights[:, :0], ids[:, :0], "silu"),
+         r"weights and ids must have between 1 and 5 columns.*got k = 0"),
+        ("fe k=0 T=0", lambda: OPS.fused_experts(x[:0], wgu, wd, weights[:0, :0], ids[:0, :0], "silu"),
+         r"weights and ids must have between 1 and 5 columns.*got k = 0"),
+        ("fe k>E", lambda: OPS.fused_experts(x, wgu, wd, torch.rand(9, 6), torch.zeros(9, 6, **i32), "silu"),
+         r"weights and ids must have between 1 and 5 columns.*got k = 6"),
+        ("fe ids shape", lambda: OPS.fused_experts(x, wgu, wd, weights, ids[:, :1], "silu"), "ids must have the shape"),
+        ("fe w_down", lambda: OPS.fused_experts(x, wgu, wd[:, :, :3], weights, ids, "silu"), "w_down must have shape"),
+        ("fe activation", lambda: OPS.fused_experts(x, wgu, wd, weights, ids, "relu"), "activation must be"),
+        ("aux k=0", lambda: OPS.moe_aux_loss(torch.rand(9, 5), ids[:, :0]),
+         r"ids must have between 1 and 5 columns.*got k = 0"),
+        ("aux k>E", lambda: OPS.moe_aux_loss(torch.rand(9, 5), torch.zeros(9, 6, **i32)),
+         r"ids must have between 1 and 5 columns.*got k = 6"),
+        ("aux ids range", lambda: OPS.moe_aux_loss(torch.rand(9, 5), ids + 5), "ids must lie in"),
+        ("plan k=0", lambda: OPS.moe_plan(ids[:, :0], 5, 0), r"ids must have between 1 and 5 columns.*got k = 0"),
+        ("plan k>E", lambda: OPS.moe_plan(torch.zeros(9, 3, **i32), 2, 0),
+         r"ids must have between 1 and 2 columns.*got k = 3"),
+        ("plan ids range", lambda: OPS.moe_plan(ids - 9, 5, 0), "ids must lie in"),
+        ("plan num_experts", lambda: OPS.moe_plan(ids, 0, 0), "num_experts must be >= 1"),
+        ("route k=0", lambda: OPS.route_topk(torch.randn(9, 5), 0, "softmax", False, None, 1, 1, 1.0), "k must lie in"),
+        ("route k>E", lambda: OPS.route_topk(torch.randn(9, 5), 6, "softmax", False, None, 1, 1, 1.0),
+         "k must lie in"),
+        ("route nan logits", lambda: OPS.route_topk(torch.tensor([[0.0, 1.0], [nan, 0.0]]), 1, "softmax", False, None,
+                                                    1, 1, 1.0),
+         r"logits contain NaN or infinite values \(first in row 1\)"),
+        # all-NaN rows with k > 16 (partial-sort selection) and k <= 16 (insertion selection)
+        ("route all-nan logits k=20", lambda: OPS.route_topk(torch.full((3, 40), nan), 20, "sigmoid", False, None, 1, 1,
+                                                             1.0), "logits contain NaN"),
+        ("route inf logits", lambda: OPS.route_topk(torch.tensor([[-inf, 0.0, 1.0]]), 2, "softmax", True, None, 1, 1,
+                                                    1.0), "logits contain NaN or infinite"),
+        ("route nan bias", lambda: OPS.route_topk(torch.randn(4, 8), 2, "sigmoid", False,
+                                                  torch.tensor([0.0, 0.0, nan, 0, 0, 0, 0, 0]), 2, 1, 1.0),
+         r"correction_bias contains NaN or infinite values \(nan at expert 2\)"),
+        ("route int bias", lambda: OPS.route_topk(torch.randn(4, 8), 2, "sigmoid", False,
+                                                  torch.zeros(8, dtype=torch.long), 1, 1, 1.0),
+         "correction_bias must be a floating-point tensor"),
+        ("route bias shape", lambda: OPS.route_topk(torch.randn(4, 8), 2, "sigmoid", False, torch.zeros(7), 1, 1, 1.0),
+         r"correction_bias must have shape \[8\]"),
+        ("route routed_scaling", lambda: OPS.route_topk(torch.randn(4, 8), 2, "sigmoid", False, None, 1, 1, inf),
+         "routed_scaling must be a finite number"),
+        ("route scoring", lambda: OPS.route_topk(torch.randn(4, 8), 2, "relu", False, None, 1, 1, 1.0), "scoring"),
+        ("route n_group", lambda: OPS.route_topk(torch.randn(4, 8), 2, "sigmoid", False, None, 3, 1, 1.0), "n_group"),
+        ("permute rows range", lambda: OPS.permute(x, torch.tensor([0, 99]), 2), "sorted_rows must lie in"),
+        ("permute rows count", lambda: OPS.permute(x, torch.arange(17), 2),
+         r"sorted_rows must have T\*top_k = 18 entries"),
+        ("permute top_k", lambda: OPS.permute(x, torch.zeros(0, dtype=torch.long), 0), "top_k must be >= 1"),
+        ("permute rows dtype", lambda: OPS.permute(x, torch.arange(18.0), 2), "sorted_rows must be an integer"),
+        ("combine inverse range", lambda: OPS.combine(torch.randn(18, 6), torch.full((18,), -1), weights),
+         "inverse_rows must lie in"),
+        ("combine inverse count", lambda: OPS.combine(torch.randn(18, 6), torch.arange(17), weights),
+         r"inverse_rows must have T\*k = 18 entries"),
+        ("combine k=0", lambda: OPS.combine(torch.randn(18, 6), torch.zeros(0, dtype=torch.long), weights[:, :0]),
+         r"weights must have shape \[T, k\] with k >= 1"),
+        ("combine y dtype", lambda: OPS.combine(torch.ones(18, 6, dtype=torch.long), torch.arange(18), weights),
+         "y_sorted must be a floating-point"),
+        ("gmm offsets past rows", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([0, 5, 6, 9, 9, 40]),
+                                                         "none"), "offsets"),
+        ("gmm offsets decreasing", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([0, 5, 3, 9, 9, 18]),
+                                                          "none"), "offsets must be non-decreasing"),
+        ("gmm negative offset", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([-2, 5, 6, 9, 9, 18]),
+                                                       "none"), r"offsets\[0\] must be >= 0"),
+        ("gmm offsets length", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([0, 18]), "none"),
+         r"offsets must have shape \[6\]"),
+        ("gmm K", lambda: OPS.grouped_mm(torch.randn(18, 7), wgu, torch.tensor([0, 5, 6, 9, 9, 18]), "none"),
+         "w must have shape"),
+        ("gmm odd N", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu[:, :7], torch.tensor([0, 5, 6, 9, 9, 18]),
+                                             "silu_mul"), "even N"),
+        ("gmm activation", lambda: OPS.grouped_mm(torch.randn(18, 6), wgu, torch.tensor([0, 5, 6, 9, 9, 18]), "relu"),
+         "activation must be"),
+        ("gmm backward grad_out", lambda: OPS.grouped_mm_backward(torch.randn(18, 3), torch.randn(18, 6), wgu,
+                                                                  torch.tensor([0, 5, 6, 9, 9, 18]), "none"),
+         r"grad_out must have shape \[18, 8\]"),
+    ]
+
+
+@compiled
+@pytest.mark.parametrize("case", _bad_kernel_calls() if OPS is not None else [], ids=lambda c: c[0])
+def test_kernels_reject_bad_arguments_directly(case):
+    """Every check of the Python API is repeated in the kernel (direct callers, compiled graphs): a RuntimeError
+    naming the argument, no crash."""
+    _, fn, message = case
+    with pytest.raises(RuntimeError, match=message):
+        fn()
+
+
+@compiled
+def test_zero_tokens_work_everywhere():
+    """T = 0 is not an error anywhere (only k < 1 or k > E is): empty outputs of the right shapes, through the API
+    and straight through the kernels, forward and backward."""
+    E, H, I, k = 5, 6, 4, 2
+    x = torch.randn(0, H, requires_grad=True)
+    logits = torch.randn(0, E, requires_grad=True)
+    wgu = torch.randn(E, 2 * I, H, requires_grad=True)
+    wd = torch.randn(E, H, I, requires_grad=True)
+    weights, ids = ops.route_topk(logits, k, renormalize=True)
+    assert weights.shape == (0, k) and ids.shape == (0, k)
+    w2, ids2 = ops.route_topk(logits, k, scoring="sigmoid", correction_bias=torch.zeros(E), n_group=5, topk_group=2)
+    assert w2.shape == (0, k) and ids2.shape == (0, k)
+    plan = ops.moe_plan(ids, E, block=4)
+    assert plan.counts.tolist() == [0] * E and plan.padded_offsets.tolist() == [0] * (E + 1)
+    assert plan.sorted_rows.shape == (0,) and plan.inverse_rows.shape == (0,)
+    xs = ops.permute(x, plan)
+    assert xs.shape == (0, H)
+    h = ops.grouped_mm(xs, wgu, plan.offsets, activation="silu_mul")
+    assert h.shape == (0, I)
+    out = ops.combine(ops.grouped_mm(h, wd, plan.offsets), plan, weights)
+    assert out.shape == (0, H)
+    fused = ops.fused_experts(x, wgu, wd, weights, ids)
+    assert fused.shape == (0, H)
+    aux = ops.moe_aux_loss(torch.softmax(logits, -1), ids)
+    assert aux.shape == () and float(aux.detach()) == 0.0
+    (out.sum() + fused.sum() + aux).backward()
+    assert x.grad.shape == (0, H) and logits.grad.shape == (0, E)
+    assert bool((wgu.grad == 0).all()) and bool((wd.grad == 0).all())
+    # the raw kernels
+    i32 = torch.zeros(0, k, dtype=torch.int32)
+    assert OPS.fused_experts(x.detach(), wgu.detach(), wd.detach(), torch.rand(0, k), i32, "gelu").shape == (0, H)
+    assert OPS.moe_plan(i32, E, 0)[3].shape == (0,)
+    assert float(OPS.moe_aux_loss(torch.rand(0, E), i32)) == 0.0
+    assert OPS.route_topk(torch.randn(0, E), k, "softmax", False, None, 1, 1, 1.0)[1].shape == (0, k)
 
 
 @compiled
