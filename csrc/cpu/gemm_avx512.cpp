@@ -129,6 +129,32 @@ EF_AVX512 EF_AVX512_INLINE void micro(int64_t kc, const float* __restrict panel,
   }
 }
 
+// One vector whose lane r is the sum of the 16 lanes of v[r] (r < NR <= 16; lanes past NR are zero): a tree of
+// interleave + add steps, 30 shuffles for 16 vectors where a full 16 x 16 transpose takes 64.
+template <int NR>
+EF_AVX512 EF_AVX512_INLINE __m512 lane_sums(const __m512 (&v)[NR]) {
+  __m512 w[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) w[r] = r < NR ? v[r < NR ? r : 0] : _mm512_setzero_ps();
+  __m512 t[8];  // t[i], per 128-bit lane: two partial sums each of v[2i] and v[2i + 1]
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * i], w[2 * i + 1]), _mm512_unpackhi_ps(w[2 * i], w[2 * i + 1]));
+  __m512 u[4];  // u[j], per 128-bit lane L: the lane-L sums of v[4j .. 4j + 4)
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512d a = _mm512_castps_pd(t[2 * j]), b = _mm512_castps_pd(t[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // z[h]: 128-bit slots [L0 + L1, L2 + L3] of u[2h], then the same of u[2h + 1]
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // The remainder rows (fewer than 32, after the full panels) as dot products along K: acc[t][r] holds 16 lanes of
 // partial sums of row t of a (NT rows, stride lda, zero-padded to a multiple of 16 columns) times weight row r of
 // wbuf. Weights are loaded as vectors, so a row costs what it does inside a panel (2 rows x NR weights: 2 + NR loads
@@ -243,18 +269,7 @@ EF_AVX512 void remainder_passes(int64_t nrem, int64_t kc, bool first, bool last,
       continue;
     }
     constexpr __mmask16 kCols = static_cast<__mmask16>((1u << NR) - 1u);
-    for (int64_t i = 0; i < rows; ++i) {  // lane sums: after the transpose, v[l] holds lane l of every weight row
-      __m512 v[16];
-#pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) v[r] = r < NR ? acc[i][r < NR ? r : 0] : _mm512_setzero_ps();
-      transpose16x16(v);
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) v[r] = _mm512_add_ps(v[r], v[r + 8]);
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) v[r] = _mm512_add_ps(v[r], v[r + 4]);
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
-      _mm512_mask_storeu_ps(c + (t + i) * ldc, kCols, sum);
-    }
+    for (int64_t i = 0; i < rows; ++i) _mm512_mask_storeu_ps(c + (t + i) * ldc, kCols, lane_sums<NR>(acc[i]));
   }
 }
 
