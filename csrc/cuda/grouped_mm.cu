@@ -381,6 +381,8 @@ at::Tensor fused_experts_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_u
   TORCH_CHECK(w_down_in.size(0) == E && w_down_in.size(1) == H && w_down_in.size(2) == I,
               "fused_experts: w_down must be [E, H, I]");
   TORCH_CHECK(ids.size(0) == T, "fused_experts: ids must have T rows");
+  TORCH_CHECK(k >= 1 && k <= E, "fused_experts: weights and ids must have between 1 and E = ", E,
+              " columns (top-k), got k = ", k);
   if (T == 0 || H == 0) return at::zeros({T, H}, x_in.options());
   const auto dt = x_in.scalar_type();
   at::Tensor x = x_in.contiguous();

@@ -361,6 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan_
   TORCH_CHECK(num_experts >= 1, "moe_plan: num_experts must be >= 1");
   TORCH_CHECK(num_experts * 16 <= kSmemBudget, "moe_plan: num_experts=", num_experts, " too large for CUDA");
   TORCH_CHECK(block >= 0, "moe_plan: block must be >= 0");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(1) >= 1 && ids_in.size(1) <= num_experts,
+              "moe_plan: ids must be [T, k] with 1 <= k <= num_experts = ", num_experts, ", got ", ids_in.sizes());
   c10::cuda::CUDAGuard guard(ids_in.device());
   at::Tensor ids = ids_in.contiguous();
   const int64_t n = ids.numel();

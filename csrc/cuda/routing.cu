@@ -1,5 +1,7 @@
 // Routing on CUDA: route_topk (one warp per token row, scoring + bias + grouped top-k + renormalisation fused in one
 // launch) and moe_aux_loss (one histogram launch + a few ATen reductions; no host sync).
+#include <cmath>
+
 #include "common.cuh"
 
 namespace eureka_fast {
@@ -159,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor> route_topk_cuda(const at::Tensor& logits_in, 
   c10::cuda::CUDAGuard guard(logits_in.device());
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "route_topk: need 1 <= k <= E, got k=", k, " E=", E);
+  // (finite logits and correction_bias would need a device sync to check here: the Python API checks them)
+  TORCH_CHECK(std::isfinite(routed_scaling), "route_topk: routed_scaling must be a finite number, got ",
+              routed_scaling);
   if (n_group < 1) n_group = 1;
   TORCH_CHECK(E % n_group == 0, "route_topk: E=", E, " is not divisible by n_group=", n_group);
   TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "route_topk: need 1 <= topk_group <= n_group");
@@ -213,6 +218,10 @@ at::Tensor moe_aux_loss_cuda(const at::Tensor& probs, const at::Tensor& ids_in) 
   TORCH_CHECK(probs.dim() == 2, "moe_aux_loss: router_probs must be [T, E]");
   c10::cuda::CUDAGuard guard(probs.device());
   const int64_t T = probs.size(0), E = probs.size(1);
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == T, "moe_aux_loss: ids must be [T = ", T, ", k], got ",
+              ids_in.sizes());
+  TORCH_CHECK(ids_in.size(1) >= 1 && ids_in.size(1) <= E, "moe_aux_loss: ids must have between 1 and E = ", E,
+              " columns (top-k), got k = ", ids_in.size(1));
   const at::ScalarType acc = probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = ids_in.numel();
   if (T == 0 || n == 0) return probs.to(acc).sum() * 0.0;
