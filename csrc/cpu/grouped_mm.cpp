@@ -38,27 +38,30 @@ struct Tile {
 constexpr int64_t kRowBlock = 256;
 
 // Experts with at least this many rows run as one multi-threaded BLAS call each (all their rows, all columns)
-// instead of single-threaded tiles: with 512-750 rows per expert MKL's own threading reaches ~270-300 GFLOP/s on
-// two cores against ~220-240 for tiles (cold weights), while at 128 rows the tiles win (~218 vs ~200).
-// EUREKA_FAST_WHOLE_EXPERT_ROWS overrides the switch (read once; for tuning on other machines).
-int64_t whole_expert_rows() {
-  static const int64_t rows = [] {
-    constexpr int64_t kDefault = 384;
+// instead of single-threaded tiles. Tiles on our AVX-512 many-rows GEMM (packed_tiles) keep up with MKL's own
+// threading to more rows than BLAS tiles do: 2 threads, T = 4096, E = 64 (512 rows per expert), best of 14
+// alternating runs: tiles 376 ms, whole experts 438 ms; at 750-1024 rows per expert the whole-expert call is ~4-5%
+// ahead. BLAS tiles (2-byte weights widened per tile, no AVX-512, double) switch at 384: with bf16 weights at
+// T = 4096 the whole-expert path is 5-10% ahead of them.
+// EUREKA_FAST_WHOLE_EXPERT_ROWS overrides both switches (read once; for tuning on other machines).
+int64_t whole_expert_min_rows(bool packed_tiles) {
+  static const int64_t override_rows = [] {
     const char* env = std::getenv("EUREKA_FAST_WHOLE_EXPERT_ROWS");
-    if (env == nullptr || *env == '\0') return kDefault;
+    if (env == nullptr || *env == '\0') return int64_t(0);
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
     if (*end != '\0' || v < 1) {
-      TORCH_WARN("EUREKA_FAST_WHOLE_EXPERT_ROWS must be a positive integer, got '", env, "'; using ", kDefault);
-      return kDefault;
+      TORCH_WARN("EUREKA_FAST_WHOLE_EXPERT_ROWS must be a positive integer, got '", env, "'; using the defaults");
+      return int64_t(0);
     }
     return static_cast<int64_t>(v);
   }();
-  return rows;
+  if (override_rows > 0) return override_rows;
+  return packed_tiles ? 640 : 384;
 }
 
-bool runs_whole(const std::vector<int64_t>& offsets, int64_t e) {
-  return at::get_num_threads() > 1 && !at::in_parallel_region() && offsets[e + 1] - offsets[e] >= whole_expert_rows();
+bool runs_whole(const std::vector<int64_t>& offsets, int64_t e, int64_t min_rows) {
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && offsets[e + 1] - offsets[e] >= min_rows;
 }
 
 // Rows per tile for an expert's `rows` rows: an even split into blocks of at most kRowBlock (no tiny trailing block;
@@ -69,7 +72,7 @@ int64_t row_block(int64_t rows) {
 }
 
 // Tiles for the experts that do not run whole.
-std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out) {
+std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out, int64_t whole_rows) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   struct Block {
     int64_t expert, row0, rows;
@@ -77,7 +80,7 @@ std::vector<Tile> plan_tiles(const std::vector<int64_t>& offsets, int64_t n_out)
   std::vector<Block> blocks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = offsets[e + 1] - offsets[e];
-    if (rows <= 0 || runs_whole(offsets, e)) continue;
+    if (rows <= 0 || runs_whole(offsets, e, whole_rows)) continue;
     const int64_t per = row_block(rows);
     for (int64_t r = 0; r < rows; r += per) blocks.push_back({e, offsets[e] + r, std::min(per, rows - r)});
   }
@@ -110,11 +113,18 @@ bool use_packed_gemm(int64_t m, int64_t K, int64_t b_col_stride) {
   return false;
 }
 
+// The row count from which an expert of a grouped GEMM in scalar_t (weights with column stride w_col_stride) runs
+// whole: later if its tiles run the AVX-512 many-rows GEMM.
+template <typename scalar_t>
+int64_t whole_rows_for(int64_t K, int64_t w_col_stride) {
+  return whole_expert_min_rows(use_packed_gemm<scalar_t>(kRowBlock, K, w_col_stride));
+}
+
 // Whether every tile of expert e (gated, float, weights with column stride w_col_stride) packs its rows through
 // the AVX-512 many-rows GEMM, and so can take them from a RowGather instead of the dense rows.
 bool expert_tiles_pack(const std::vector<int64_t>& offsets, int64_t e, int64_t K, int64_t w_col_stride) {
   const int64_t rows = offsets[e + 1] - offsets[e];
-  if (rows <= 0 || runs_whole(offsets, e)) return false;
+  if (rows <= 0 || runs_whole(offsets, e, whole_rows_for<float>(K, w_col_stride))) return false;
   const int64_t per = row_block(rows), last = rows - per * ((rows - 1) / per);  // the shortest block
   return use_packed_gemm<float>(last, K, w_col_stride);
 }
@@ -250,12 +260,13 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
   const bool gated = act != GatedActivation::None;
   const int64_t n_out = gated ? N / 2 : N;
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t whole_rows = whole_rows_for<scalar_t>(K, w_col_stride);
   for (int64_t e = 0; e < E; ++e) {
-    if (runs_whole(offsets, e))
+    if (runs_whole(offsets, e, whole_rows))
       whole_expert_gemm<scalar_t>(offsets[e + 1] - offsets[e], K, a + offsets[e] * lda, lda, w + e * w_expert_stride,
                                   w_row_stride, w_col_stride, N, act, out + offsets[e] * ldo, ldo);
   }
-  const std::vector<Tile> tiles = plan_tiles(offsets, n_out);
+  const std::vector<Tile> tiles = plan_tiles(offsets, n_out, whole_rows);
   run_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];
     const scalar_t* a_rows = a + t.row0 * lda;
@@ -305,8 +316,9 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
   const int64_t n_out = gated ? N / 2 : N;
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   const bool bf16_matmul = bf16_inputs && format == WeightFormat::BFloat16 && cpu_has_bf16_matmul();
+  const int64_t whole_rows = whole_expert_min_rows(false);  // these tiles widen their weights and run the BLAS
   for (int64_t e = 0; e < E; ++e) {
-    if (!runs_whole(offsets, e)) continue;
+    if (!runs_whole(offsets, e, whole_rows)) continue;
     if (bf16_matmul) {
       const uint16_t* w_e = w + e * w_expert_stride;
       whole_expert_rows<float>(offsets[e + 1] - offsets[e], a + offsets[e] * lda, lda, N, act, out + offsets[e] * ldo,
@@ -326,7 +338,7 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
     whole_expert_gemm<float>(offsets[e + 1] - offsets[e], K, a + offsets[e] * lda, lda, wf, K, 1, N, act,
                              out + offsets[e] * ldo, ldo);
   }
-  const std::vector<Tile> tiles = plan_tiles(offsets, n_out);
+  const std::vector<Tile> tiles = plan_tiles(offsets, n_out, whole_rows);
   const bool skinny_2byte = cpu_isa() == CpuIsa::Avx512;
   run_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t i) {
     const Tile& t = tiles[i];

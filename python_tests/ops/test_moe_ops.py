@@ -357,11 +357,12 @@ def test_grouped_mm_narrower_instruction_sets(isa):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "padded"])
 def test_grouped_mm_whole_expert_path(activation, layout):
     """Experts with hundreds of rows run as one multi-threaded BLAS call each (gated: blocks of 1024 rows into a
-    buffer, then the activation); the row counts straddle the switch (384) and the 1024-row block, next to small
-    experts on the tile path. The same result on one thread (tiles only)."""
+    buffer, then the activation); the row counts straddle both switches (640 rows where the tiles run the AVX-512
+    many-rows GEMM, contiguous and padded weights; 384 for BLAS tiles, the transposed weights) and the 1024-row block,
+    next to small experts on the tile path. The same result on one thread (tiles only)."""
     gen = torch.Generator().manual_seed(29)
     K, N = 45, 38
-    counts = [383, 0, 384, 1030, 5, 700]
+    counts = [383, 0, 384, 1030, 5, 700, 639, 640]
     offsets = torch.tensor([0] + counts).cumsum(0)
     a = torch.randn(int(offsets[-1]) + 3, K, generator=gen)  # 3 trailing rows outside every expert
     dense = torch.randn(len(counts), N, K, generator=gen) / math.sqrt(K)
@@ -609,7 +610,7 @@ def test_fused_experts_larger_shapes(T, H, I, E, k):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_experts_gather_fused_into_packing(threads):
     """Experts whose gate+up tiles run the AVX-512 many-rows GEMM pack their token rows straight from x (no dense
-    gather); the others (few rows; 384+ rows run whole with 2 threads) read the gathered copy. Skewed routing gives
+    gather); the others (few rows; 640+ rows run whole with 2 threads) read the gathered copy. Skewed routing gives
     all three kinds in one call; x rows are strided with NaN between them, H is not a multiple of 16."""
     gen = torch.Generator().manual_seed(43)
     T, H, I, E, k = 900, 40, 24, 12, 2
@@ -617,7 +618,7 @@ def test_fused_experts_gather_fused_into_packing(threads):
     w_gate_up, w_down = expert_weights(E, H, I, gen=gen)
     ids = make_ids(T, E, k, "skewed", gen)
     counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
-    assert counts.max() >= 384 and bool(((counts >= 17) & (counts < 384)).any()) and counts.min() < 17
+    assert counts.max() >= 640 and bool(((counts >= 17) & (counts < 640)).any()) and counts.min() < 17
     weights = torch.rand(T, k, generator=gen)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
