@@ -35,6 +35,12 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
+// A top-k k (the columns of `name`) must lie in [1, E]; `range` says what E is, e.g. "num_experts".
+inline void check_top_k(int64_t k, int64_t E, const char* name, const char* range) {
+  TORCH_CHECK(k >= 1 && k <= E, name, " must have between 1 and ", E, " columns (top-k k in [1, ", range, "]), got k = ",
+              k);
+}
+
 // The usual checks on a floating-point operand, in the order users hit them: device, rank, dtype.
 inline void check_float_tensor(const at::Tensor& t, int64_t dim, const char* name) {
   check_cpu(t, name);

@@ -642,8 +642,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, c
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.size(1) == weights.size(1), "ids must have the shape of weights ",
               weights.sizes(), ", got ", ids.sizes());
   const int64_t k = weights.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "weights and ids must have between 1 and ", E,
-              " columns (top-k k in [1, E = w_gate_up.size(0)]), got k = ", k);
+  check_top_k(k, E, "weights and ids", "E = w_gate_up.size(0)");
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   const at::ScalarType cd = compute_dtype(x.scalar_type());
   at::Tensor out = empty_large_output({T, H}, x.options().dtype(cd));

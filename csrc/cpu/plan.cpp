@@ -38,8 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan_
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(block >= 0, "block must be >= 0, got ", block);
   at::Tensor ids_l = checked_ids(ids, num_experts, "ids");
-  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= num_experts, "ids must have between 1 and ", num_experts,
-              " columns (top-k k in [1, num_experts]), got k = ", ids.size(1));
+  check_top_k(ids.size(1), num_experts, "ids", "num_experts");
   const int64_t rows = ids_l.numel();
   auto opts = ids.options().dtype(at::kLong);
   at::Tensor counts = at::empty({num_experts}, opts), offsets = at::empty({num_experts + 1}, opts),

@@ -172,8 +172,7 @@ at::Tensor moe_aux_loss_cpu(const at::Tensor& router_probs, const at::Tensor& id
   const int64_t T = router_probs.size(0), E = router_probs.size(1);
   at::Tensor ids_l = checked_ids(ids, E, "ids");
   TORCH_CHECK(ids.size(0) == T, "ids must have ", T, " rows (one per token of router_probs), got ", ids.size(0));
-  TORCH_CHECK(ids.size(1) >= 1 && ids.size(1) <= E, "ids must have between 1 and ", E,
-              " columns (top-k k in [1, E = router_probs.size(1)]), got k = ", ids.size(1));
+  check_top_k(ids.size(1), E, "ids", "E = router_probs.size(1)");
   const at::ScalarType cd = compute_dtype(router_probs.scalar_type());
   if (T == 0 || ids_l.numel() == 0) return at::zeros({}, router_probs.options().dtype(cd));
   at::Tensor p = router_probs.to(cd).contiguous();

@@ -1018,12 +1018,15 @@ def _torch_load(path: str) -> Any:
                          % (path, str(exc).split(". ")[0].strip())) from None
 
 
-def _read_json(path: str) -> Any:
+def _read_json_object(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            loaded = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError("%s: malformed JSON (%s)" % (path, exc)) from None
+    if not isinstance(loaded, dict):
+        raise ValueError("%s: expected a JSON object, got %s" % (path, type(loaded).__name__))
+    return loaded
 
 
 def _read_openai_pt(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
@@ -1072,9 +1075,7 @@ def _hf_to_openai(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _read_transformers_dir(path: str) -> tuple[dict[str, Tensor], WhisperDims]:
     config_path = os.path.join(path, "config.json")
-    config = _read_json(config_path)
-    if not isinstance(config, dict):
-        raise ValueError("%s: expected a JSON object, got %s" % (config_path, type(config).__name__))
+    config = _read_json_object(config_path)
     sd: dict[str, Tensor] = {}
     shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if shards:
@@ -1344,9 +1345,7 @@ def _load_tokenizer(path: str, dims: WhisperDims) -> WhisperTokenizer:
     for name in ("config.json", "generation_config.json"):
         candidate = os.path.join(directory, name)
         if os.path.isdir(path) and os.path.exists(candidate):
-            loaded = _read_json(candidate)
-            if not isinstance(loaded, dict):
-                raise ValueError("%s: expected a JSON object, got %s" % (candidate, type(loaded).__name__))
+            loaded = _read_json_object(candidate)
             for key in ("suppress_ids", "suppress_ids_begin", "suppress_tokens", "begin_suppress_tokens"):
                 if loaded.get(key) is not None:
                     config[key] = loaded[key]
