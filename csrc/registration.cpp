@@ -86,5 +86,9 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // weight fits one column block.
   m.def("packed_linear_norm_(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias, Tensor ln_weight, "
         "Tensor ln_bias, float eps, Tensor(b!) normed) -> Tensor(b!)");
+  // spectrum [F, bins, 2] float32 (re, im; torch.view_as_real of an rfft), filters [n_mels, bins] -> [n_mels, F]
+  // = max(floor, filters @ (re^2 + im^2)^T): the log-mel front end's power -> mel -> floor in one pass
+  // (csrc/cpu/mel.cpp).
+  m.def("mel_power(Tensor spectrum, Tensor filters, float floor) -> Tensor");
 }
 // ---- END audio block ----

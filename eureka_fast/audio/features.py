@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..ops.mel import mel_power
 from .io import AudioError, is_array_rate_pair, load_audio
 
 __all__ = [
@@ -161,29 +162,6 @@ def _as_tensor(audio: Any) -> torch.Tensor:
     return tensor
 
 
-MEL_GROUPS = 8
-
-
-@lru_cache(maxsize=None)
-def _banded_mel_filters(n_mels: int, device: str) -> tuple:
-    """The filter bank as MEL_GROUPS dense blocks over the columns each group of filters touches.
-
-    Columns are interleaved (re, im) pairs: each filter weight is repeated for the real and the imaginary part of
-    its FFT bin, so that one GEMM over squared pairs sums |z|^2 into the mel bins. Slaney filters are narrow and
-    local (each FFT bin feeds at most two of them), so multiplying each group of consecutive filters only by the
-    columns it touches does about an eighth of the dense multiply-adds, with the exact same products and sums.
-    Returns ((mel_start, mel_stop, column_start, column_stop, weights [mel_stop - mel_start, width]), ...).
-    """
-    interleaved = mel_filters(n_mels, device).repeat_interleave(2, dim=1)
-    bounds = np.linspace(0, n_mels, MEL_GROUPS + 1).astype(int)
-    blocks = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        touched = torch.nonzero(interleaved[start:stop].abs().sum(0)).flatten()
-        first, last = (int(touched[0]), int(touched[-1]) + 1) if touched.numel() else (0, 1)
-        blocks.append((int(start), int(stop), first, last, interleaved[start:stop, first:last].contiguous()))
-    return tuple(blocks)
-
-
 def _padded_signal(waveform: torch.Tensor, length: int, pad: int) -> torch.Tensor:
     """The waveform zero-padded at the end to `length` samples, then reflect-padded by `pad` on both sides (edge
     sample not repeated, as F.pad(mode="reflect")), built in one buffer: no intermediate zero-padded copy, and
@@ -202,9 +180,8 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int, length: int | None = None) -
     its own length), last STFT frame dropped. No clamp, no scaling yet.
 
     Equal to torch.stft(center=True, reflect, periodic Hann) -> |.|^2 -> mel, computed frame-major: the frames are
-    strided views of the padded signal, the dropped last frame is never transformed, and |z|^2 summed into mel bins
-    is a GEMM over the squared (re, im) pairs against filters repeated per pair, instead of strided re*re+im*im
-    passes (which do not vectorise) followed by a second GEMM; the GEMM is banded (see _banded_mel_filters).
+    strided views of the padded signal and the dropped last frame is never transformed; |z|^2 -> mel -> floor is one
+    pass of eureka_fast.ops.mel.mel_power (the compiled kernel, or its PyTorch reference without the extension).
     """
     length = waveform.numel() if length is None else length
     if length <= N_FFT // 2 or length < waveform.numel():
@@ -215,13 +192,7 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int, length: int | None = None) -
     num_frames = length // HOP_LENGTH  # 1 + length // 160 STFT frames, minus the dropped last one
     frames = padded.unfold(0, N_FFT, HOP_LENGTH)[:num_frames]
     spectrum = torch.fft.rfft(frames * _hann_window(device), dim=-1)  # [F, 201] complex
-    squares = torch.view_as_real(spectrum)
-    squares.mul_(squares)
-    pairs = squares.view(num_frames, -1)  # [F, 402]: re^2, im^2 of bin 0, then of bin 1, ...
-    mel = torch.empty(n_mels, num_frames, dtype=pairs.dtype, device=pairs.device)
-    for start, stop, first, last, weights in _banded_mel_filters(n_mels, device):
-        torch.mm(weights, pairs[:, first:last].t(), out=mel[start:stop])
-    return mel.clamp_(min=LOG_FLOOR).log10_()
+    return mel_power(spectrum, mel_filters(n_mels, device), LOG_FLOOR).log10_()
 
 
 def _clamp_and_scale_(log_spec: torch.Tensor) -> torch.Tensor:
