@@ -220,3 +220,35 @@ def test_tuple_of_two_clips_explains_what_is_expected():
     with pytest.raises(AudioError, match=r"\(array, sample_rate\).*second item is an array of shape \(8000,\).*list"):
         log_mel((a, b))
     assert log_mel([a, b]).token_counts == [13, 7]
+
+
+def test_front_end_scratch_buffers_never_leak_into_results():
+    # the padded signal, windowed frames and spectrum live in per-thread buffers reused by every call: results must
+    # not alias them, calls in and out of inference mode must both work, and threads must not share them
+    import threading
+
+    clips = [speechlike(seconds, seed=seed) for seed, seconds in enumerate((30.0, 12.5, 30.0, 3.1))]
+    expected = [log_mel(clip, 80, mode="whisper").clone() for clip in clips]
+    first = log_mel(clips[0], 80, mode="whisper")
+    log_mel(clips[1], 80, mode="whisper")
+    torch.testing.assert_close(first, expected[0], atol=0, rtol=0)  # not overwritten by the next call
+    with torch.inference_mode():
+        torch.testing.assert_close(log_mel(clips[2], 80, mode="whisper"), expected[2], atol=0, rtol=0)
+    torch.testing.assert_close(log_mel(clips[3], 80, mode="whisper"), expected[3], atol=0, rtol=0)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = log_mel(clips[i], 80, mode="whisper")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clips))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, e in enumerate(expected):
+        torch.testing.assert_close(results[i], e, atol=0, rtol=0)
