@@ -169,10 +169,9 @@ _SCRATCH_MAX_NUMEL = 4 << 20
 
 
 def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread buffer for the front end's transients (the padded signal, the windowed frames, the spectrum),
-    reused by every call; its contents are dead once _log10_mel returns. Fresh multi-MB tensors were page-faulted
-    in on every call whenever glibc had returned the freed ones to the kernel: ~1,700 faults, ~0.45 ms of a ~2.5 ms
-    30 s log-mel on one core."""
+    """A per-thread buffer for the front end's transients (the padded signal, the windowed frames), reused by every
+    call; its contents are dead once _log10_mel returns. Fresh multi-MB tensors were page-faulted in on every call
+    whenever glibc had returned the freed ones to the kernel (~1,700 faults per 30 s call with the spectrum)."""
     numel = math.prod(shape)
     if numel > _SCRATCH_MAX_NUMEL:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -218,8 +217,8 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int, length: int | None = None) -
     num_frames = length // HOP_LENGTH  # 1 + length // 160 STFT frames, minus the dropped last one
     frames = padded.unfold(0, N_FFT, HOP_LENGTH)[:num_frames]
     windowed = torch.mul(frames, _hann_window(device), out=_scratch("windowed", (num_frames, N_FFT), dtype, where))
-    spectrum = torch.fft.rfft(windowed, dim=-1, out=_scratch("spectrum", (num_frames, N_FFT // 2 + 1),
-                                                              torch.complex64, where))  # [F, 201]
+    # not rfft(out=): that computes into a fresh tensor and copies it over (a 4.8 MB copy per 30 s)
+    spectrum = torch.fft.rfft(windowed, dim=-1)  # [F, 201] complex
     return mel_power(spectrum, mel_filters(n_mels, device), LOG_FLOOR).log10_()
 
 
