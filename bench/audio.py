@@ -44,9 +44,10 @@ def _threads_in_argv(argv: list[str]) -> str | None:
 # numpy's OpenBLAS (the plain numpy front end) gets the thread count torch gets: its idle workers spin after each
 # call, and this process's CPU time charged that spinning to whatever ran next (our log_mel measured 9.4 ms of CPU
 # time for 5.4 ms of work right after the numpy contender). Set before numpy loads; an explicit setting wins.
-if _threads_in_argv(sys.argv[1:]) is not None:
+_THREADS = _threads_in_argv(sys.argv[1:])
+if _THREADS is not None:
     for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_name, _threads_in_argv(sys.argv[1:]))
+        os.environ.setdefault(_name, _THREADS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -291,9 +292,10 @@ def bench_encoder(size: str, rounds: int, threads: int, workdir: str) -> list[st
                     zip(ours_rounds, per_round["rate: square GEMM"], per_round["rate: fc1 GEMM"]))
     paired_span = sorted(t / (flops / (span_flops / (sp * 1e-3)) * 1e3) for t, sp in
                          zip(ours_rounds, per_round["rate: square GEMM span"]))
-    lines += ["", "Same-span roofline (%d square GEMMs timed as one call, as long as a forward): GEMM rate %.0f GFLOP/s, "
-              "roofline %.1f ms, ours %.2fx of it." % (span_repeats(dims), span_rate / 1e9, flops / span_rate * 1e3,
-                                                       ours_cpu / (flops / span_rate * 1e3)),
+    span_roofline = flops / span_rate * 1e3
+    lines += ["", "Same-span roofline (%d square GEMMs timed as one call, as long as a forward): GEMM rate %.0f "
+              "GFLOP/s, roofline %.1f ms, ours %.2fx of it." % (span_repeats(dims), span_rate / 1e9, span_roofline,
+                                                              ours_cpu / span_roofline),
               "Ours / roofline round by round (each round's forward over that round's probes), %d rounds: single-call "
               "roofline min %.2f, median %.2f, max %.2f; same-span roofline min %.2f, median %.2f, max %.2f."
               % (len(paired), paired[0], paired[len(paired) // 2], paired[-1], paired_span[0],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..ops.mel import mel_power
+from ..ops.scratch import scratch
 from .io import AudioError, is_array_rate_pair, load_audio
 
 __all__ = [
@@ -163,25 +163,9 @@ def _as_tensor(audio: Any) -> torch.Tensor:
     return tensor
 
 
-_SCRATCH = threading.local()
-# Per buffer: 4 M elements is the windowed frames of ~80 s of audio; longer clips allocate their own.
-_SCRATCH_MAX_NUMEL = 4 << 20
-
-
-def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread buffer for the front end's transients (the padded signal, the windowed frames), reused by every
-    call; its contents are dead once _log10_mel returns. Fresh multi-MB tensors were page-faulted in on every call
-    whenever glibc had returned the freed ones to the kernel (~1,700 faults per 30 s call with the spectrum)."""
-    numel = math.prod(shape)
-    if numel > _SCRATCH_MAX_NUMEL:
-        return torch.empty(shape, dtype=dtype, device=device)
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
-    key = (name, dtype, str(device))
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
-            pool[key] = buf = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
+# Per front-end buffer (eureka_fast.ops.scratch): 16 MB holds the windowed frames of ~80 s of audio; longer clips
+# allocate their own.
+_SCRATCH_MAX_BYTES = 16 << 20
 
 
 def _padded_signal(waveform: torch.Tensor, length: int, pad: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,11 +196,12 @@ def _log10_mel(waveform: torch.Tensor, n_mels: int, length: int | None = None) -
         raise AudioError("<array>: cannot take a 400-point STFT with reflect padding of %d samples padded to %d"
                          % (waveform.numel(), length))
     device = str(waveform.device)
-    dtype, where = waveform.dtype, waveform.device
-    padded = _padded_signal(waveform, length, N_FFT // 2, out=_scratch("padded", (length + N_FFT,), dtype, where))
     num_frames = length // HOP_LENGTH  # 1 + length // 160 STFT frames, minus the dropped last one
+    padded_buf, windowed_buf = (scratch("log_mel." + name, shape, waveform.dtype, waveform.device, _SCRATCH_MAX_BYTES)
+                                for name, shape in (("padded", (length + N_FFT,)), ("windowed", (num_frames, N_FFT))))
+    padded = _padded_signal(waveform, length, N_FFT // 2, out=padded_buf)
     frames = padded.unfold(0, N_FFT, HOP_LENGTH)[:num_frames]
-    windowed = torch.mul(frames, _hann_window(device), out=_scratch("windowed", (num_frames, N_FFT), dtype, where))
+    windowed = torch.mul(frames, _hann_window(device), out=windowed_buf)
     # not rfft(out=): that computes into a fresh tensor and copies it over (a 4.8 MB copy per 30 s)
     spectrum = torch.fft.rfft(windowed, dim=-1)  # [F, 201] complex
     return mel_power(spectrum, mel_filters(n_mels, device), LOG_FLOOR).log10_()

@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import attention as attention_op
+from ..ops.scratch import scratch
 
 __all__ = [
     "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "sinusoids", "load_whisper_encoder",
@@ -156,25 +156,14 @@ class FusedSelfAttention(nn.Module):
         return self.merge_heads(attended)
 
 
-_SCRATCH = threading.local()
 _SCRATCH_MAX_BYTES = 64 << 20  # per thread and name; larger requests are plain allocations
 
 
 def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
-    """A per-thread buffer reused by every encoder layer and call (its contents are dead once the layer returns).
-    The encoder's large transients (qkv [T, 3d], MLP hidden [T, 4d]: 16 MB at tiny for one window) would
-    otherwise be fresh allocations, and glibc hands blocks that large back to the kernel often enough that a tiny
-    forward refaulted ~6000 pages (~3 ms)."""
-    numel = math.prod(shape)
-    if numel * like.element_size() > _SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
-    key = (name, like.dtype, like.device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
-            pool[key] = buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
+    """A per-thread buffer (eureka_fast.ops.scratch) reused by every encoder layer and call: its contents are dead
+    once the layer returns. For the encoder's large transients (qkv [T, 3d], MLP hidden [T, 4d]: 16 MB at tiny for
+    one window)."""
+    return scratch("encoder." + name, shape, like.dtype, like.device, _SCRATCH_MAX_BYTES)
 
 
 def _has_cpu_kernel(name: str, x: Tensor) -> bool:
