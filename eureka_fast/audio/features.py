@@ -223,19 +223,26 @@ def _eureka_clip(waveform: torch.Tensor, n_mels: int) -> tuple[torch.Tensor, int
     return _clamp_and_scale_(_log10_mel(waveform, n_mels, tokens * SAMPLES_PER_TOKEN)), tokens
 
 
-def _window(frames: torch.Tensor) -> torch.Tensor:
-    """[n_mels, F] -> [ceil(F / 3000), n_mels, 3000], the tail padded with PAD_VALUE."""
+def _window_count(total_frames: int) -> int:
+    return max(1, -(-total_frames // FRAMES_PER_WINDOW))
+
+
+def _window(frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_mels, F] -> [ceil(F / 3000), n_mels, 3000], the tail padded with PAD_VALUE, written into `out` when given
+    (a batch's preallocated windows): each element is written once, no full() of the whole tensor first."""
     n_mels, total = frames.shape
-    windows = max(1, -(-total // FRAMES_PER_WINDOW))
-    out = torch.full((windows, n_mels, FRAMES_PER_WINDOW), PAD_VALUE, dtype=frames.dtype, device=frames.device)
+    windows = _window_count(total)
+    if out is None:
+        out = torch.empty((windows, n_mels, FRAMES_PER_WINDOW), dtype=frames.dtype, device=frames.device)
     # Window w holds frames [3000 w, 3000 (w + 1)): write them through a [n_mels, W, 3000] view of `out`.
     flat = out.transpose(0, 1)  # [n_mels, W, 3000], a view
     full = total // FRAMES_PER_WINDOW
     if full:
         flat[:, :full] = frames[:, :full * FRAMES_PER_WINDOW].reshape(n_mels, full, FRAMES_PER_WINDOW)
     rest = total - full * FRAMES_PER_WINDOW
-    if rest:
+    if full < windows:  # a last, partial window
         flat[:, full, :rest] = frames[:, full * FRAMES_PER_WINDOW:]
+        flat[:, full, rest:] = PAD_VALUE
     return out
 
 
@@ -252,8 +259,9 @@ class EurekaFeatures:
         return sum(self.token_counts)
 
 
-def _eureka_request(clips: Sequence[Any], n_mels: int, where: str = "") -> EurekaFeatures:
-    """Features of one request's clips; `where` prefixes error messages (e.g. "requests[3] " in a batch)."""
+def _eureka_frames(clips: Sequence[Any], n_mels: int, where: str = "") -> tuple[torch.Tensor, list[int]]:
+    """One request's clips -> (their log-mels concatenated in time [n_mels, F], tokens per clip); `where` prefixes
+    error messages (e.g. "requests[3] " in a batch)."""
     if len(clips) == 0:
         raise AudioError("<request>: no audio clips given")
     per_clip = []
@@ -268,7 +276,12 @@ def _eureka_request(clips: Sequence[Any], n_mels: int, where: str = "") -> Eurek
             raise AudioError("%sclips[%d] (of %d): %s" % (where, index, len(clips), exc)) from exc
         per_clip.append(features)
         counts.append(tokens)
-    frames = per_clip[0] if len(per_clip) == 1 else torch.cat(per_clip, dim=1)
+    return (per_clip[0] if len(per_clip) == 1 else torch.cat(per_clip, dim=1)), counts
+
+
+def _eureka_request(clips: Sequence[Any], n_mels: int, where: str = "") -> EurekaFeatures:
+    """Features of one request's clips; `where` prefixes error messages (e.g. "requests[3] " in a batch)."""
+    frames, counts = _eureka_frames(clips, n_mels, where)
     return EurekaFeatures(windows=_window(frames), token_counts=counts, num_frames=frames.shape[1])
 
 
@@ -303,16 +316,23 @@ def eureka_features_batch(requests: Sequence[Sequence[Any]], n_mels: int = 80):
     Returns (windows [sum W, n_mels, 3000], windows_per_request list[int], token_counts list[list[int]]).
     """
     _check_n_mels(n_mels)
-    windows, per_request, counts = [], [], []
+    frames, counts = [], []
     with torch.no_grad():
         for index, request in enumerate(requests):
             # A request is a list (or tuple) of clips, or one clip: an array, a path, bytes or an (array, rate) pair.
             clips = request if isinstance(request, (list, tuple)) and not is_array_rate_pair(request) else [request]
-            feats = _eureka_request(list(clips), n_mels, where="requests[%d] " % index if len(requests) > 1 else "")
-            windows.append(feats.windows)
-            per_request.append(feats.windows.shape[0])
-            counts.append(feats.token_counts)
-    if not windows:
-        return torch.empty(0, n_mels, FRAMES_PER_WINDOW), [], []
-    return torch.cat(windows, dim=0), per_request, counts
+            request_frames, request_counts = _eureka_frames(list(clips), n_mels,
+                                                            where="requests[%d] " % index if len(requests) > 1 else "")
+            frames.append(request_frames)
+            counts.append(request_counts)
+        per_request = [_window_count(f.shape[1]) for f in frames]
+        # The batch's windows are allocated once and each request writes its own: per-request window tensors
+        # concatenated at the end cost a full() and a cat over all of them (32 requests of 5 s at 128 mels: 70 of
+        # 108 ms).
+        windows = torch.empty((sum(per_request), n_mels, FRAMES_PER_WINDOW))
+        start = 0
+        for request_frames, count in zip(frames, per_request):
+            _window(request_frames, out=windows[start:start + count])
+            start += count
+    return windows, per_request, counts
 

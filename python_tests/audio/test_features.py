@@ -137,15 +137,21 @@ def test_request_spanning_windows_concatenates_in_time():
 
 
 def test_batch_of_requests():
-    requests = [[speechlike(3.0, seed=1)], [speechlike(31.0, seed=2), speechlike(0.5, seed=3)], [speechlike(1.0)]]
+    # the last request is exactly one window long (375 tokens = 3000 frames): no padding window after it
+    requests = [[speechlike(3.0, seed=1)], [speechlike(31.0, seed=2), speechlike(0.5, seed=3)], [speechlike(1.0)],
+                [speechlike(30.0, seed=4)]]
     windows, per_request, counts = eureka_features_batch(requests, 128)
-    assert per_request == [1, 2, 1]
-    assert counts == [[38], [388, 7], [13]]
-    assert windows.shape == (4, 128, FRAMES_PER_WINDOW)
+    assert per_request == [1, 2, 1, 1]
+    assert counts == [[38], [388, 7], [13], [375]]
+    assert windows.shape == (5, 128, FRAMES_PER_WINDOW)
     start = 0
     for request, n in zip(requests, per_request):
         torch.testing.assert_close(windows[start:start + n], log_mel(request, 128).windows, atol=0, rtol=0)
         start += n
+    # every frame past a request's own is the pad value, and none before it is
+    assert torch.all(windows[0, :, 8 * 38:] == PAD_VALUE) and not torch.any(windows[0, :, :8 * 38] == PAD_VALUE)
+    assert torch.all(windows[2, :, 8 * 395 - FRAMES_PER_WINDOW:] == PAD_VALUE)
+    assert not torch.any(windows[4] == PAD_VALUE)
 
 
 def test_paths_are_loaded(tmp_path):
