@@ -324,8 +324,9 @@ def bench_stack_norm_project(rounds: int) -> list[str]:
         preset = downsample_preset("eureka", d, out, generator=torch.Generator().manual_seed(0))
         x = torch.randn(len(frames), max(frames), d, generator=torch.Generator().manual_seed(1))
         lengths = torch.tensor(frames)
-        x *= (torch.arange(max(frames)) < lengths[:, None]).unsqueeze(-1)  # padding frames are zero (masked encoder
-        # output): the op reads none of them, while the eager chain's last window of a clip would include them
+        # padding frames are zero (masked encoder output): the op reads none of them, while the eager chain's last
+        # window of a clip would include them
+        x *= (torch.arange(max(frames)) < lengths[:, None]).unsqueeze(-1)
         ragged = len(set(frames)) > 1
         ours_name = "ops.stack_norm_project (%s), %s" % (ops.backend(), label)
         contenders = {

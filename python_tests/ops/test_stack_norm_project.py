@@ -221,14 +221,20 @@ def random_preset(name, D, gen):
     return preset
 
 
+def preset_case(name, seed, B, T, D):
+    """(generator, random preset, its published module, the module's parameter names, frames [B, T, D]), all drawn
+    in that order from one generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    preset = random_preset(name, D, gen)
+    module, names = published_module(name, preset, D)
+    return gen, preset, module, names, torch.randn(B, T, D, generator=gen)
+
+
 @pytest.mark.parametrize("T", [24, 29, 5])  # a multiple of 8, a multiple of neither 2, 4 nor 8, shorter than one k
 @pytest.mark.parametrize("name", sorted(DOWNSAMPLE_PRESETS))
 def test_preset_matches_published_module(name, T):
-    gen = torch.Generator().manual_seed(12 + T)
-    D = 6
-    preset = random_preset(name, D, gen)
-    module, _ = published_module(name, preset, D)
-    x = torch.randn(2, T, D, generator=gen) * 0.05  # small frames: a wrong norm epsilon shows
+    _, preset, module, _, x = preset_case(name, 12 + T, 2, T, 6)
+    x = x * 0.05  # small frames: a wrong norm epsilon shows
     out = ops.stack_norm_project(x, **preset)
     k = preset["k"]
     assert out.shape[:2] == (2, math.ceil(T / k))
@@ -245,12 +251,8 @@ def test_preset_matches_published_module(name, T):
 
 @pytest.mark.parametrize("name", sorted(DOWNSAMPLE_PRESETS))
 def test_preset_ragged_lengths(name):
-    gen = torch.Generator().manual_seed(13)
-    D, T = 6, 27
-    preset = random_preset(name, D, gen)
-    module, _ = published_module(name, preset, D)
+    _, preset, module, _, x = preset_case(name, 13, 4, 27, 6)
     lengths = torch.tensor([27, 13, 1, 0])
-    x = torch.randn(4, T, D, generator=gen)
     for b, n in enumerate(lengths.tolist()):
         x[b, n:] = 1e3  # padding frames: must not leak into any row
     out = ops.stack_norm_project(x, lengths=lengths, **preset)
@@ -295,12 +297,8 @@ def test_stacking_preset_equals_conv1d(name):
 
 @pytest.mark.parametrize("name", sorted(DOWNSAMPLE_PRESETS))
 def test_preset_gradients_match_published_module(name):
-    gen = torch.Generator().manual_seed(17)
-    D, T = 5, 19
-    preset = random_preset(name, D, gen)
-    module, names = published_module(name, preset, D)
+    gen, preset, module, names, x = preset_case(name, 17, 2, 19, 5)
     keys = sorted(names)
-    x = torch.randn(2, T, D, generator=gen)
     leaves = [x.clone().requires_grad_()] + [preset[key].clone().requires_grad_() for key in keys]
     out = ops.stack_norm_project(leaves[0], **dict(preset, **dict(zip(keys, leaves[1:]))))
     upstream = torch.randn(out.shape, generator=gen)
