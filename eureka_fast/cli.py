@@ -46,7 +46,12 @@ class MissingDependency(CommandError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, re-raised by a command after it saved its work; the message says what was kept."""
+    """Ctrl-C or SIGTERM, re-raised by a command after it saved its work; the message says what was kept.
+    signum: the signal, when the command's own handler caught it."""
+
+    def __init__(self, message: str = "", signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def require(needs, command: str | None = None) -> None:
@@ -152,10 +157,10 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
-        signum = _received_signal[-1] if _received_signal else signal.SIGINT
+        signum = getattr(exc, "signum", None) or (_received_signal[-1] if _received_signal else signal.SIGINT)
         if debug:
             raise
-        detail = describe_error(exc) if str(exc) else ""
+        detail = " ".join(str(exc).split())
         what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         print(f"\n{name}: {what}" + (f"; {detail}" if detail else ""), file=sys.stderr)
         return EXIT_INTERRUPTED.get(signum, 130)

@@ -9,6 +9,8 @@ import time
 
 import yaml
 
+from ..cli import Interrupted
+
 DEFAULT_CONFIG = {
     "pipeline": {"rounds": 3, "questions_per_category": 5, "shard_size": 200, "executor": "local", "workers": 2,
                  "seed": 0, "taxonomy": None, "categories": None, "ray_address": None, "ray_num_cpus": None,
@@ -52,7 +54,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
     return cfg
 
 
-class RunInterrupted(KeyboardInterrupt):
+class RunInterrupted(Interrupted):
     """Ctrl-C or SIGTERM stopped a run after its finished clips were committed; the message says how to resume."""
 
 
