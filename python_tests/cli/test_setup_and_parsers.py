@@ -121,3 +121,32 @@ def test_ffmpeg_from_the_wheel_decodes_what_libsndfile_cannot(tmp_path, monkeypa
     n = min(len(audio), len(reference)) - 4000
     spectrum = np.abs(np.fft.rfft(audio[2000:2000 + n]))
     assert abs(np.argmax(spectrum) * 16000 / n - 440) < 5  # the tone survived the lossy round trip
+
+
+def test_espeak_stand_in_speaks_like_the_program(monkeypatch):
+    """The wheel's library through the stand-in command: a WAV like the program's (the default and m3 voices have
+    no flutter or breath, whose data differ between espeak-ng releases, so these come out the same)."""
+    pytest.importorskip("espeakng_loader")
+    import io
+
+    import numpy as np
+    import soundfile
+
+    from eureka_fast.dataflux import espeak
+
+    args = ["-v", "en-us+m3", "-p", "40", "-s", "135", "--stdout", "The quick brown fox jumps over the lazy dog."]
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    stand_in = espeak.command()
+    assert stand_in[0] == sys.executable
+    ours, rate = soundfile.read(io.BytesIO(subprocess.run(stand_in + args, capture_output=True, check=True,
+                                                          timeout=60).stdout), dtype="float32")
+    assert rate == 22050 and 2.0 < len(ours) / rate < 5.0
+    monkeypatch.undo()
+    program = shutil.which("espeak-ng")
+    if program is None or os.environ.get("EUREKA_ESPEAK_STAND_IN"):
+        pytest.skip("no espeak-ng program to compare with")
+    theirs, _ = soundfile.read(io.BytesIO(subprocess.run([program] + args, capture_output=True, check=True,
+                                                         timeout=60).stdout), dtype="float32")
+    assert abs(len(ours) - len(theirs)) <= 0.01 * len(theirs)
+    n = min(len(ours), len(theirs))
+    assert np.corrcoef(ours[:n], theirs[:n])[0, 1] > 0.99
