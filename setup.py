@@ -40,7 +40,7 @@ def _extension():
     if os.environ.get("EUREKA_FAST_ASAN") == "1":
         cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g"]
     if _want_cuda():
-        # --- CUDA branch (owned by the CUDA kernels work, csrc/cuda/) ---
+        # --- CUDA branch (csrc/cuda/) ---
         # torch >= 2.14 headers need C++20 (nvcc 12.x/13.x and g++ >= 10 accept it; older torch builds fine too).
         cxx_flags = [f for f in cxx_flags if not f.startswith("-std=")] + ["-std=c++20"]
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

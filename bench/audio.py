@@ -1,4 +1,4 @@
-"""Audio front end and Whisper encoder benchmarks (issue 4).
+"""Audio front end and Whisper encoder benchmarks.
 
     python bench/audio.py [--quick] [--threads N] [--sizes tiny,base] [--markdown out.md]
 
@@ -42,8 +42,8 @@ def _threads_in_argv(argv: list[str]) -> str | None:
 
 
 # numpy's OpenBLAS (the plain numpy front end) gets the thread count torch gets: its idle workers spin after each
-# call, and this process's CPU time charged that spinning to whatever ran next (our log_mel measured 9.4 ms of CPU
-# time for 5.4 ms of work right after the numpy contender). Set before numpy loads; an explicit setting wins.
+# call, and this process's CPU time would charge that spinning to whatever runs next. Set before numpy loads; an
+# explicit setting wins.
 _THREADS = _threads_in_argv(sys.argv[1:])
 if _THREADS is not None:
     for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -142,8 +142,8 @@ def gemm_probes(dims: WhisperDims) -> dict:
     same round-robin as the encoders, so the rate and the encoder times see the same machine load.
 
     The span probe times span_repeats() square GEMMs as one call, as long as an encoder forward: on this shared
-    host bursts of other tenants' load come every few seconds, so the best of a few 20-100 ms calls dodges them
-    more often than the best of a few 600 ms forwards does; the span rate sees them as often as the encoder."""
+    host bursts of other tenants' load come every few seconds, so the best of a few short GEMM calls dodges them
+    more often than the best of a few whole forwards does; the span rate sees them as often as the encoder."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x, w = torch.randn(1500, dims.n_audio_state), torch.randn(4 * dims.n_audio_state, dims.n_audio_state)
     repeats = span_repeats(dims)

@@ -4,9 +4,9 @@ FLOPs of the valid rows / the fp32 GEMM rate measured in the same run). Records 
 section).
 
 Full-length batches are GEMM-bound: the Eureka preset's Linear(5120 -> 2048) is over 90% of the eager chain's time,
-so the eager chain already runs within ~1.1x of the roofline and no kernel can be 1.5x faster than it there; the
-fused op's gains come from ragged batches (padding rows are never normalised or projected) and from the passes it
-saves around the GEMM (stack + norm in one cache-resident pass, no masking pass).
+so the eager chain already runs close to the roofline there (bench/RESULTS.md); the fused op's gains come from
+ragged batches (padding rows are never normalised or projected) and from the passes it saves around the GEMM
+(stack + norm in one cache-resident pass, no masking pass).
 
     python bench/downsample.py [--repeats 3] [--no-record]
 """

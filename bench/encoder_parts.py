@@ -1,4 +1,4 @@
-"""Per-part CPU time of the Whisper encoder's inference path, one 30 s window, 1 thread (issue 4 profiling).
+"""Per-part CPU time of the Whisper encoder's inference path, one 30 s window, 1 thread.
 
     python bench/encoder_parts.py [--size tiny|base] [--rounds N]
 

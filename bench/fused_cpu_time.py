@@ -2,7 +2,7 @@
 bench/moe.py, seed 0): best of --calls per shape, printed as one JSON line. Used to compare two builds (PYTHONPATH
 picks the build) in alternating processes on a shared machine:
 
-    for i in 1 2 3; do for p in /work/main /work/wt-gemm; do PYTHONPATH=$p python bench/fused_cpu_time.py; done; done
+    for i in 1 2 3; do for p in ../tree-a ../tree-b; do PYTHONPATH=$p python bench/fused_cpu_time.py; done; done
 """
 import argparse
 import json

@@ -220,7 +220,7 @@ def results_section(res: dict) -> str:
         status += (f" (Encoder outputs of {cache['disk_hits']} windows were read from a disk feature cache, so these "
                    "times leave out the encoder.)")
     return f"""{BEGIN}
-## Learning proof (`bench/learn.py`, issue 6)
+## Learning proof (`bench/learn.py`)
 
 Task: espeak-ng spoken digit strings, 3-6 digits read one by one, {a['train']} training / {a['heldout']} held-out
 clips. The held-out digit strings never occur in training (drawn first, excluded from the training draw); voice,
@@ -400,7 +400,8 @@ def main(argv=None) -> int:
     final = evaluator.curve[-1]
     reached = next((c["elapsed_s"] for c in evaluator.curve if c["exact_match"] >= 0.9), None)
     res = {
-        "args": vars(args), "params": params, "data_s": data_s, "build_s": build_s,
+        # the output directory relative to the repository, so the recorded results name no machine's paths
+        "args": {**vars(args), "out": os.path.relpath(args.out, os.path.dirname(HERE))}, "params": params, "data_s": data_s, "build_s": build_s,
         "align_s": runs["align"]["seconds"], "sft_s": runs["sft"]["seconds"], "train_total_s": train_total_s,
         "align_cpu_s": runs["align"]["cpu_seconds"], "sft_cpu_s": runs["sft"]["cpu_seconds"],
         "train_total_cpu_s": train_total_cpu_s,

@@ -45,7 +45,7 @@ def build(name: str, device, dtype):
     if name == "tiny":
         config = EurekaAudioConfig.preset("tiny")
     elif name == "eureka-1.7b-2L":
-        # the real widths (Whisper-large-v3 encoder, Qwen3-1.7B LLM, SPEC adapter) with 2 layers each
+        # the real widths (Whisper-large-v3 encoder, Qwen3-1.7B LLM, default adapter) with 2 layers each
         config = EurekaAudioConfig.preset("eureka-1.7b", audio_config={"n_audio_layer": 2},
                                           text_config={"num_hidden_layers": 2})
     else:

@@ -1,8 +1,9 @@
 """Eureka-Audio inference: the ``EurekaAudio`` API and the ``eureka-audio infer`` subcommand.
 
-Decoding defaults are the official wrapper's (SPEC 1): sampling, temperature 0.7, top_p 0.8, top_k 20, repetition
-penalty 1.05, 512 new tokens; the official CLI decodes greedily (``greedy=True`` / ``--greedy``) with the same
-repetition penalty. Unlike the official wrapper (batch size 1), ``generate`` takes many conversations at once.
+Decoding defaults are the official wrapper's (docs/model.md#decoding-defaults): sampling, temperature 0.7, top_p 0.8,
+top_k 20, repetition penalty 1.05, 512 new tokens; the official CLI decodes greedily (``greedy=True`` /
+``--greedy``) with the same repetition penalty. Unlike the official wrapper (batch size 1), ``generate`` takes many
+conversations at once.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audio input and the Eureka-Audio / Whisper log-mel front end (see docs/INTERFACES.md, SPEC.md section 1)."""
+"""Audio input and the Eureka-Audio / Whisper log-mel front end (rules: docs/audio.md#front-end-rules)."""
 
 from .features import (
     FRAMES_PER_TOKEN,

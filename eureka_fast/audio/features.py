@@ -326,9 +326,8 @@ def eureka_features_batch(requests: Sequence[Sequence[Any]], n_mels: int = 80):
             frames.append(request_frames)
             counts.append(request_counts)
         per_request = [_window_count(f.shape[1]) for f in frames]
-        # The batch's windows are allocated once and each request writes its own: per-request window tensors
-        # concatenated at the end cost a full() and a cat over all of them (32 requests of 5 s at 128 mels: 70 of
-        # 108 ms).
+        # The batch's windows are allocated once and each request writes its own, instead of a full() per request
+        # and a cat over all of them (bench/RESULTS.md, audio history).
         windows = torch.empty((sum(per_request), n_mels, FRAMES_PER_WINDOW))
         start = 0
         for request_frames, count in zip(frames, per_request):

@@ -1,7 +1,7 @@
-"""DataFlux: the closed-loop pipeline that turns raw audio into verified instruction data (SPEC.md section 3).
+"""DataFlux: the closed-loop pipeline that turns raw audio into verified instruction data (docs/dataflux.md).
 
 caption -> query generation from a taxonomy -> two answerers -> judge -> regenerate failures (up to N rounds) ->
-sharded JSONL training records (INTERFACES.md conversation format) + rejected/ + stats.
+sharded JSONL training records (docs/INTERFACES.md conversation format) + rejected/ + stats.
 
 Entry points: `eureka-audio dataflux run|resume|stats` (cli.py) or `run_dataflux(audio_dir, out, load_config(path))`.
 Heavy optional packages (parselmouth, webrtcvad, aiohttp, ray, ASR) are imported only when a role needs them.

@@ -128,7 +128,7 @@ class EurekaAudioConfig(PreTrainedConfig):
     def preset(cls, name: str, **overrides) -> "EurekaAudioConfig":
         """"tiny": Whisper-tiny dims (80 mels, 4 layers, 384) + 2-layer Qwen3 of width 64 + a small adapter, sized for
         the GPT-2 vocabulary of ``EurekaAudioProcessor.preset("tiny")``.
-        "eureka-1.7b": Whisper-large-v3 dims + Qwen3-1.7B dims + the SPEC adapter defaults.
+        "eureka-1.7b": Whisper-large-v3 dims + Qwen3-1.7B dims + our adapter defaults (docs/model.md#the-adapter).
         ``overrides`` replace top-level fields; pass ``text_config={...}`` etc. as dicts to change sub-fields
         (they are merged into the preset's dicts)."""
         if name not in _PRESETS:

@@ -159,8 +159,8 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
         self.language_model.requires_grad_(not frozen)
 
     def set_training_stage(self, stage: str) -> int:
-        """SPEC 2: "align" trains only the adapter (encoder and LLM frozen); "joint" and "sft" train everything.
-        Returns the number of trainable parameters."""
+        """Training stages (docs/training.md#stages): "align" trains only the adapter (encoder and LLM frozen);
+        "joint" and "sft" train everything. Returns the number of trainable parameters."""
         if stage not in TRAINING_STAGES:
             raise ValueError(f"unknown training stage {stage!r}; choose from {TRAINING_STAGES}")
         frozen_backbones = stage == "align"

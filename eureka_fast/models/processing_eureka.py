@@ -1,6 +1,6 @@
 """EurekaAudioProcessor: conversations (official OpenAI-like message format) -> model inputs, and ids -> text.
 
-Prompt format (SPEC 1): ChatML of the Qwen3-Omni template with thinking disabled,
+Prompt format (docs/model.md#prompt-format): ChatML of the Qwen3-Omni template with thinking disabled,
 
     <|im_start|>system\\n{text}<|im_end|>\\n
     <|im_start|>user\\n{text and audio items, concatenated}<|im_end|>\\n

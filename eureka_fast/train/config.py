@@ -1,7 +1,7 @@
 """Training configuration: a YAML file plus `--set a.b=value` overrides, validated into dataclasses.
 
-Defaults follow SPEC.md section 2 where it says something (AdamW betas 0.9/0.95, warmup-stable-decay, lambda 0.01
-for the load-balancing loss); everything else is our choice and is configurable.
+Defaults follow the paper's recipe where it says something (docs/training.md: AdamW betas 0.9/0.95,
+warmup-stable-decay, lambda 0.01 for the load-balancing loss); everything else is our choice and is configurable.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Scoring: corpus WER with Whisper's English normaliser, multiple-choice answer extraction, exact match.
 
-Conventions (SPEC.md section 4): hypothesis and reference both go through `EnglishTextNormalizer`; corpus WER is
-the total word edit distance divided by the total number of reference words (not a mean of per-utterance WERs).
+Conventions (docs/training.md#evaluation): hypothesis and reference both go through `EnglishTextNormalizer`; corpus
+WER is the total word edit distance divided by the total number of reference words (not a mean of per-utterance
+WERs).
 """
 from __future__ import annotations
 

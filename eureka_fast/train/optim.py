@@ -7,7 +7,7 @@ import torch
 
 from .config import OptimConfig
 
-# Which top-level modules of EurekaAudioForCausalLM train in each stage (SPEC.md section 2).
+# Which top-level modules of EurekaAudioForCausalLM train in each stage (docs/training.md#stages).
 STAGE_TRAINABLE = {
     "align": ("adapter",),  # encoder and LLM frozen, only the adapter learns
     "joint": None,  # everything

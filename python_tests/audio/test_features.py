@@ -30,7 +30,7 @@ def whisper_npz(n_mels):
 
 
 def numpy_official_front_end(audio, n_mels):
-    """The SPEC.md recipe for ONE clip written with numpy only (independent of torch.stft)."""
+    """The front-end rules of docs/audio.md for ONE clip written with numpy only (independent of torch.stft)."""
     padded = np.pad(audio.astype(np.float64), (0, (-len(audio)) % SAMPLES_PER_TOKEN))
     framed_source = np.pad(padded, (200, 200), mode="reflect")
     n_frames = 1 + (len(framed_source) - 400) // 160

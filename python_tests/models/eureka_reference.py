@@ -1,5 +1,5 @@
-"""An independent, loop-based re-statement of the Eureka-Audio adapter and audio merge (SPEC 1, paper Eq. 1/3),
-written from the equations with plain torch ops: no eureka_fast.ops, no batching tricks."""
+"""An independent, loop-based re-statement of the Eureka-Audio adapter and audio merge (docs/model.md#the-adapter,
+paper Eq. 1/3), written from the equations with plain torch ops: no eureka_fast.ops, no batching tricks."""
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,7 @@
 """fused_experts with bf16 activations and bf16 weights: the all-bf16 CPU path (csrc/cpu/fused_experts_bf16.cpp,
 taken on CPUs with bf16 matmul instructions when some expert has more rows than the weight-streaming kernel
 handles) against a float64 computation and the pure-PyTorch reference at bf16 tolerance, the float path
-(EUREKA_FAST_BF16_EXPERTS=0, in a subprocess), and the edge cases of docs/KERNELS.md. On CPUs without bf16 matmuls
+(EUREKA_FAST_BF16_EXPERTS=0, in a subprocess), and the edge cases of docs/ops.md. On CPUs without bf16 matmuls
 the same tests check the float path."""
 import math
 import os
@@ -37,7 +37,7 @@ def make_ids(T, E, k, routing, gen):
 
 
 def layer(T, H, I, E, k, routing="uniform", seed=0):
-    """bf16 inputs of O(0.1..1) (KERNELS.md), fp32 routing weights summing to one per token."""
+    """bf16 inputs of O(0.1..1) (docs/ops.md), fp32 routing weights summing to one per token."""
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(T, H, generator=gen) * 0.5).to(torch.bfloat16)
     w_gate_up = (torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)).to(torch.bfloat16)

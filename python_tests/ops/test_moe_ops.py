@@ -1,5 +1,5 @@
 """The MoE ops against the pure-PyTorch references (and, for fused_experts, a second dense reference and the real
-transformers expert modules) over the case matrix of docs/KERNELS.md."""
+transformers expert modules) over the case matrix of docs/ops.md#how-the-ops-are-tested."""
 import math
 
 import pytest
@@ -578,7 +578,7 @@ def test_fused_experts_case_matrix(E, k, T, routing):
 @pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])
 def test_fused_experts_case_matrix_bf16(E, k, T, routing):
     """The fp32 case matrix's shapes with bf16 activations and weights (fp32 routing weights), against the float64
-    dense reference on the same bf16 values at bf16 tolerance (KERNELS.md: inputs of O(0.1..1), atol 2e-2). Takes
+    dense reference on the same bf16 values at bf16 tolerance (docs/ops.md: inputs of O(0.1..1), atol 2e-2). Takes
     the all-bf16 path where it applies (experts past the few-rows kernel, bf16 matmul hardware), the float path
     otherwise."""
     gen = torch.Generator().manual_seed(E * 31 + k * 7 + T + 1)

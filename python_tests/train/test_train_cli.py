@@ -34,7 +34,7 @@ def test_bundled_configs_load(name):
     assert cfg.train.stage == expected_stage
     if name == "sft_1.7b":
         ratios = [s.ratio for s in cfg.data.train]
-        assert ratios == [0.6, 0.1, 0.2, 0.1]  # SPEC.md SFT mix
+        assert ratios == [0.6, 0.1, 0.2, 0.1]  # the paper's SFT mix (docs/training.md#stages)
 
 
 def test_config_errors_name_the_key(tmp_path):
