@@ -150,3 +150,16 @@ def test_espeak_stand_in_speaks_like_the_program(monkeypatch):
     assert abs(len(ours) - len(theirs)) <= 0.01 * len(theirs)
     n = min(len(ours), len(theirs))
     assert np.corrcoef(ours[:n], theirs[:n])[0, 1] > 0.99
+
+
+def test_bench_prints_the_machine_load_above_its_tables(monkeypatch, capsys):
+    from eureka_fast import benchmarks
+    from eureka_fast.cli import main
+
+    monkeypatch.setattr(benchmarks, "run_moe_table", lambda shapes, repeats: ("| moe table |", None))
+    monkeypatch.setattr(benchmarks, "run_downsample_table", lambda cases, repeats: "| downsample table |")
+    assert main(["bench", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("machine load: ") < out.index("| moe table |") < out.index("| downsample table |")
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "eureka-audio bench: error: --repeats must be >= 1" in capsys.readouterr().err
