@@ -32,7 +32,9 @@ def resolve_config_path(name: str | None) -> str | None:
     bundled = os.path.join(os.path.dirname(__file__), "configs", name if name.endswith(".yaml") else f"{name}.yaml")
     if os.path.exists(bundled):
         return bundled
-    raise FileNotFoundError(f"config {name!r} not found (neither a file nor a bundled config in {os.path.dirname(bundled)})")
+    configs = os.path.join(os.path.dirname(__file__), "configs")
+    names = sorted(f[:-5] for f in os.listdir(configs) if f.endswith(".yaml"))
+    raise FileNotFoundError(f"config {name!r}: no such file, nor a bundled config (bundled: {', '.join(names)})")
 
 
 def _saved_run_config(args) -> dict | None:

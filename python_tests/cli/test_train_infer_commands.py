@@ -66,6 +66,19 @@ def test_train_missing_manifest_or_config_is_one_line(tmp_path):
     assert not out.exists()
     proc = run_cli("train")
     assert_one_line_error(proc, "train", "no config", code=2)
+    proc = run_cli("train", "-c", "tiny_cpuu")
+    assert_one_line_error(proc, "train", "tiny_cpuu", "no such file", "bundled: ", "tiny_cpu")
+
+
+def test_python_m_eureka_fast_train_reports_errors_the_same_way(tmp_path):
+    import subprocess
+    import sys
+
+    from cli_helpers import cli_env
+
+    proc = subprocess.run([sys.executable, "-m", "eureka_fast.train", "-c", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True, timeout=120, env=cli_env())
+    assert_one_line_error(proc, "train", "none.yaml", "no such file")
 
 
 def test_train_misspelt_key_is_one_line(tmp_path, manifest):
