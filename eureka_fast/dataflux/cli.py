@@ -65,6 +65,24 @@ def requirements(config: dict) -> list[tuple[str, str, str]]:
     return needs
 
 
+def check_roles(config: dict) -> None:
+    """The cheap checks of the roles section (backends, API key variables), before anything is built or written."""
+    from .roles import ROLE_NAMES
+
+    roles = config.get("roles") or {}
+    unknown = sorted(set(roles) - set(ROLE_NAMES))
+    if unknown:
+        raise ValueError(f"roles: unknown role(s) {unknown}; roles are {list(ROLE_NAMES)}")
+    for role, opts in roles.items():
+        opts = opts or {}
+        backend = opts.get("backend", "builtin")
+        if backend not in ("builtin", "openai"):
+            raise ValueError(f"roles.{role}: backend must be 'builtin' or 'openai', got {backend!r}")
+        key = opts.get("api_key_env")
+        if backend == "openai" and key and not os.environ.get(key):
+            raise ValueError(f"roles.{role}: environment variable {key} (API key) is not set")
+
+
 def _run(args):
     from ..cli import CommandError, require
     from .runner import check_run_arguments, load_config, run_dataflux
@@ -80,6 +98,7 @@ def _run(args):
     # everything checkable is checked before the run writes its first file
     try:
         config = load_config(args.config, overrides)
+        check_roles(config)
         require(requirements(config))
         check_run_arguments(args.audio_dir, args.out)
     except (OSError, ValueError) as exc:  # a wrong argument: nothing was done

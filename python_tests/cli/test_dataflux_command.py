@@ -54,6 +54,12 @@ def test_argument_errors_are_one_line(tmp_path, tone_dir, offline_config):
     proc = run_cli("dataflux", "run", "--audio-dir", tone_dir, "--out", tmp_path / "o", "--config",
                    tmp_path / "missing.yaml")
     assert_one_line_error(proc, "dataflux run", "missing.yaml", code=2)
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text("roles: {judge: {backend: openai, base_url: 'http://127.0.0.1:9/v1', model: m, "
+                     "api_key_env: EUREKA_TEST_UNSET_KEY}}\n")
+    proc = run_cli("dataflux", "run", "--audio-dir", tone_dir, "--out", tmp_path / "o", "--config", keyed,
+                   env_extra={"EUREKA_TEST_UNSET_KEY": ""})
+    assert_one_line_error(proc, "dataflux run", "roles.judge", "EUREKA_TEST_UNSET_KEY", code=2)
     assert not (tmp_path / "o").exists()
     proc = run_cli("dataflux", "stats", "--out", tmp_path / "o")
     assert_one_line_error(proc, "dataflux stats", "no DataFlux run here")
