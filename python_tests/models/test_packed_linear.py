@@ -276,7 +276,7 @@ def test_conv_stem_keeps_autograd_for_any_trainable_stem_parameter():
 
 def test_large_weights_keep_the_blas_path():
     # the packed cache doubles a weight's memory: only weights up to _PACK_MAX_BYTES are packed
-    from eureka_fast.models import whisper
+    from eureka_fast.models.whisper import encoder as whisper
 
     layer = torch.nn.Linear(1, 1)
     x = torch.randn(3, 8)

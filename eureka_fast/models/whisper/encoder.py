@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import attention as attention_op
-from ..ops.scratch import scratch
+from ...ops.attention import attention as attention_op
+from ...ops.scratch import scratch
 
 __all__ = [
     "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "sinusoids", "load_whisper_encoder",
@@ -167,7 +167,7 @@ def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
 
 
 def _has_cpu_kernel(name: str, x: Tensor) -> bool:
-    from ..ops import api
+    from ...ops import api
 
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and api._load_extension()
             and api._has_kernel(name, x.device))
@@ -830,7 +830,7 @@ class WhisperModel(nn.Module):
                        logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
                        repetition_min_tokens: int = 16, seed: int = 0) -> list[WindowDecoding]:
         """Per-window decodes of `audio` (see `transcribe` for the options)."""
-        from ..audio import SAMPLES_PER_WINDOW, load_audio, log_mel
+        from ...audio import SAMPLES_PER_WINDOW, load_audio, log_mel
 
         tokenizer = self._require_tokenizer()
         waveform = load_audio(audio)
