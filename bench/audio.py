@@ -55,8 +55,9 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from eureka_fast.audio import log_mel  # noqa: E402
-from eureka_fast.models.whisper.encoder import (WhisperDims, WhisperEncoder, _openai_to_ours,  # noqa: E402
-                                        encoder_flops, load_whisper_state, resolve_whisper_path)
+from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, encoder_flops,  # noqa: E402
+                                        load_whisper_state, resolve_whisper_path)
+from eureka_fast.models.whisper.checkpoints import _openai_to_ours  # noqa: E402
 
 SR = 16000
 
