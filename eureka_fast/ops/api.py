@@ -12,70 +12,17 @@ backend only has to provide the forward and backward kernels named in csrc/regis
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-
-_EXT: Optional[bool] = None
-_WARNED = False
-_KERNEL_CACHE: dict = {}
-
-
-def _load_extension() -> bool:
-    global _EXT, _WARNED
-    if _EXT is None:
-        try:
-            from .. import _C  # noqa: F401  (registers torch.ops.eureka_fast.*)
-
-            _EXT = True
-            _register_python_parts()
-            _fill_kernel_cache()
-        except ImportError as exc:  # depends on the build
-            _EXT = False
-            if not _WARNED:
-                _WARNED = True
-                warnings.warn(
-                    f"eureka_fast: compiled kernels not available ({exc}); every op runs its pure-PyTorch reference",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _EXT
-
-
-def backend() -> str:
-    """'compiled' when eureka_fast._C is loaded, else 'reference'."""
-    return "compiled" if _load_extension() else "reference"
-
-
-def _has_kernel(op_name: str, device: torch.device) -> bool:
-    key = (op_name, device.type)
-    if key not in _KERNEL_CACHE:
-        dispatch_key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type)
-        _KERNEL_CACHE[key] = dispatch_key is not None and (
-            dispatch_key == "Meta"
-            or torch._C._dispatch_has_kernel_for_dispatch_key(f"eureka_fast::{op_name}", dispatch_key)
-        )
-    return _KERNEL_CACHE[key]
-
+from . import registry
+from .registry import backend, use_kernel  # noqa: F401
 
 _KERNEL_OPS = ("route_topk", "moe_aux_loss", "moe_plan", "permute", "combine", "grouped_mm", "fused_experts",
                "stack_norm_project")
-
-
-def _fill_kernel_cache() -> None:
-    # Resolved once at load time: a dispatcher query inside a torch.compile trace returns a plain bool and would
-    # break the graph the first time an op runs in a process.
-    for op_name in _KERNEL_OPS:
-        for device_type in ("cpu", "cuda", "meta"):
-            _has_kernel(op_name, torch.device(device_type))
-
-
-def _use_kernel(op_name: str, device: torch.device, use_reference: bool) -> bool:
-    return not use_reference and _load_extension() and _has_kernel(op_name, device)
 
 
 class MoEPlan(NamedTuple):
@@ -197,7 +144,7 @@ def route_topk(logits, k, *, scoring="softmax", renormalize=False, correction_bi
             raise ValueError("logits contain NaN or infinite values")
         if correction_bias is not None and not bool(torch.isfinite(correction_bias).all()):
             raise ValueError("correction_bias contains NaN or infinite values")
-    if _use_kernel("route_topk", logits.device, use_reference):
+    if use_kernel("route_topk", logits.device, use_reference):
         return torch.ops.eureka_fast.route_topk(logits, k, scoring, renormalize, correction_bias, n_group,
                                                 topk_group, float(routed_scaling))
     return ref.route_topk(logits, k, scoring, renormalize, correction_bias, n_group, topk_group, routed_scaling)
@@ -213,7 +160,7 @@ def moe_aux_loss(router_probs, ids, *, use_reference=False) -> torch.Tensor:
     _check_top_k(ids.shape[1], router_probs.shape[1], "ids", "E = router_probs.shape[1]")
     _same_device(router_probs=router_probs, ids=ids)
     _check_ids(ids, router_probs.shape[1])
-    if _use_kernel("moe_aux_loss", router_probs.device, use_reference):
+    if use_kernel("moe_aux_loss", router_probs.device, use_reference):
         return torch.ops.eureka_fast.moe_aux_loss(router_probs, ids)
     return ref.moe_aux_loss(router_probs, ids)
 
@@ -228,7 +175,7 @@ def moe_plan(ids, num_experts, *, block=0, use_reference=False) -> MoEPlan:
     _int(block, "block", 0)
     _check_top_k(ids.shape[1], num_experts, "ids", "num_experts")
     _check_ids(ids, num_experts)
-    if _use_kernel("moe_plan", ids.device, use_reference):
+    if use_kernel("moe_plan", ids.device, use_reference):
         parts = torch.ops.eureka_fast.moe_plan(ids, num_experts, block)
     else:
         parts = ref.moe_plan(ids, num_experts, block)
@@ -243,7 +190,7 @@ def permute(x, plan: MoEPlan, *, use_reference=False) -> torch.Tensor:
         raise ValueError(f"x has {x.shape[0]} tokens but the plan routes {plan.sorted_rows.numel()} rows "
                          f"(expected tokens * top_k = {x.shape[0] * plan.top_k})")
     _same_device(x=x, sorted_rows=plan.sorted_rows)
-    if _use_kernel("permute", x.device, use_reference):
+    if use_kernel("permute", x.device, use_reference):
         return torch.ops.eureka_fast.permute(x, plan.sorted_rows, plan.top_k)
     return ref.permute(x, plan.sorted_rows, plan.top_k)
 
@@ -263,7 +210,7 @@ def combine(y_sorted, plan: MoEPlan, weights, *, use_reference=False) -> torch.T
     if y_sorted.shape[0] < T * k:
         raise ValueError(f"y_sorted must have at least T*k = {T * k} rows, got {y_sorted.shape[0]}")
     _same_device(y_sorted=y_sorted, weights=weights, inverse_rows=plan.inverse_rows)
-    if _use_kernel("combine", y_sorted.device, use_reference):
+    if use_kernel("combine", y_sorted.device, use_reference):
         return torch.ops.eureka_fast.combine(y_sorted, plan.inverse_rows, weights)
     return ref.combine(y_sorted, plan.inverse_rows, weights)
 
@@ -299,7 +246,7 @@ def grouped_mm(a, w, offsets, *, activation=None, use_reference=False) -> torch.
         raise ValueError(f"activation={activation!r} needs an even N (gate and up halves), got w {tuple(w.shape)}")
     _check_offsets(offsets, w.shape[0], a.shape[0])
     _same_device(a=a, w=w, offsets=offsets)
-    if _use_kernel("grouped_mm", a.device, use_reference):
+    if use_kernel("grouped_mm", a.device, use_reference):
         return torch.ops.eureka_fast.grouped_mm(a, w, offsets, act)
     return ref.grouped_mm(a, w, offsets, act)
 
@@ -332,7 +279,7 @@ def fused_experts(x, w_gate_up, w_down, weights, ids, *, activation="silu", use_
     _check_expert_layer(x, w_gate_up, w_down, weights, ids)
     if activation not in ("silu", "gelu"):
         raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
-    if _use_kernel("fused_experts", x.device, use_reference):
+    if use_kernel("fused_experts", x.device, use_reference):
         return torch.ops.eureka_fast.fused_experts(x, w_gate_up, w_down, weights, ids, activation)
     return ref.fused_experts(x, w_gate_up, w_down, weights, ids, activation)
 
@@ -398,7 +345,7 @@ def stack_norm_project(x, k, *, lengths=None, norm="layer", norm_weight=None, no
                 raise ValueError(f"lengths must lie in [0, T={T}], found values in [{lo}, {hi}]")
     _same_device(x=x, lengths=lengths, norm_weight=norm_weight, norm_bias=norm_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     args = (x, k, lengths, _NORMS[norm], norm_weight, norm_bias, w1, b1, _ACTS[activation], w2, b2, float(eps), pool)
-    if _use_kernel("stack_norm_project", x.device, use_reference):
+    if use_kernel("stack_norm_project", x.device, use_reference):
         return torch.ops.eureka_fast.stack_norm_project(*args)
     return ref.stack_norm_project(*args)
 
@@ -833,5 +780,4 @@ def _stack_norm_project_backward(ctx, grad):
             grads["w2"], grads["b2"], None, None)
 
 
-# Load the kernels at import, outside any trace (see _fill_kernel_cache).
-_load_extension()
+registry.on_load(_register_python_parts, _KERNEL_OPS)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import packed_linear, registry, rowwise
 from ...ops.attention import attention as attention_op
 from ...ops.scratch import scratch
 
@@ -144,27 +145,14 @@ def _scratch(name: str, shape: tuple, like: Tensor) -> Tensor:
     return scratch("encoder." + name, shape, like.dtype, like.device, _SCRATCH_MAX_BYTES)
 
 
-def _has_cpu_kernel(name: str, x: Tensor) -> bool:
-    from ...ops import api
-
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and api._load_extension()
-            and api._has_kernel(name, x.device))
-
-
-def _has_bias_gelu(x: Tensor) -> bool:
-    return _has_cpu_kernel("bias_gelu_", x)
-
-
 def _add_layer_norm(x: Tensor, bias: Tensor | None, norm: "LayerNorm", out: Tensor | None = None) -> Tensor:
     """x += bias (in place; the residual stream's pending bias, if any), then norm(x) (no autograd): one pass with
     eureka_fast::add_layer_norm_ where it applies, else the add and the LayerNorm module. `out` (x's shape and
     dtype, contiguous): a buffer the compiled op may write the result into."""
-    if (_has_cpu_kernel("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
+    if (registry.cpu_kernel_runs("add_layer_norm_", x) and x.is_contiguous() and norm.weight is not None
             and norm.bias is not None and norm.weight.dtype == x.dtype and len(norm.normalized_shape) == 1):
         bias = None if bias is None else bias.to(x.dtype)
-        if out is not None and _has_cpu_kernel("add_layer_norm_out", x):
-            return torch.ops.eureka_fast.add_layer_norm_out(x, bias, norm.weight, norm.bias, norm.eps, out)
-        return torch.ops.eureka_fast.add_layer_norm_(x, bias, norm.weight, norm.bias, norm.eps)
+        return rowwise.add_layer_norm_(x, bias, norm.weight, norm.bias, norm.eps, out=out)
     if bias is not None:
         x.add_(bias)
     return norm(x)
@@ -176,9 +164,9 @@ def _linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = N
     with the bias where that op is missing. (oneDNN's GELU-fused linear loses: its GEMM is slower than MKL's here.)"""
     if out is None:
         out = x.new_empty((x.shape[0], weight.shape[0]))
-    if _has_bias_gelu(x):
-        return torch.ops.eureka_fast.bias_gelu_(torch.mm(x, weight.t(), out=out), bias)
-    return torch.ops.aten.gelu_(torch.addmm(bias, x, weight.t(), out=out))
+    if registry.cpu_kernel_runs("bias_gelu_", x):
+        return rowwise.bias_gelu_(torch.mm(x, weight.t(), out=out), bias)
+    return rowwise.gelu_(torch.addmm(bias, x, weight.t(), out=out))
 
 
 # Weights above this size keep the BLAS path: the packed copy is a second copy of the weight, and its small gain
@@ -191,7 +179,7 @@ def _packed_weight(module: nn.Module, name: str, weight: Tensor, x: Tensor, conv
     matrix [out, k * in]), cached on `module` and repacked when the weight changes (another tensor, or an in-place
     update: data_ptr / _version). None where that kernel does not run (not float32, no AVX-512, no extension, a
     weight over _PACK_MAX_BYTES): the caller keeps the BLAS path. The cache costs one more copy of those weights."""
-    if not _has_cpu_kernel("packed_linear_", x) or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not registry.cpu_kernel_runs("packed_linear_", x) or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return None
     if weight.numel() * weight.element_size() > _PACK_MAX_BYTES:
         return None
@@ -207,7 +195,7 @@ def _packed_weight(module: nn.Module, name: str, weight: Tensor, x: Tensor, conv
         w = weight.detach()
         if conv:
             w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
-        packed = torch.ops.eureka_fast.linear_pack(w.contiguous())
+        packed = packed_linear.linear_pack(w.contiguous())
     packed = packed if packed.numel() else None
     cache[name] = (key, packed)
     return packed
@@ -257,7 +245,7 @@ class EncoderLayer(nn.Module):
         packed = _packed_weight(self, "qkv", self.attn.qkv_weight, x)
         # [T, 3d] rows (attention copies its K / V heads once): head-major qkv costs the GEMM what attention saves
         if packed is not None:  # our GEMM on weights packed once (csrc/cpu/linear_avx512.cpp)
-            torch.ops.eureka_fast.packed_linear_(qkv, normed, packed, None, False, False)
+            packed_linear.packed_linear_(qkv, normed, packed, None, False, False)
         else:
             torch.mm(normed, self.attn.qkv_weight.t(), out=qkv)
         q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
@@ -273,16 +261,16 @@ class EncoderLayer(nn.Module):
         attended = attended.transpose(1, 2).reshape(batch * length, d)
         packed = _packed_weight(self, "out", self.attn.out.weight, x)
         norm = self.mlp_norm
-        if (packed is not None and _has_cpu_kernel("packed_linear_norm_", x) and norm.weight is not None
+        if (packed is not None and registry.cpu_kernel_runs("packed_linear_norm_", x) and norm.weight is not None
                 and norm.bias is not None and len(norm.normalized_shape) == 1
                 and all(t is None or t.dtype == x.dtype for t in (self.attn.out.bias, norm.weight, norm.bias))):
             # residual add, out-proj's bias and the MLP's LayerNorm in the GEMM's epilogue (the rows are normalised
             # while still in L1 where the weight fits one column block: no pass over the stream)
-            normed = torch.ops.eureka_fast.packed_linear_norm_(flat, attended, packed, self.attn.out.bias,
+            normed = packed_linear.packed_linear_norm_(flat, attended, packed, self.attn.out.bias,
                                                                norm.weight, norm.bias, norm.eps, normed_buf)
         else:
             if packed is not None:  # residual add in the GEMM's epilogue (C += A W^T)
-                torch.ops.eureka_fast.packed_linear_(flat, attended, packed, None, True, False)
+                packed_linear.packed_linear_(flat, attended, packed, None, True, False)
             else:
                 flat.addmm_(attended, self.attn.out.weight.t())
             normed = _add_layer_norm(flat, self.attn.out.bias, norm, out=normed_buf)
@@ -290,14 +278,14 @@ class EncoderLayer(nn.Module):
         packed = _packed_weight(self, "fc1", self.fc1.weight, x)
         if packed is not None and self.fc1.bias is not None and self.fc1.bias.dtype == x.dtype:
             # bias + exact GELU applied to the accumulators: no second pass over the [T, 4d] hidden
-            torch.ops.eureka_fast.packed_linear_(hidden, normed, packed, self.fc1.bias, False, True)
+            packed_linear.packed_linear_(hidden, normed, packed, self.fc1.bias, False, True)
         else:
             hidden = _linear_gelu(normed, self.fc1.weight, self.fc1.bias, out=hidden)
         if not defer_bias:
             flat.add_(self.fc2.bias)
         packed = _packed_weight(self, "fc2", self.fc2.weight, x)
         if packed is not None:
-            torch.ops.eureka_fast.packed_linear_(flat, hidden, packed, None, True, False)
+            packed_linear.packed_linear_(flat, hidden, packed, None, True, False)
         else:
             flat.addmm_(hidden, self.fc2.weight.t())
         return x
@@ -410,9 +398,9 @@ class WhisperEncoder(nn.Module):
             frames_in[n + 1:].zero_()
             frames_in[1:n + 1].copy_(mel[b, :, :n].t())
             im2col = frames_in.as_strided((n, 3 * n_mels), (n_mels, 1), frames_in.storage_offset())
-            torch.ops.eureka_fast.packed_linear_(hidden[1:n + 1], im2col, w1, c1.bias, False, True)
+            packed_linear.packed_linear_(hidden[1:n + 1], im2col, w1, c1.bias, False, True)
             hidden[0].zero_()
             hidden[n + 1:].zero_()
             im2col = hidden.as_strided((out_frames, 3 * d), (2 * d, 1), hidden.storage_offset())
-            torch.ops.eureka_fast.packed_linear_(x[b], im2col, w2, c2.bias, False, True)
+            packed_linear.packed_linear_(x[b], im2col, w2, c2.bias, False, True)
         return x
