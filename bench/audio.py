@@ -315,7 +315,7 @@ def bench_stack_norm_project(rounds: int) -> list[str]:
     try:
         from eureka_fast import ops
         from eureka_fast.benchmarks import eager_downsample_chain
-        from eureka_fast.ops.api import downsample_preset
+        from eureka_fast.integrations.downsample_presets import downsample_preset
     except ImportError:
         return []
     d, out = 384, 1024

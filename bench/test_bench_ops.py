@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eureka_fast.ops as ops
-from eureka_fast.ops.api import downsample_preset
+from eureka_fast.integrations.downsample_presets import downsample_preset
 
 T, H, I, E, K = 256, 512, 256, 32, 4
 
