@@ -1,8 +1,8 @@
 """pytest-benchmark microbenchmarks, one per op, at a mid-size MoE shape (T=256, H=512, I=256, E=32, k=4).
 
-    python -m pytest bench/test_bench_ops.py --benchmark-enable --benchmark-columns=min,median,mean
+    python -m pytest python_tests/ops/test_bench_ops.py --benchmark-enable --benchmark-columns=min,median,mean
 
-(pyproject's addopts disable benchmarking by default, so in a plain test run each benchmark executes once as a smoke test.)
+(pyproject's addopts disable benchmarking by default, so the suite runs each benchmark once, as a smoke test.)
 """
 import math
 
