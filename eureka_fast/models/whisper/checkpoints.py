@@ -46,35 +46,33 @@ def _openai_to_ours(sd: dict[str, Tensor], dims: WhisperDims, with_decoder: bool
         copy(ours + ".v_bias", theirs + ".value.bias")
         linear(ours + ".out", theirs + ".out")
 
+    def layer(ours: str, theirs: str, cross: bool) -> None:
+        linear(ours + ".attn_norm", theirs + ".attn_ln")
+        self_attention(ours + ".attn", theirs + ".attn")
+        if cross:
+            linear(ours + ".cross_norm", theirs + ".cross_attn_ln")
+            linear(ours + ".cross_attn.q", theirs + ".cross_attn.query")
+            out[ours + ".cross_attn.kv_weight"] = torch.cat([sd[theirs + ".cross_attn.key.weight"],
+                                                             sd[theirs + ".cross_attn.value.weight"]])
+            copy(ours + ".cross_attn.v_bias", theirs + ".cross_attn.value.bias")
+            linear(ours + ".cross_attn.out", theirs + ".cross_attn.out")
+        linear(ours + ".mlp_norm", theirs + ".mlp_ln")
+        linear(ours + ".fc1", theirs + ".mlp.0")
+        linear(ours + ".fc2", theirs + ".mlp.2")
+
     for conv in ("conv1", "conv2"):
         linear("encoder." + conv, "encoder." + conv)
     if "encoder.positional_embedding" in sd:
         copy("encoder.positional_embedding", "encoder.positional_embedding")
     for i in range(dims.n_audio_layer):
-        ours, theirs = "encoder.layers.%d" % i, "encoder.blocks.%d" % i
-        linear(ours + ".attn_norm", theirs + ".attn_ln")
-        self_attention(ours + ".attn", theirs + ".attn")
-        linear(ours + ".mlp_norm", theirs + ".mlp_ln")
-        linear(ours + ".fc1", theirs + ".mlp.0")
-        linear(ours + ".fc2", theirs + ".mlp.2")
+        layer("encoder.layers.%d" % i, "encoder.blocks.%d" % i, cross=False)
     linear("encoder.final_norm", "encoder.ln_post")
     if not with_decoder:
         return out
     copy("decoder.token_embedding.weight", "decoder.token_embedding.weight")
     copy("decoder.positional_embedding", "decoder.positional_embedding")
     for i in range(dims.n_text_layer):
-        ours, theirs = "decoder.layers.%d" % i, "decoder.blocks.%d" % i
-        linear(ours + ".attn_norm", theirs + ".attn_ln")
-        self_attention(ours + ".attn", theirs + ".attn")
-        linear(ours + ".cross_norm", theirs + ".cross_attn_ln")
-        linear(ours + ".cross_attn.q", theirs + ".cross_attn.query")
-        out[ours + ".cross_attn.kv_weight"] = torch.cat([sd[theirs + ".cross_attn.key.weight"],
-                                                         sd[theirs + ".cross_attn.value.weight"]])
-        copy(ours + ".cross_attn.v_bias", theirs + ".cross_attn.value.bias")
-        linear(ours + ".cross_attn.out", theirs + ".cross_attn.out")
-        linear(ours + ".mlp_norm", theirs + ".mlp_ln")
-        linear(ours + ".fc1", theirs + ".mlp.0")
-        linear(ours + ".fc2", theirs + ".mlp.2")
+        layer("decoder.layers.%d" % i, "decoder.blocks.%d" % i, cross=True)
     linear("decoder.final_norm", "decoder.ln")
     return out
 
