@@ -421,30 +421,35 @@ class Engine:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         tokens = []
         for i, request in enumerate(requests):
-            p = request.params
-            scores = logits[i]
-            if p.repetition_penalty != 1.0:
-                seen = request.seen
-                picked = scores[seen]
-                scores[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-            if len(request.generated) < p.min_tokens:
-                scores[self.eos_ids] = float("-inf")
-            if p.greedy:
+            scores = self.warp(logits[i], request)
+            if request.params.greedy:
                 tokens.append(int(scores.argmax()))
-                continue
-            scores = scores / p.temperature
-            if p.top_k and p.top_k > 0:
-                k = min(p.top_k, scores.shape[-1])
-                scores = scores.masked_fill(scores < torch.topk(scores, k)[0][-1], float("-inf"))
-            if p.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=False)
-                cumulative = sorted_scores.softmax(-1).cumsum(-1)
-                remove = cumulative <= (1 - p.top_p)
-                remove[-1] = False  # keep at least one token
-                scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-            probs = scores.softmax(-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+            else:
+                tokens.append(int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator)))
         return tokens
+
+    def warp(self, scores: torch.Tensor, request: Request) -> torch.Tensor:
+        """One row's next-token scores after the repetition penalty, min_tokens and (sampling only) temperature,
+        top-k and top-p, in transformers' order. Greedy stops after the penalty."""
+        p = request.params
+        if p.repetition_penalty != 1.0:
+            seen = request.seen
+            picked = scores[seen]
+            scores[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+        if len(request.generated) < p.min_tokens:
+            scores[self.eos_ids] = float("-inf")
+        if p.greedy:
+            return scores
+        scores = scores / p.temperature
+        if p.top_k and p.top_k > 0:
+            k = min(p.top_k, scores.shape[-1])
+            scores = scores.masked_fill(scores < torch.topk(scores, k)[0][-1], float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - p.top_p)
+            remove[-1] = False  # keep at least one token
+            scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+        return scores
 
     def _accept(self, requests: list[Request], tokens: list[int], offset: int) -> None:
         now = time.monotonic()
