@@ -145,8 +145,8 @@ class Server:
                     elif part["type"] == "audio_url":
                         parts.append({"type": "audio", "audio": self.policy.audio_url(part["audio_url"],
                                                                                        param + ".audio_url")})
-                    else:
-                        parts.append({"type": "text", "text": part["text"]})
+                    else:  # text, or audio already decoded (transcriptions)
+                        parts.append(part)
                 content = parts
             out.append({"role": message["role"], "content": content})
         return out
@@ -316,12 +316,14 @@ class Server:
             form = await request.form(max_files=1, max_fields=32)
         except Exception as exc:  # malformed multipart bodies raise parser-specific errors
             raise bad(f"the multipart body could not be parsed ({type(exc).__name__})", "file") from None
-        async with form:
+        try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise bad("'file' (the audio file) is required", "file", "missing_required_parameter")
             data = await upload.read()
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        finally:
+            await form.close()
         check_model(fields, self.names)
         fmt = fields.get("response_format", "json")
         if fmt not in TRANSCRIPTION_FORMATS:

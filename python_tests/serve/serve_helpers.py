@@ -1,6 +1,8 @@
 """Helpers of the serving tests: a small random Eureka-Audio model whose greedy answers are varied and depend on the
 whole context (so a batching bug that mixes rows or drops positions changes the text), test audio, a server runner."""
 import io
+import threading
+import time
 
 import numpy as np
 import soundfile as sf
@@ -35,3 +37,36 @@ def wav_bytes(samples: np.ndarray, rate: int = 16000, fmt: str = "WAV") -> bytes
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format=fmt)
     return buf.getvalue()
+
+
+class ServerThread:
+    """An ASGI app on uvicorn in a background thread, on 127.0.0.1 and a free port; always stopped on exit."""
+
+    def __init__(self, app, start_timeout: float = 60.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.start_timeout = start_timeout
+        self.url = None
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __exit__(self, *exc):
+        self.stop()
+        assert not self.thread.is_alive(), "the test server did not stop"
