@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 
@@ -116,10 +117,37 @@ def _run_serve(args) -> int:
     app = create_app(engine, options)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.graceful_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config)
     _announce_when_started(server, args, options)
     server.run()
+    if server.stopped_by is not None:
+        print(f"eureka-audio serve: stopped ({signal.Signals(server.stopped_by).name})", flush=True)
     return 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a handled SIGINT/SIGTERM ends the command with status 0 (uvicorn re-raises
+        the signal after its graceful shutdown). The first signal stops accepting and lets in-flight requests
+        finish (up to --graceful-timeout); a second one forces the exit."""
+
+        stopped_by = None
+
+        def handle_exit(self, sig, frame):
+            if self.stopped_by is None:
+                self.stopped_by = sig
+            if self.should_exit:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return GracefulServer
+
+
+def _GracefulServer(config):
+    return _graceful_server_class()(config)
 
 
 def ready_lines(host: str, port: int, options) -> str:
