@@ -67,6 +67,8 @@ def _check_args(args) -> str | None:
         return f"--api-key-env {args.api_key_env}: that environment variable is not set (or empty)"
     if args.ray_replicas < 0:
         return f"--ray-replicas must be >= 0, got {args.ray_replicas}"
+    if args.ray_replicas and args.port == 0:
+        return "--ray-replicas needs a fixed --port (Ray's HTTP proxy does not report a free port it picked)"
     return None
 
 

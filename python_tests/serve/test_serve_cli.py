@@ -103,3 +103,57 @@ def test_argument_errors(tmp_path, serve_model_dir, capsys, monkeypatch):
     assert "--max-num-seqs must be > 0" in capsys.readouterr().err
     assert main(["serve", "--model", serve_model_dir, "--allow-local-audio", str(tmp_path / "nope")]) == 2
     assert "--allow-local-audio" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas_answer_the_openai_client(serve_model_dir, model_and_processor):
+    pytest.importorskip("ray.serve")
+    import openai
+
+    from eureka_fast.inference import EurekaAudio
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "eureka_fast.cli", "serve", "--model", serve_model_dir,
+                             "--served-model-name", "tiny", "--port", str(port), "--ray-replicas", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                     OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0"))
+    output = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            output.append(line)
+            if "2 Ray Serve replicas" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(600), "".join(output)[-3000:]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "Tell me about the sea."}]
+        expected = EurekaAudio(*model_and_processor).generate(messages, greedy=True, max_new_tokens=6)
+        answers = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+                   for _ in range(4)]
+        assert [a.choices[0].message.content for a in answers] == [expected] * 4
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True) if c.choices)
+        assert streamed == expected
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="other", messages=messages, max_tokens=2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(180) == 0
+        assert "stopped (SIGTERM)" in "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
