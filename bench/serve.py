@@ -5,9 +5,10 @@
 
 The server runs in a child process (this script with --worker: the same seeded random model, uvicorn on 127.0.0.1,
 a free port); async streaming clients (httpx) in this process keep `c` requests in flight (closed loop). Each request
-holds 1-4 s of audio and a question and generates exactly --tokens tokens (min_tokens = max_tokens), so that the
-sequential baseline, ``EurekaAudio.generate(..., greedy=True, min_new_tokens=N, max_new_tokens=N)`` on the same
-conversations in this process, does the same work. Reported: requests/s, generated tokens/s (and its ratio to the
+holds 1-4 s of audio and a question and generates exactly its number of tokens (0.5x to 1.5x --tokens; min_tokens =
+max_tokens), so that the sequential baseline, ``EurekaAudio.generate(..., greedy=True, min_new_tokens=N,
+max_new_tokens=N)`` on the same conversations in this process (timed before and after the sweep), does the same
+work. Reported: requests/s, generated tokens/s (and its ratio to the
 sequential rate), time to first token and latency p50/p99. TTFT percentiles leave out the first c requests (they
 arrive together at t = 0: start-up, not steady load).
 """
@@ -210,17 +211,21 @@ def pct(values, q):
 def sweep(config: str, args) -> dict:
     from eureka_fast.inference import EurekaAudio
 
+    def tokens_for(i):
+        # 0.5x .. 1.5x --tokens (mean --tokens): equal lengths would keep closed-loop clients in lockstep waves
+        return max(1, round(args.tokens * (0.5 + (i % 5) / 4)))
+
     model, processor = build(config)
     reference = EurekaAudio(model, processor)
     work = workload(max(args.sequential, int(args.rounds * max(args.concurrency))))
     # sequential baseline, same conversations and token counts; timed before and after the sweep (the host is
     # shared: the faster of the two is the one the ratios use)
-    generate = dict(greedy=True, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-    reference.generate(work[0][1], **generate)  # warm-up
+    reference.generate(work[0][1], greedy=True, max_new_tokens=4)  # warm-up
 
     def sequential():
         start = time.perf_counter()
-        texts = [reference.generate(conv, **generate) for _, conv in work[:args.sequential]]
+        texts = [reference.generate(conv, greedy=True, max_new_tokens=tokens_for(i), min_new_tokens=tokens_for(i))
+                 for i, (_, conv) in enumerate(work[:args.sequential])]
         return texts, time.perf_counter() - start
 
     expected, seq_wall = sequential()
@@ -232,7 +237,7 @@ def sweep(config: str, args) -> dict:
         asyncio.run(closed_loop(child.url, config, warm, 2))
         for c in args.concurrency:
             n = max(args.sequential, int(args.rounds * c))
-            jobs = [(lambda client, m=work[i][0]: one_request(client, child.url, config, m, args.tokens))
+            jobs = [(lambda client, m=work[i][0], t=tokens_for(i): one_request(client, child.url, config, m, t))
                     for i in range(n)]
             results, wall = asyncio.run(closed_loop(child.url, config, jobs, c))
             assert all(r[0] == 200 for r in results), [r[0] for r in results]
@@ -253,7 +258,7 @@ def sweep(config: str, args) -> dict:
     again, seq_wall_after = sequential()
     assert again == expected
     best = min(seq_wall, seq_wall_after)
-    seq_tps = args.tokens * args.sequential / best
+    seq_tps = sum(tokens_for(i) for i in range(args.sequential)) / best
     out["sequential"] = {"requests": args.sequential, "wall_s_before": seq_wall, "wall_s_after": seq_wall_after,
                          "req_s": args.sequential / best, "gen_tok_s": seq_tps}
     for row in rows:
@@ -352,7 +357,7 @@ def main() -> int:
     for s in results["sweeps"]:
         seq = s["sequential"]
         print(f"\n{s['config']}: sequential EurekaAudio.generate {seq['req_s']:.2f} req/s, "
-              f"{seq['gen_tok_s']:.1f} gen tok/s ({s['tokens']} tokens per request)")
+              f"{seq['gen_tok_s']:.1f} gen tok/s ({s['tokens']} tokens per request on average)")
         print("| c | req/s | gen tok/s | vs sequential | TTFT p50 / p99 (s) | latency p50 / p99 (s) | text = generate |")
         print("|---|---|---|---|---|---|---|")
         for r in s["rows"]:

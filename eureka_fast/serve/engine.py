@@ -123,7 +123,7 @@ class Engine:
 
     def __init__(self, model, processor, *, max_num_seqs: int = 16, max_queue: int = 256,
                  queue_timeout_s: float = 600.0, max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 metrics: Metrics | None = None):
+                 max_prefill_windows: int = 4, metrics: Metrics | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_queue < 0:
@@ -137,7 +137,10 @@ class Engine:
         self.max_model_len = int(max_model_len or context or 32768)
         if context and self.max_model_len > context:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context ({context} positions)")
+        # An admission's prefill stalls the running rows for its duration: bounding its prompt tokens and audio
+        # windows (30 s of encoder work each) keeps their inter-token delay bounded and spreads arrivals out.
         self.max_prefill_tokens = int(max_prefill_tokens)
+        self.max_prefill_windows = int(max_prefill_windows)
         self.metrics = metrics or Metrics()
         self.eos_ids = list(processor.eos_token_ids)
         self.pad_id = int(processor.pad_token_id)
@@ -282,15 +285,17 @@ class Engine:
         keep: list[Request] = []
         free = self.max_num_seqs - len(self._running)
         budget = self.max_prefill_tokens
+        windows = self.max_prefill_windows
         for request in self._waiting:
             if request.cancelled:
                 self._finish(request, None)
             elif now - request.arrival > self.queue_timeout_s:
                 self._fail(request, f"waited more than {self.queue_timeout_s:g} s for a free slot", code="queue_timeout")
-            elif free > 0 and (not admitted or len(request.prompt) <= budget):
+            elif free > 0 and (not admitted or (len(request.prompt) <= budget and request.prompt.windows <= windows)):
                 admitted.append(request)
                 free -= 1
                 budget -= len(request.prompt)
+                windows -= request.prompt.windows
             else:
                 keep.append(request)
         self._waiting = keep
