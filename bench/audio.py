@@ -55,8 +55,9 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from eureka_fast.audio import log_mel  # noqa: E402
-from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, _openai_to_ours,  # noqa: E402
-                                        encoder_flops, load_whisper_state, resolve_whisper_path)
+from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, encoder_flops,  # noqa: E402
+                                        load_whisper_state, resolve_whisper_path)
+from eureka_fast.models.whisper.checkpoints import _openai_to_ours  # noqa: E402
 
 SR = 16000
 
@@ -314,7 +315,7 @@ def bench_stack_norm_project(rounds: int) -> list[str]:
     try:
         from eureka_fast import ops
         from eureka_fast.benchmarks import eager_downsample_chain
-        from eureka_fast.ops.api import downsample_preset
+        from eureka_fast.integrations.downsample_presets import downsample_preset
     except ImportError:
         return []
     d, out = 384, 1024

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from eureka_fast.models.whisper import (WhisperDims, WhisperEncoder, _linear_gelu, _packed_weight,  # noqa: E402
-                                        encoder_flops)
+from eureka_fast.models.whisper.encoder import (WhisperDims, WhisperEncoder, _linear_gelu,  # noqa: E402
+                                                _packed_weight, encoder_flops)
 from eureka_fast.ops.attention import attention as attention_op  # noqa: E402
 
 

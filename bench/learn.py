@@ -92,7 +92,7 @@ def build_model(args):
     import torch
 
     from eureka_fast.models import EurekaAudioConfig, EurekaAudioForCausalLM, EurekaAudioProcessor
-    from eureka_fast.train.modeling import load_encoder_weights
+    from eureka_fast.train.model_setup import load_encoder_weights
 
     torch.manual_seed(args.seed)
     heads = args.lm_heads or max(1, args.lm_hidden // 64)
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
 
     from eureka_fast.train.config import config_from_dict
     from eureka_fast.train.metrics import read_metrics
-    from eureka_fast.train.modeling import install_encoder_cache
+    from eureka_fast.train.encoder_cache import install_encoder_cache
     from eureka_fast.train.trainer import Trainer
 
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))

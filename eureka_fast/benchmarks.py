@@ -302,7 +302,7 @@ def run_downsample_table(cases, repeats: int = 3) -> str:
     """ours vs the eager chain per case, with the GEMM roofline (projection FLOPs of the valid rows / fp32 GEMM
     rate measured in the same run, best of a square GEMM and the case's own first projection)."""
     from . import ops
-    from .ops.api import downsample_preset
+    from .integrations.downsample_presets import downsample_preset
 
     lines = [
         f"fp32, {torch.get_num_threads()} threads; time of one batch (all clips padded to the longest); GEMM roofline "

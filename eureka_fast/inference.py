@@ -141,9 +141,9 @@ class EurekaAudio:
         batch_size: conversations per generate() call (default: all at once). stream: print tokens as they come
         (one conversation only).
         """
-        from .models.processing_eureka import _is_single_conversation
+        from .models.conversation import is_single_conversation
 
-        single = _is_single_conversation(messages)
+        single = is_single_conversation(messages)
         conversations = [messages] if single else list(messages)
         if stream and len(conversations) != 1:
             raise ValueError("stream=True works with one conversation")

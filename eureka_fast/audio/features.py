@@ -28,7 +28,7 @@ import torch
 
 from ..ops.mel import mel_power
 from ..ops.scratch import scratch
-from .io import AudioError, is_array_rate_pair, load_audio
+from .io import SAMPLE_RATE, AudioError, is_array_rate_pair, load_audio
 
 __all__ = [
     "SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "SAMPLES_PER_TOKEN", "FRAMES_PER_TOKEN", "FRAMES_PER_WINDOW",
@@ -36,7 +36,6 @@ __all__ = [
     "mel_filters", "slaney_mel_filters", "log_mel", "eureka_features_batch",
 ]
 
-SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 SAMPLES_PER_TOKEN = 1280  # 80 ms: the Whisper encoder's 50 Hz frames stacked by 4 -> 12.5 Hz audio tokens

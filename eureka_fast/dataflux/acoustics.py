@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-SR = 16000
+from ..audio import SAMPLE_RATE as SR
 SNR_CAP_DB = 60.0  # digital silence has no measurable noise floor; report this instead of infinity
 
 # Issue thresholds (facts -> classes)

@@ -1,8 +1,8 @@
-"""Audio loading and encoding for DataFlux.
+"""Audio reading and encoding for DataFlux.
 
-Loading goes through `eureka_fast.audio.load_audio` (the project's loader) when it is available, and falls back to
-soundfile + soxr otherwise, so DataFlux keeps working in builds without the audio part. Every failure becomes a
-`ClipReadError` naming the source, which the pipeline records as a rejected clip instead of crashing.
+Clips are read by the project's loader (`eureka_fast.audio.load_audio`: 16 kHz float32 mono; it rejects empty and
+non-finite audio); every failure becomes a `ClipReadError` naming the source, which the pipeline records as a rejected
+clip instead of crashing.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ..audio import SAMPLE_RATE, load_audio
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
 
 
@@ -20,43 +21,14 @@ class ClipReadError(ValueError):
     """An audio clip could not be read or decoded; the message names the source and the problem."""
 
 
-def _load_with_soundfile(source, sr: int) -> np.ndarray:
-    import soundfile as sf
-    import soxr
-
-    if isinstance(source, tuple):
-        data, rate = source
-        data = np.asarray(data, dtype=np.float32)
-    else:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else os.fspath(source)
-        data, rate = sf.read(handle, dtype="float32", always_2d=True)
-        data = data.mean(axis=1)
-    if data.ndim > 1:
-        data = data.mean(axis=1) if data.shape[1] <= 8 else data.mean(axis=0)
-    if int(rate) != sr:
-        data = soxr.resample(data, int(rate), sr)
-    return np.ascontiguousarray(data, dtype=np.float32)
-
-
-def load_clip(source, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Load one clip as float32 mono at `sr`. Raises ClipReadError for unreadable, empty or non-finite audio."""
+def read_clip_or_reject(source) -> np.ndarray:
+    """One clip at 16 kHz through `load_audio`, with any failure (decoders raise many error types) turned into a
+    ClipReadError, so that one bad file rejects that clip, not the run."""
     name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
     try:
-        try:
-            from eureka_fast.audio import load_audio  # the project loader, when this build has it
-        except ImportError:
-            load_audio = None
-        audio = load_audio(source, sr=sr) if load_audio is not None else _load_with_soundfile(source, sr)
-    except ClipReadError:
-        raise
-    except Exception as exc:  # decoder errors come in many types (RuntimeError, LibsndfileError, AudioError, ...)
+        return load_audio(source)
+    except Exception as exc:
         raise ClipReadError(f"{name}: cannot decode audio ({type(exc).__name__}: {exc})") from exc
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    if audio.size == 0:
-        raise ClipReadError(f"{name}: audio is empty")
-    if not np.all(np.isfinite(audio)):
-        raise ClipReadError(f"{name}: audio contains NaN or infinite samples")
-    return audio
 
 
 def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:

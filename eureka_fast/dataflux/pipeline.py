@@ -53,13 +53,13 @@ def clip_id_for(path: str, root: str) -> str:
 
 
 async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Settings) -> ClipResult:
-    from .audio_io import ClipReadError, load_clip
+    from .audio_io import ClipReadError, read_clip_or_reject
     from .roles import ClipContext
 
     t0 = time.perf_counter()
     abspath = os.path.abspath(path)
     try:
-        audio = await asyncio.to_thread(load_clip, abspath)
+        audio = await asyncio.to_thread(read_clip_or_reject, abspath)
     except ClipReadError as exc:
         return _failed(clip_id, abspath, "unreadable_audio", str(exc), {}, t0)
     ctx = ClipContext(clip_id=clip_id, path=abspath, audio=audio, seed=settings.seed)

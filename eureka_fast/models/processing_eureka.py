@@ -16,25 +16,23 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from transformers import BatchFeature
 
-from ..audio import is_array_rate_pair
+from ..audio import is_array_rate_pair, load_clip
 from .configuration_eureka import AUDIO_END_TOKEN, AUDIO_PAD_TOKEN, AUDIO_START_TOKEN, AUDIO_TOKEN_TYPE
+from .conversation import (AUDIO_ITEM_TYPES, ROLES, MessageFormatError, audio_reference, content_items,  # noqa: F401
+                           is_single_conversation, messages_of)
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 AUDIO_PLACEHOLDER = AUDIO_START_TOKEN + AUDIO_PAD_TOKEN + AUDIO_END_TOKEN  # one audio item in rendered text
-ROLES = ("system", "user", "assistant")
 PROCESSOR_CONFIG = "processor_config.json"
 
 # The tiny tokenizer: GPT-2's byte-level BPE (50256 merges ranks + <|endoftext|> = 50257 ids), then these, in order
@@ -42,10 +40,6 @@ PROCESSOR_CONFIG = "processor_config.json"
 TINY_SPECIAL_TOKENS = (IM_START, IM_END, AUDIO_START_TOKEN, AUDIO_END_TOKEN, AUDIO_PAD_TOKEN)
 TINY_PLAIN_ADDED_TOKENS = (THINK_OPEN, THINK_CLOSE)  # added but not "special", as in Qwen3
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-class MessageFormatError(ValueError):
-    """A conversation does not follow the message format (the message says where and what)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,38 +108,6 @@ def add_audio_special_tokens(tokenizer) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Audio sources
-# ---------------------------------------------------------------------------------------------------------------
-def fetch_url(url: str, timeout: float = 30.0) -> bytes:
-    """Downloads an http(s) audio URL; a clear error when offline or on an HTTP error."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        from ..audio import AudioError
-
-        raise AudioError(f"{url!r}: could not download the audio ({exc}); without network access pass a local "
-                         f"path or a base64 data URI") from exc
-
-
-def load_clip(source: Any, base_dir: str | None = None) -> np.ndarray:
-    """16 kHz mono float32 samples from a path (relative ones resolve against base_dir), an http(s) URL, a data
-    URI, bytes, an array or an (array, rate) pair."""
-    from ..audio import load_audio
-
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if text.startswith(("http://", "https://")):
-            return load_audio(fetch_url(text))
-        if text.startswith("file://"):
-            text = text[len("file://"):]
-        if not text.startswith("data:") and base_dir and not os.path.isabs(text):
-            text = os.path.join(base_dir, text)
-        return load_audio(text)
-    return load_audio(source)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -166,56 +128,6 @@ class _Rendered:
 
     def audio(self, source):
         self.pieces.append(("audio", source))
-
-
-def _audio_source(item: dict, where: str):
-    kind = item.get("type")
-    if kind == "audio_url":
-        value = item.get("audio_url")
-        if isinstance(value, dict):
-            value = value.get("url")
-        if not isinstance(value, str) or not value:
-            raise MessageFormatError(f"{where}: an audio_url item needs {{'audio_url': {{'url': path | http(s) URL | "
-                                     f"data URI}}}}, got {item!r:.200}")
-        return value
-    if kind == "input_audio":  # OpenAI chat style: {"input_audio": {"data": base64, "format": "wav"}}
-        value = item.get("input_audio")
-        if not isinstance(value, dict) or not isinstance(value.get("data"), str):
-            raise MessageFormatError(f"{where}: an input_audio item needs {{'input_audio': {{'data': base64, "
-                                     f"'format': 'wav'}}}}, got {item!r:.200}")
-        return f"data:audio/{value.get('format') or 'wav'};base64,{value['data']}"
-    # transformers style: {"type": "audio", "audio" | "path" | "url": ...}
-    for key in ("audio", "path", "url"):
-        if item.get(key) is not None:
-            return item[key]
-    raise MessageFormatError(f"{where}: an audio item needs one of 'audio', 'path' or 'url', got keys "
-                             f"{sorted(item)}")
-
-
-def _content_items(message: dict, where: str) -> list:
-    content = message.get("content")
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if isinstance(content, dict):
-        content = [content]
-    if not isinstance(content, (list, tuple)):
-        raise MessageFormatError(f"{where}: content must be a string or a list of items, got "
-                                 f"{type(content).__name__}")
-    return list(content)
-
-
-def _messages_of(conversation, index: int) -> list:
-    if isinstance(conversation, dict):
-        if "messages" not in conversation:
-            raise MessageFormatError(f"conversation {index}: a dict must hold 'messages' (a JSONL record), got "
-                                     f"keys {sorted(conversation)}")
-        conversation = conversation["messages"]
-    if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise MessageFormatError(f"conversation {index}: expected a non-empty list of messages, got "
-                                 f"{type(conversation).__name__}")
-    return list(conversation)
 
 
 def render_conversation(messages: Sequence[dict], *, add_generation_prompt: bool, enable_thinking: bool = False,
@@ -240,7 +152,7 @@ def render_conversation(messages: Sequence[dict], *, add_generation_prompt: bool
         role = roles[m]
         where = f"conversation {index}, message {m} ({role})"
         out.text(f"{IM_START}{role}\n")
-        items = _content_items(message, where)
+        items = content_items(message.get("content"), where)
         if role == "assistant":
             texts = []
             for j, item in enumerate(items):
@@ -263,10 +175,10 @@ def render_conversation(messages: Sequence[dict], *, add_generation_prompt: bool
                 if not isinstance(item.get("text"), str):
                     raise MessageFormatError(f"{where}, item {j}: a text item needs a string 'text'")
                 out.text(item["text"])
-            elif kind in ("audio_url", "audio", "input_audio"):
+            elif kind in AUDIO_ITEM_TYPES:
                 if role == "system":
                     raise MessageFormatError(f"{where}, item {j}: audio in a system message is not supported")
-                out.audio(_audio_source(item, f"{where}, item {j}"))
+                out.audio(audio_reference(item, f"{where}, item {j}"))
             else:
                 raise MessageFormatError(f"{where}, item {j}: unknown content type {kind!r} (use 'text' or "
                                          f"'audio_url')")
@@ -365,11 +277,11 @@ class EurekaAudioProcessor:
         output); tokenize=True returns ``self(conversation, ...)`` instead."""
         if tokenize:
             return self(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
-        single = _is_single_conversation(conversation)
+        single = is_single_conversation(conversation)
         batch = [conversation] if single else list(conversation)
         texts = []
         for b, conv in enumerate(batch):
-            messages = _messages_of(conv, b)
+            messages = messages_of(conv, b)
             rendered = render_conversation(messages, add_generation_prompt=_auto_generation_prompt(
                 add_generation_prompt, messages), enable_thinking=self.enable_thinking, index=b)
             texts.append("".join(p[1] if p[0] != "audio" else AUDIO_PLACEHOLDER for p in rendered.pieces))
@@ -413,11 +325,11 @@ class EurekaAudioProcessor:
                 raise ValueError("nothing to process: pass conversations or text=")
             if audio is not None:
                 raise ValueError("audio= goes with text=; conversations carry their audio in audio_url items")
-            batch = [conversations] if _is_single_conversation(conversations) else list(conversations)
+            batch = [conversations] if is_single_conversation(conversations) else list(conversations)
             rendered = []
             generating = False
             for b, conv in enumerate(batch):
-                messages = _messages_of(conv, b)
+                messages = messages_of(conv, b)
                 gen = _auto_generation_prompt(add_generation_prompt, messages)
                 generating = generating or gen
                 rendered.append(render_conversation(messages, add_generation_prompt=gen,
@@ -543,17 +455,6 @@ def _load_tokenizer(directory: str):
         if cls_name in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             return PreTrainedTokenizerFast.from_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
-
-
-def _is_single_conversation(conversations) -> bool:
-    """A conversation is a list of message dicts or a record dict with 'messages'; a batch is a list of those."""
-    if isinstance(conversations, dict):
-        return True
-    if isinstance(conversations, (list, tuple)) and conversations:
-        first = conversations[0]
-        return isinstance(first, dict) and "role" in first
-    raise MessageFormatError(f"expected a conversation (list of messages) or a list of conversations, got "
-                             f"{type(conversations).__name__}{' (empty)' if not conversations else ''}")
 
 
 def _auto_generation_prompt(flag: bool | None, messages: list) -> bool:

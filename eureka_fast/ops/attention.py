@@ -15,62 +15,26 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import api
-
-_REGISTERED = False
+from . import registry
 
 
-def _register_fake() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
-
-    @torch.library.register_fake("eureka_fast::attention")
-    def _(q, k, v, key_lengths, scale, q_bias=None, v_bias=None):
-        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
-
-    # The encoder's two in-place helpers (whisper.py falls back to ATen's add + gelu / layer_norm without them).
-    if hasattr(torch.ops.eureka_fast, "bias_gelu_"):
-        @torch.library.register_fake("eureka_fast::bias_gelu_")
-        def _(x, bias):
-            return x
-
-    if hasattr(torch.ops.eureka_fast, "add_layer_norm_"):
-        @torch.library.register_fake("eureka_fast::add_layer_norm_")
-        def _(x, bias, weight, ln_bias, eps):
-            return torch.empty_like(x)
+def _register_fakes() -> None:
+    if hasattr(torch.ops.eureka_fast, "attention"):
+        @torch.library.register_fake("eureka_fast::attention")
+        def _(q, k, v, key_lengths, scale, q_bias=None, v_bias=None):
+            return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
     if hasattr(torch.ops.eureka_fast, "attention_out"):
         @torch.library.register_fake("eureka_fast::attention_out")
         def _(q, k, v, key_lengths, scale, q_bias, v_bias, out):
             return out
 
-        @torch.library.register_fake("eureka_fast::add_layer_norm_out")
-        def _(x, bias, weight, ln_bias, eps, out):
-            return out
 
-    # The encoder's packed-weight GEMM (whisper.py keeps BLAS without it, or where linear_pack returns empty).
-    if hasattr(torch.ops.eureka_fast, "linear_pack"):
-        @torch.library.register_fake("eureka_fast::linear_pack")
-        def _(weight):
-            return weight.new_empty((weight.shape[1] * ((weight.shape[0] + 15) // 16 * 16),))
-
-        @torch.library.register_fake("eureka_fast::packed_linear_")
-        def _(out, x, packed, bias, accumulate, gelu):
-            return out
-
-    if hasattr(torch.ops.eureka_fast, "packed_linear_norm_"):
-        @torch.library.register_fake("eureka_fast::packed_linear_norm_")
-        def _(out, x, packed, bias, ln_weight, ln_bias, eps, normed):
-            return normed
+registry.on_load(_register_fakes, ("attention", "attention_out"))
 
 
 def _kernel_available(device: torch.device) -> bool:
-    if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "attention"):
-        return False
-    _register_fake()
-    return api._has_kernel("attention", device)
+    return registry.use_kernel("attention", device)
 
 
 def _add_head_bias(t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -115,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Op
         return reference_attention(q, k, v, key_lengths, scale, q_bias=q_bias, v_bias=v_bias)
     if (out is not None and q.dtype in (torch.float32, torch.float64) and out.dtype == q.dtype
             and out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and out.is_contiguous()
-            and hasattr(torch.ops.eureka_fast, "attention_out")):
+            and registry.has_kernel("attention_out", q.device)):
         return torch.ops.eureka_fast.attention_out(q, k, v, key_lengths, float(scale), q_bias, v_bias,
                                                    out).transpose(1, 2)
     return torch.ops.eureka_fast.attention(q, k, v, key_lengths, float(scale), q_bias, v_bias).transpose(1, 2)

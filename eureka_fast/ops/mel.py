@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from . import api
-
-_REGISTERED = False
+from . import registry
 
 
-def _kernel_available(device: torch.device) -> bool:
-    global _REGISTERED
-    if not api._load_extension() or not hasattr(torch.ops.eureka_fast, "mel_power"):
-        return False
-    if not _REGISTERED:
-        _REGISTERED = True
-
+def _register_fakes() -> None:
+    if hasattr(torch.ops.eureka_fast, "mel_power"):
         @torch.library.register_fake("eureka_fast::mel_power")
         def _(spectrum, filters, floor):
             return spectrum.new_empty((filters.shape[0], spectrum.shape[0]))
 
-    return api._has_kernel("mel_power", device)
+
+registry.on_load(_register_fakes, ("mel_power",))
+
+
+def _kernel_available(device: torch.device) -> bool:
+    return registry.use_kernel("mel_power", device)
 
 
 def reference_mel_power(spectrum: torch.Tensor, filters: torch.Tensor, floor: float) -> torch.Tensor:

@@ -2,8 +2,7 @@
 front end's frames).
 
 Why: fresh multi-MB tensors are page-faulted in on every call whenever glibc has handed the freed blocks back to the
-kernel, which it does often enough at these sizes: a tiny.en forward re-faulted ~6,000 pages (~3 ms), a 30 s log-mel
-~1,700.
+kernel, which it does often at these sizes.
 """
 from __future__ import annotations
 

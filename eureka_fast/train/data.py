@@ -18,10 +18,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, load_clip
+from ..models.conversation import AUDIO_ITEM_TYPES, ROLES, MessageFormatError, audio_reference, content_items, text_of
+
 IGNORE_INDEX = -100
-SAMPLE_RATE = 16000
-SAMPLES_PER_AUDIO_TOKEN = 1280
-ROLES = ("system", "user", "assistant")
 
 
 class SkipCounter:
@@ -86,29 +86,6 @@ def _is_remote(ref: str) -> bool:
     return ref.startswith(("http://", "https://", "data:"))
 
 
-def _content_items(content: Any) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if isinstance(content, list):
-        return content
-    raise ValueError(f"content must be a string or a list of items, got {type(content).__name__}")
-
-
-def _audio_ref(item: dict) -> str:
-    if item.get("type") == "audio_url":
-        value = item.get("audio_url")
-        ref = value.get("url") if isinstance(value, dict) else value
-    else:  # {"type": "audio", "audio": path}
-        ref = item.get("audio")
-    if not isinstance(ref, str) or not ref:
-        raise ValueError("audio item without a url")
-    return ref
-
-
-def _text_of(message: dict) -> str:
-    return "".join(it.get("text", "") for it in _content_items(message.get("content")) if it.get("type") == "text")
-
-
 def audio_duration_samples(path: str) -> int:
     """Number of samples at 16 kHz, read from the file header (no decoding); raises on unreadable files."""
     import soundfile
@@ -131,22 +108,26 @@ def parse_record(obj: Any, base_dir: str, fallback_id: str, check_audio: bool = 
     audio_refs: list[str] = []
     audio_samples = 0
     text_chars = 0
-    for m in messages:
+    for index, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise _Skip("bad_format", f"message with role {m.get('role') if isinstance(m, dict) else m!r}", record_id)
+        where = f"message {index} ({m['role']})"
         try:
-            items = _content_items(m.get("content"))
-        except ValueError as exc:
+            items = content_items(m.get("content"), where)
+        except MessageFormatError as exc:
             raise _Skip("bad_format", str(exc), record_id) from None
         new_items = []
         for it in items:
             if not isinstance(it, dict) or "type" not in it:
                 raise _Skip("bad_format", "content item without a type", record_id)
-            if it["type"] in ("audio_url", "audio"):
+            if it["type"] in AUDIO_ITEM_TYPES:
                 try:
-                    ref = _audio_ref(it)
-                except ValueError as exc:
+                    ref = audio_reference(it, where)
+                except MessageFormatError as exc:
                     raise _Skip("bad_format", str(exc), record_id) from None
+                if not isinstance(ref, str) or not ref:
+                    raise _Skip("bad_format", f"{where}: a manifest's audio item must name a path, URL or data URI",
+                                record_id)
                 if not _is_remote(ref):
                     if ref.startswith("file://"):
                         ref = ref[len("file://"):]
@@ -175,10 +156,10 @@ def parse_record(obj: Any, base_dir: str, fallback_id: str, check_audio: bool = 
         resolved_messages.append({"role": m["role"], "content": new_items})
     if resolved_messages[-1]["role"] != "assistant":
         raise _Skip("no_target", "the last message is not an assistant turn", record_id)
-    if not _text_of(resolved_messages[-1]).strip():
+    if not text_of(resolved_messages[-1]["content"]).strip():
         raise _Skip("empty_target", "the assistant turn is empty", record_id)
     answer = obj.get("answer")
-    length = int(math.ceil(audio_samples / SAMPLES_PER_AUDIO_TOKEN)) + text_chars // 3 + 8 * len(messages)
+    length = int(math.ceil(audio_samples / SAMPLES_PER_TOKEN)) + text_chars // 3 + 8 * len(messages)
     return Record(
         id=record_id,
         task=str(obj.get("task") or "unknown"),
@@ -223,13 +204,6 @@ def read_manifest(path: str, skips: SkipCounter | None = None, check_audio: bool
     return records
 
 
-def load_audio_array(ref: str) -> np.ndarray:
-    """16 kHz mono float32 through the package's audio loader (it also handles data: URIs and URLs)."""
-    from eureka_fast.audio import load_audio
-
-    return load_audio(ref, sr=SAMPLE_RATE)
-
-
 class ConversationDataset(torch.utils.data.Dataset):
     """Records from one or more manifests; audio is decoded only when an item is fetched.
 
@@ -238,7 +212,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     fails to decode.
     """
 
-    def __init__(self, records: Sequence[Record], load_audio=load_audio_array):
+    def __init__(self, records: Sequence[Record], load_audio=load_clip):
         self.records = list(records)
         self._load_audio = load_audio
 

@@ -31,8 +31,9 @@ from .data import (IGNORE_INDEX, BucketBatchSampler, ConversationCollator, SkipC
                    load_sources)
 from .distributed import (DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, no_grad_sync, unwrap,
                           wrap_model)
+from .encoder_cache import install_encoder_cache
 from .metrics import MetricsWriter, Progress
-from .modeling import build_model_and_processor, build_processor, forward_kwargs, install_encoder_cache
+from .model_setup import build_model_and_processor, build_processor, forward_kwargs
 from .optim import Schedule, apply_stage, build_optimizer, frozen_modules
 
 

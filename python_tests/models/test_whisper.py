@@ -243,8 +243,10 @@ def test_tiny_en_encoder_matches_ctranslate2(tiny_model, ctranslate2_tiny):
         from_full_model = tiny_model.encoder(mel)
     assert (got - expected).abs().max().item() < 1e-3
     torch.testing.assert_close(from_full_model, got)
-    # the autograd path (SDPA, conv modules) computes the same function up to fp32 rounding
-    assert (tiny_model.encoder(mel) - got).abs().max().item() < 1e-4
+    # the autograd path (SDPA, conv modules) computes the same function up to fp32 rounding: four layers summed in
+    # another order differ by ~1e-5 of the output's scale (AVX2 and AVX-512 hosts alike), so bound it relative to it
+    scale = got.abs().max().item()
+    assert (tiny_model.encoder(mel) - got).abs().max().item() < 2e-5 * scale
 
 
 @needs_tiny

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from eureka_fast.audio.features import mel_filters
-from eureka_fast.ops import api
+from eureka_fast.ops import registry
 from eureka_fast.ops.mel import mel_power, reference_mel_power
 
 pytestmark = pytest.mark.usefixtures("poisoned_empty_tensors")
-compiled = pytest.mark.skipif(not api._load_extension() or not hasattr(torch.ops.eureka_fast, "mel_power"),
+compiled = pytest.mark.skipif(not registry.load_extension() or not hasattr(torch.ops.eureka_fast, "mel_power"),
                               reason="compiled kernels not built")
 FLOOR = 1e-10
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import eureka_fast.ops as ops
 from eureka_fast.ops import reference as ref
-from eureka_fast.ops.api import DOWNSAMPLE_PRESETS, downsample_preset, ultravox_projector_args
+from eureka_fast.integrations.downsample_presets import DOWNSAMPLE_PRESETS, downsample_preset, ultravox_projector_args
 
 pytestmark = [
     pytest.mark.skipif(ops.backend() != "compiled", reason="eureka_fast._C is not built"),

@@ -1,6 +1,7 @@
 """Manifest validation and skip counting, ratio mixing, length bucketing, distributed slicing, label masking."""
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
@@ -142,3 +143,35 @@ def test_collator_text_mode_and_processor_failures(clip_dir, tmp_path, processor
     out = ConversationCollator(processor)([ds[0], broken])
     assert out["ids"] == ["a"] and out["skipped"][0][:2] == ("broken", "processor_error")
     assert ConversationCollator(processor)([BadSample("x", "unreadable_audio")])["empty"]
+
+
+def test_manifest_reads_every_audio_item_form_the_processor_takes(clip_dir, tmp_path, processor):
+    # one parser (eureka_fast.models.conversation) for both: an item the processor renders is one training accepts
+    path = str(clip_dir / "c1.wav")
+    with open(path, "rb") as fh:
+        data_uri = "data:audio/wav;base64," + base64.b64encode(fh.read()).decode("ascii")
+    user_items = [
+        [{"type": "audio_url", "audio_url": {"url": path}}],
+        [{"type": "audio_url", "audio_url": path}],
+        [{"type": "audio", "path": path}],
+        [{"type": "audio", "url": "file://" + path}],
+        [{"type": "input_audio", "input_audio": {"data": data_uri.split(",", 1)[1], "format": "wav"}}],
+        {"type": "audio", "audio": path},  # one item, not in a list
+    ]
+    lines = [{"id": f"form-{i}", "messages": [{"role": "user", "content": content},
+                                              {"role": "assistant", "content": "ok"}]}
+             for i, content in enumerate(user_items)]
+    lines.append({"id": "no-url", "messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {}}]},
+                                               {"role": "assistant", "content": "ok"}]})
+    skips = SkipCounter()
+    records = read_manifest(write_manifest(str(tmp_path / "forms.jsonl"), lines), skips)
+    assert [r.id for r in records] == [f"form-{i}" for i in range(len(user_items))]
+    assert dict(skips.counts) == {"bad_format": 1} and "audio_url item needs" in skips.examples["bad_format"][0]
+    assert [r.audio for r in records[:4]] == [[path]] * 4
+    assert records[4].audio[0].startswith("data:audio/wav;base64,")
+    # every record decodes to the same waveform and the processor gives each the same audio tokens
+    dataset = ConversationDataset(records)
+    waves = [dataset[i]["messages"][0]["content"][0]["audio"][0] for i in range(len(records))]
+    assert all(np.array_equal(w, waves[0]) for w in waves)
+    counts = [processor(line["messages"])["audio_token_counts"].tolist() for line in lines[:-1]]
+    assert counts == [counts[0]] * len(counts) and counts[0][0] == -(-len(waves[0]) // 1280)

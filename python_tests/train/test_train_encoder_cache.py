@@ -9,7 +9,7 @@ import torch
 
 from eureka_fast.train.config import config_from_dict
 from eureka_fast.train.data import ConversationCollator, load_sources
-from eureka_fast.train.modeling import FrozenEncoderCache, install_encoder_cache, remove_encoder_cache
+from eureka_fast.train.encoder_cache import FrozenEncoderCache, install_encoder_cache, remove_encoder_cache
 from eureka_fast.train.trainer import Trainer
 from train_helpers import base_config, tiny_model
 

@@ -356,8 +356,8 @@ def test_bias_gelu_and_add_layer_norm_capped_isa_subprocess():
     script = r"""
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
-import eureka_fast.ops.api as api
-api._load_extension()
+from eureka_fast.ops import registry
+registry.load_extension()
 x = torch.randn(64, 100) * 4
 b = torch.randn(100)
 expected = F.gelu(x.double() + b.double())

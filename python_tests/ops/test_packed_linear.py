@@ -167,8 +167,8 @@ def test_capped_isa_subprocess():
     script = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-import eureka_fast.ops.api as api
-api._load_extension()
+from eureka_fast.ops import registry
+registry.load_extension()
 print(torch.ops.eureka_fast.linear_pack(torch.randn(5, 3)).numel())
 """
     # and the portable paths of packed_linear_ / packed_linear_norm_ (ATen on the unpacked weight)
@@ -176,9 +176,9 @@ print(torch.ops.eureka_fast.linear_pack(torch.randn(5, 3)).numel())
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
-import eureka_fast.ops.api as api
+from eureka_fast.ops import registry
 from test_packed_linear import pack_in_python
-api._load_extension()
+registry.load_extension()
 g = torch.Generator().manual_seed(0)
 x, w, b = torch.randn(13, 40, generator=g), torch.randn(130, 40, generator=g), torch.randn(130, generator=g)
 out = torch.randn(13, 130, generator=g)
@@ -276,14 +276,15 @@ def test_conv_stem_keeps_autograd_for_any_trainable_stem_parameter():
 
 def test_large_weights_keep_the_blas_path():
     # the packed cache doubles a weight's memory: only weights up to _PACK_MAX_BYTES are packed
-    from eureka_fast.models import whisper
+    from eureka_fast.models.whisper import encoder as whisper
+    from eureka_fast.ops import registry
 
     layer = torch.nn.Linear(1, 1)
     x = torch.randn(3, 8)
     small = torch.randn(16, 8)
     big = torch.empty(whisper._PACK_MAX_BYTES // 4 // 8 + 1, 8)
     assert whisper._packed_weight(layer, "big", big, x) is None
-    if whisper._has_cpu_kernel("packed_linear_", x) and ops.backend() == "compiled":
+    if registry.cpu_kernel_runs("packed_linear_", x) and ops.backend() == "compiled":
         packed = whisper._packed_weight(layer, "small", small, x)
         if torch.ops.eureka_fast.linear_pack(small).numel():  # the kernel runs on this CPU
             assert packed is not None

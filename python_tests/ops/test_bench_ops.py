@@ -1,8 +1,8 @@
 """pytest-benchmark microbenchmarks, one per op, at a mid-size MoE shape (T=256, H=512, I=256, E=32, k=4).
 
-    python -m pytest bench/test_bench_ops.py --benchmark-enable --benchmark-columns=min,median,mean
+    python -m pytest python_tests/ops/test_bench_ops.py --benchmark-enable --benchmark-columns=min,median,mean
 
-(pyproject's addopts disable benchmarking by default, so in a plain test run each benchmark executes once as a smoke test.)
+(pyproject's addopts disable benchmarking by default, so the suite runs each benchmark once, as a smoke test.)
 """
 import math
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eureka_fast.ops as ops
-from eureka_fast.ops.api import downsample_preset
+from eureka_fast.integrations.downsample_presets import downsample_preset
 
 T, H, I, E, K = 256, 512, 256, 32, 4
 

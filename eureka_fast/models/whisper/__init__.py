@@ -1,0 +1,16 @@
+"""Whisper, split by job: `encoder` (WhisperDims, WhisperEncoder: the audio encoder Eureka-Audio runs),
+`decoding` (text decoder, guarded decoding, `WhisperModel.transcribe`) and `checkpoints` (the readers behind
+`load_whisper_encoder` / `load_whisper_model`). Every public name is importable from here.
+"""
+from .checkpoints import (load_whisper_encoder, load_whisper_model, load_whisper_state, read_ctranslate2_model_bin,
+                          resolve_whisper_path)
+from .decoding import (COMPRESSION_RATIO_THRESHOLD, FALLBACK_TEMPERATURES, LOGPROB_THRESHOLD, WhisperDecoder,
+                       WhisperModel, WhisperTokenizer, WindowDecoding, compression_ratio, repeated_suffix)
+from .encoder import WhisperDims, WhisperEncoder, encoder_flops, sinusoids
+
+__all__ = [
+    "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "WhisperTokenizer", "sinusoids",
+    "load_whisper_encoder", "load_whisper_model", "load_whisper_state", "resolve_whisper_path",
+    "read_ctranslate2_model_bin", "encoder_flops", "compression_ratio", "repeated_suffix", "WindowDecoding",
+    "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES",
+]

@@ -1,0 +1,502 @@
+"""Whisper's text decoder (KV cache) and transcription.
+
+`WhisperModel.transcribe` (the offline ASR of DataFlux) decodes 30 s windows without timestamps: greedy first, with
+openai-whisper's fallback (compression ratio / log-probability tests, beam search, seeded temperature sampling), a
+per-window token cap of n_text_ctx / 2 and an n-gram repetition stop. The tokenizer is a `tokenizer.json` (tokenizers
+package) or openai-whisper's bundled tiktoken files; both packages are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoder import FusedSelfAttention, LayerNorm, WhisperDims, WhisperEncoder
+
+__all__ = ["WhisperDecoder", "WhisperModel", "WhisperTokenizer", "WindowDecoding", "compression_ratio",
+           "repeated_suffix", "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES"]
+
+
+class CrossAttention(nn.Module):
+    """Decoder -> audio attention; k/v are projected once per utterance by one [2d, d] GEMM (k without bias)."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(d, d)
+        self.kv_weight = nn.Parameter(torch.empty(2 * d, d))
+        self.v_bias = nn.Parameter(torch.zeros(d))
+        self.out = nn.Linear(d, d)
+        nn.init.uniform_(self.kv_weight, -1.0 / math.sqrt(d), 1.0 / math.sqrt(d))
+
+    def project_kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        batch, length, d = audio.shape
+        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        kv = F.linear(audio, self.kv_weight, bias).view(batch, length, 2, self.n_head, d // self.n_head)
+        kv = kv.permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        batch, length, d = x.shape
+        q = self.q(x).view(batch, length, self.n_head, d // self.n_head).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, d))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.attn_norm = LayerNorm(d)
+        self.attn = FusedSelfAttention(d, n_head)
+        self.cross_norm = LayerNorm(d)
+        self.cross_attn = CrossAttention(d, n_head)
+        self.mlp_norm = LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor, cache: dict, index: int) -> Tensor:
+        h = self.attn_norm(x)
+        q, k, v = self.attn.project_qkv(h)
+        past = cache.get(("self", index))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        cache[("self", index)] = (k, v)
+        # Causal within the new tokens; every cached position precedes them all.
+        new, total = q.shape[2], k.shape[2]
+        mask = None
+        if new > 1:
+            mask = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(diagonal=total - new)
+        x = x + self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        cross_k, cross_v = cache[("cross", index)]
+        x = x + self.cross_attn(self.cross_norm(x), cross_k, cross_v)
+        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+
+
+class WhisperDecoder(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        self.dims = dims
+        d = dims.n_text_state
+        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
+        self.layers = nn.ModuleList([DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)])
+        self.final_norm = LayerNorm(d)
+
+    def new_cache(self, audio_features: Tensor) -> dict:
+        cache: dict = {"length": 0}
+        for index, layer in enumerate(self.layers):
+            cache[("cross", index)] = layer.cross_attn.project_kv(audio_features)
+        return cache
+
+    def forward(self, tokens: Tensor, cache: dict) -> Tensor:
+        """tokens [B, n] continuing the cached prefix -> logits [B, n, vocab] (float32)."""
+        offset = cache["length"]
+        if offset + tokens.shape[1] > self.dims.n_text_ctx:
+            raise ValueError("decoder context of %d tokens exceeded" % self.dims.n_text_ctx)
+        x = self.token_embedding(tokens) + self.positional_embedding[offset:offset + tokens.shape[1]]
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cache, index)
+        cache["length"] = offset + tokens.shape[1]
+        x = self.final_norm(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).t()).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer glue
+
+
+class WhisperTokenizer:
+    """Text <-> ids plus the special ids greedy decoding needs.
+
+    Backed by a `tokenizer.json` (tokenizers package) when the checkpoint ships one (CTranslate2 / transformers
+    directories), else by openai-whisper's bundled tiktoken files (gpt2 / multilingual).
+    """
+
+    def __init__(self, encode, decode, special: dict[str, int], suppress: list[int], suppress_begin: list[int]):
+        self._encode, self._decode = encode, decode
+        self.special = special
+        self.eot = special["<|endoftext|>"]
+        self.sot = special["<|startoftranscript|>"]
+        self.no_timestamps = special["<|notimestamps|>"]
+        self.suppress = suppress
+        self.suppress_begin = suppress_begin
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids if int(i) < self.eot])
+
+    def prompt(self, multilingual: bool, language: str = "en", task: str = "transcribe") -> list[int]:
+        ids = [self.sot]
+        if multilingual:
+            key = "<|%s|>" % language
+            if key not in self.special:
+                raise ValueError("language %r has no token in this tokenizer" % language)
+            ids += [self.special[key], self.special["<|%s|>" % task]]
+        return ids + [self.no_timestamps]
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str, config: dict | None = None) -> "WhisperTokenizer":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(path)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        special = {tok: idx for tok, idx in vocab.items() if tok.startswith("<|") and tok.endswith("|>")}
+        config = config or {}
+        return cls(lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True), special,
+                   list(config.get("suppress_ids", config.get("suppress_tokens", []))),
+                   list(config.get("suppress_ids_begin", config.get("begin_suppress_tokens", []))))
+
+    @classmethod
+    def from_openai_whisper(cls, multilingual: bool, num_languages: int = 99) -> "WhisperTokenizer":
+        from whisper.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(multilingual, num_languages=num_languages)
+        special = dict(tok.special_tokens)
+        suppress = sorted(set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev,
+                                                        tok.sot_lm, tok.no_speech})
+        return cls(tok.encode, tok.decode, special, suppress, [tok.encode(" ")[0], tok.eot])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding guards (openai-whisper's fallback tests plus an n-gram loop stop)
+
+COMPRESSION_RATIO_THRESHOLD = 2.4  # openai-whisper: above this a window's text is a repetition loop
+LOGPROB_THRESHOLD = -1.0  # openai-whisper: below this average token log-probability a window is retried
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8 text) / len(zlib(text)), as openai-whisper computes it: loops compress far better than speech."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def repeated_suffix(tokens: list[int], min_repeats: int = 3, min_tokens: int = 16) -> tuple[int, int] | None:
+    """(period, copies) when `tokens` ends in `copies` >= min_repeats back-to-back copies of one `period`-token
+    n-gram covering >= min_tokens tokens (the shortest such period), else None. With the defaults a phrase said three
+    times in a row is a loop only if the three copies span 16 tokens (one token needs 16 copies, two need 8)."""
+    n = len(tokens)
+    if min_repeats < 2 or n < max(min_tokens, 2):
+        return None
+    last = tokens[-1]
+    for period in range(1, n // min_repeats + 1):
+        if tokens[-1 - period] != last:
+            continue
+        block = tokens[n - period:]
+        copies = 1
+        while (copies + 1) * period <= n and tokens[n - (copies + 1) * period:n - copies * period] == block:
+            copies += 1
+        if copies >= min_repeats and copies * period >= min_tokens:
+            return period, copies
+    return None
+
+
+@dataclass
+class WindowDecoding:
+    """One window's decode. `stop`: "eot", "repetition" (the n-gram guard cut a loop, keeping its first copy) or
+    "length" (the token cap). `temperature` / `beam_size` say which attempt produced it (0.0 / 1 is greedy)."""
+
+    tokens: list[int]
+    text: str
+    sum_logprob: float
+    avg_logprob: float
+    compression_ratio: float
+    stop: str
+    temperature: float = 0.0
+    beam_size: int = 1
+    attempts: int = 1
+
+    @property
+    def fell_back(self) -> bool:
+        return self.attempts > 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Full model
+
+
+class WhisperModel(nn.Module):
+    """Encoder + decoder; `transcribe(audio)` decodes 30 s windows without timestamps: greedy first, with
+    openai-whisper-style fallback (beam search, then temperature sampling) for windows that fail its quality tests."""
+
+    def __init__(self, dims: WhisperDims, tokenizer: WhisperTokenizer | None = None):
+        super().__init__()
+        self.dims = dims
+        self.encoder = WhisperEncoder(dims)
+        self.decoder = WhisperDecoder(dims)
+        self.tokenizer = tokenizer
+
+    @property
+    def max_window_tokens(self) -> int:
+        """Hard cap on new tokens per window: half the decoder context (openai-whisper's sample_len)."""
+        return self.dims.n_text_ctx // 2
+
+    def _token_budget(self, prompt: list[int], max_new_tokens: int | None) -> int:
+        limit = min(self.dims.n_text_ctx - len(prompt), self.max_window_tokens)
+        return limit if max_new_tokens is None else max(0, min(max_new_tokens, limit))
+
+    def _suppress_masks(self, device) -> tuple[Tensor, Tensor]:
+        """(suppressed at every step, suppressed at the first step) boolean masks over the vocabulary."""
+        tokenizer = self._require_tokenizer()
+        suppress = torch.zeros(self.dims.n_vocab, dtype=torch.bool, device=device)
+        suppress[[i for i in tokenizer.suppress if 0 <= i < self.dims.n_vocab]] = True
+        # Only text and end-of-text are outputs here: every other special token (start/language/task/timestamps).
+        suppress[tokenizer.eot + 1:] = True
+        begin_suppress = suppress.clone()
+        begin_suppress[[i for i in tokenizer.suppress_begin if 0 <= i < self.dims.n_vocab]] = True
+        return suppress, begin_suppress
+
+    @torch.inference_mode()
+    def sample_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None,
+                      temperature: float = 0.0, generator: torch.Generator | None = None,
+                      repetition: tuple[int, int] | None = None) -> list[tuple[list[int], float, str]]:
+        """Greedy (temperature 0) or sampled decoding of a batch of encoded windows [B, T, d] from a shared prompt.
+
+        Returns per item (new ids, sum of token log-probabilities including the end token, stop reason).
+        `repetition` = (min_repeats, min_tokens) enables the n-gram loop stop (see `repeated_suffix`)."""
+        tokenizer = self._require_tokenizer()
+        device = audio_features.device
+        batch = audio_features.shape[0]
+        budget = self._token_budget(prompt, max_new_tokens)
+        cache = self.decoder.new_cache(audio_features)
+        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
+        suppress, begin_suppress = self._suppress_masks(device)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        sums = [0.0] * batch
+        stops = ["length"] * batch
+        finished = [False] * batch
+        for step in range(budget):
+            logits = self.decoder(tokens, cache)[:, -1]
+            logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].tolist()
+            for b, token in enumerate(next_ids.tolist()):
+                if finished[b]:
+                    continue
+                sums[b] += logprobs[b]
+                if token == tokenizer.eot:
+                    finished[b], stops[b] = True, "eot"
+                    continue
+                outputs[b].append(token)
+                if repetition is not None:
+                    loop = repeated_suffix(outputs[b], *repetition)
+                    if loop is not None:
+                        period, copies = loop
+                        del outputs[b][len(outputs[b]) - (copies - 1) * period:]
+                        finished[b], stops[b] = True, "repetition"
+            if all(finished):
+                break
+            tokens = torch.where(torch.tensor(finished, device=device), torch.full_like(next_ids, tokenizer.eot),
+                                 next_ids)[:, None]
+        return [(outputs[b], sums[b], stops[b]) for b in range(batch)]
+
+    @torch.inference_mode()
+    def greedy_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None
+                      ) -> list[list[int]]:
+        """Greedy decoding (no guard) of a batch of encoded windows [B, T, d] from a shared prompt; returns the new
+        ids. At most `max_window_tokens` (n_text_ctx / 2) new tokens per window."""
+        return [ids for ids, _, _ in self.sample_decode(audio_features, prompt, max_new_tokens)]
+
+    @torch.inference_mode()
+    def beam_search(self, audio_features: Tensor, prompt: list[int], beam_size: int = 5,
+                    max_new_tokens: int | None = None, patience: float = 1.0,
+                    repetition: tuple[int, int] | None = None) -> tuple[list[int], float, str]:
+        """Beam search over the KV-cached decoder for one encoded window [1, T, d] (openai-whisper's algorithm:
+        each beam proposes its beam_size + 1 best tokens, the best beam_size unfinished continuations survive, and
+        search ends once round(beam_size * patience) sequences have ended; the winner maximises sum log-probability
+        / length). Returns (new ids, sum log-probability, stop reason). beam_size 1 is greedy decoding."""
+        if audio_features.shape[0] != 1:
+            raise ValueError("beam_search decodes one window at a time, got a batch of %d" % audio_features.shape[0])
+        if beam_size < 1:
+            raise ValueError("beam_size must be >= 1, got %d" % beam_size)
+        tokenizer = self._require_tokenizer()
+        eot = tokenizer.eot
+        device = audio_features.device
+        budget = self._token_budget(prompt, max_new_tokens)
+        max_finished = max(1, round(beam_size * patience))
+        cache = self.decoder.new_cache(audio_features)
+        cross = {key: value for key, value in cache.items() if isinstance(key, tuple) and key[0] == "cross"}
+        suppress, begin_suppress = self._suppress_masks(device)
+        beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (new ids, sum log-probability)
+        finished: dict[tuple[int, ...], float] = {}
+        looped: dict[tuple[int, ...], float] = {}  # beams cut by the n-gram guard: used only if nothing else ends
+        tokens = torch.tensor([prompt], dtype=torch.long, device=device)
+        for step in range(budget):
+            logits = self.decoder(tokens, cache)[:, -1]
+            logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
+            top_logprobs, top_ids = torch.log_softmax(logits, dim=-1).topk(beam_size + 1, dim=-1)
+            scores: dict[tuple[int, ...], float] = {}
+            sources: dict[tuple[int, ...], int] = {}
+            for b, (prefix, score) in enumerate(beams):
+                for logprob, token in zip(top_logprobs[b].tolist(), top_ids[b].tolist()):
+                    if math.isinf(logprob):
+                        continue
+                    sequence = prefix + (token,)
+                    if sequence not in scores:
+                        scores[sequence], sources[sequence] = score + logprob, b
+            new_beams, new_sources, newly_finished = [], [], {}
+            for sequence in sorted(scores, key=scores.get, reverse=True):
+                if sequence[-1] == eot:
+                    newly_finished[sequence[:-1]] = scores[sequence]
+                    continue
+                loop = repeated_suffix(list(sequence), *repetition) if repetition is not None else None
+                if loop is not None:
+                    period, copies = loop
+                    looped.setdefault(sequence[:len(sequence) - (copies - 1) * period], scores[sequence])
+                    continue
+                new_beams.append((sequence, scores[sequence]))
+                new_sources.append(sources[sequence])
+                if len(new_beams) == beam_size:
+                    break
+            for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
+                if len(finished) >= max_finished:
+                    break
+                finished.setdefault(sequence, newly_finished[sequence])
+            if len(finished) >= max_finished or not new_beams:
+                break
+            beams = new_beams
+            index = torch.tensor(new_sources, dtype=torch.long, device=device)
+            for key in list(cache):
+                if isinstance(key, tuple) and key[0] == "self":
+                    k, v = cache[key]
+                    cache[key] = (k.index_select(0, index), v.index_select(0, index))
+            for key, (k, v) in cross.items():
+                cache[key] = (k.expand(len(beams), *k.shape[1:]), v.expand(len(beams), *v.shape[1:]))
+            tokens = torch.tensor([[sequence[-1]] for sequence, _ in beams], dtype=torch.long, device=device)
+        if finished:
+            pool, stop = finished, "eot"
+        elif looped:
+            pool, stop = looped, "repetition"
+        else:
+            pool, stop = dict(beams), "length"
+        best = max(pool, key=lambda sequence: pool[sequence] / max(1, len(sequence)))
+        return list(best), pool[best], stop
+
+    def _require_tokenizer(self) -> WhisperTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("this WhisperModel has no tokenizer; load it with load_whisper_model()")
+        return self.tokenizer
+
+    def _window_result(self, ids: list[int], sum_logprob: float, stop: str, temperature: float,
+                       beam_size: int) -> WindowDecoding:
+        text = self._require_tokenizer().decode(ids).strip()
+        # openai-whisper averages over the text tokens plus the end token
+        return WindowDecoding(ids, text, sum_logprob, sum_logprob / (len(ids) + 1), compression_ratio(text), stop,
+                              temperature, beam_size)
+
+    @torch.inference_mode()
+    def decode_windows(self, audio: Any, *, language: str = "en", task: str = "transcribe",
+                       max_new_tokens: int | None = None, batch_windows: int = 4, beam_size: int = 5,
+                       temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
+                       compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+                       logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
+                       repetition_min_tokens: int = 16, seed: int = 0) -> list[WindowDecoding]:
+        """Per-window decodes of `audio` (see `transcribe` for the options)."""
+        from ...audio import SAMPLES_PER_WINDOW, load_audio, log_mel
+
+        tokenizer = self._require_tokenizer()
+        waveform = load_audio(audio)
+        prompt = tokenizer.prompt(self.dims.is_multilingual, language, task)
+        param = self.encoder.conv1.weight
+        repetition = (repetition_limit, repetition_min_tokens) if repetition_limit else None
+        temperatures = tuple(temperatures) or (0.0,)
+        generator = torch.Generator(device=param.device).manual_seed(seed)
+
+        def failed(result: WindowDecoding) -> bool:
+            return (result.stop == "repetition"
+                    or (compression_ratio_threshold is not None
+                        and result.compression_ratio > compression_ratio_threshold)
+                    or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
+
+        def sampled(features: Tensor, temperature: float, count: int) -> WindowDecoding:
+            decodes = self.sample_decode(features.expand(count, *features.shape[1:]), prompt, max_new_tokens,
+                                         temperature, generator, repetition)
+            results = [self._window_result(ids, lp, stop, temperature, 1) for ids, lp, stop in decodes]
+            # best of the samples: not cut by the loop guard first, then sum log-probability / length
+            return max(results, key=lambda r: (r.stop != "repetition", r.sum_logprob / max(1, len(r.tokens))))
+
+        results: list[WindowDecoding] = []
+        starts = list(range(0, len(waveform), SAMPLES_PER_WINDOW))
+        for first in range(0, len(starts), batch_windows):
+            mels = [log_mel(waveform[s:s + SAMPLES_PER_WINDOW], self.dims.n_mels, mode="whisper")
+                    for s in starts[first:first + batch_windows]]
+            features = self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
+            first_t = temperatures[0]
+            count = 1 if first_t == 0 else best_of
+            if first_t == 0:
+                decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition)
+                batch_results = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in decodes]
+            else:
+                batch_results = [sampled(features[w:w + 1], first_t, count) for w in range(features.shape[0])]
+            for w, result in enumerate(batch_results):
+                attempts = [result]
+                if failed(result):
+                    window = features[w:w + 1]
+                    retries: list[tuple[float, int]] = []
+                    if beam_size > 1:
+                        retries.append((0.0, beam_size))
+                    retries += [(t, 1) for t in temperatures[1:]]
+                    for temperature, beam in retries:
+                        if beam > 1:
+                            ids, lp, stop = self.beam_search(window, prompt, beam, max_new_tokens,
+                                                             repetition=repetition)
+                            retry = self._window_result(ids, lp, stop, 0.0, beam)
+                        else:
+                            retry = sampled(window, temperature, best_of if temperature > 0 else 1)
+                        attempts.append(retry)
+                        if not failed(retry):
+                            break
+                passing = [r for r in attempts if not failed(r)]
+                if passing:
+                    chosen = passing[0]
+                else:  # nothing passed: the least loop-like attempt, then the most confident
+                    chosen = max(attempts, key=lambda r: (
+                        r.stop != "repetition",
+                        compression_ratio_threshold is None or r.compression_ratio <= compression_ratio_threshold,
+                        r.avg_logprob))
+                chosen.attempts = len(attempts)
+                results.append(chosen)
+        return results
+
+    @torch.inference_mode()
+    def transcribe(self, audio: Any, *, language: str = "en", task: str = "transcribe",
+                   max_new_tokens: int | None = None, batch_windows: int = 4, beam_size: int = 5,
+                   temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
+                   compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+                   logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
+                   repetition_min_tokens: int = 16, seed: int = 0) -> str:
+        """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps.
+
+        Audio longer than 30 s is cut into consecutive 30 s windows whose transcripts are joined with spaces;
+        `batch_windows` windows go through the first (greedy) pass together. Each window, as in openai-whisper:
+        - first pass at `temperatures[0]` (0.0: greedy, identical to faster-whisper / CTranslate2 greedy);
+        - it fails when its text's gzip compression ratio > `compression_ratio_threshold` (2.4), its average token
+          log-probability < `logprob_threshold` (-1.0), or the n-gram guard cut a loop (None disables a test);
+        - a failed window is re-decoded with beam search (`beam_size`, 5; 1 skips it), then by sampling at each
+          further temperature (0.2, 0.4, ... 1.0; `best_of` samples each, from a generator seeded with `seed`, so
+          results are reproducible) until an attempt passes; if none does, the attempt least like a loop wins.
+        Guards on every attempt: at most `max_new_tokens` new tokens per window, never more than n_text_ctx / 2
+        (224 for Whisper); and a decode stops as soon as its last `repetition_limit` (3) back-to-back copies of an
+        n-gram cover >= `repetition_min_tokens` (16) tokens, keeping one copy (`repetition_limit=None` disables).
+        """
+        windows = self.decode_windows(
+            audio, language=language, task=task, max_new_tokens=max_new_tokens, batch_windows=batch_windows,
+            beam_size=beam_size, temperatures=temperatures, best_of=best_of,
+            compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
+            repetition_limit=repetition_limit, repetition_min_tokens=repetition_min_tokens, seed=seed)
+        return " ".join(w.text for w in windows if w.text)
