@@ -7,6 +7,7 @@ nvidia/cu13 headers that ship inside the CUDA torch wheel) can be given in EUREK
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -68,7 +69,20 @@ def _extension():
     )
 
 
+class PersistentBuildExtension(BuildExtension):
+    """Compiles into build/ext-<python>-<torch> in the source tree instead of the temporary directory pip gives an
+    editable or wheel build, so a second install (e.g. the README's second command, with other extras) finds
+    ninja's objects and .ninja_log there and recompiles only what changed. EUREKA_FAST_BUILD_DIR moves it."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        default = os.path.join(ROOT, "build", f"ext-py{sys.version_info[0]}{sys.version_info[1]}-torch"
+                                             f"{torch.__version__.replace('+', '-')}")
+        self.build_temp = os.path.abspath(os.environ.get("EUREKA_FAST_BUILD_DIR") or default)
+        os.makedirs(self.build_temp, exist_ok=True)
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PersistentBuildExtension.with_options(use_ninja=True)},
 )

@@ -374,6 +374,77 @@ def record_section(key: str, title: str, table: str, path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# How busy the machine was
+# --------------------------------------------------------------------------------------------------------------
+def _busy_cpu_seconds() -> Optional[float]:
+    """CPU time all processes have used since boot (Linux /proc/stat), in seconds; None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system  # this process only: a child it spawns competes like any other process
+
+
+class MachineLoad:
+    """Measures how busy the machine was over an interval: the load average at both ends and the CPU time that
+    other processes used (all CPU time less this process's), as an average number of cores taken from us.
+
+    On a loaded machine the ratios of a benchmark invert (our op looks slower than eager), so the report goes above
+    the tables and warns when other processes competed for the cores."""
+
+    # other processes using more than this many cores on average make the timings unreliable
+    COMPETING_CORES = 0.25
+
+    def __init__(self):
+        self.cores = os.cpu_count() or 1
+        self.load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self._busy0, self._own0, self._t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+        self.others_cores: Optional[float] = None
+        self.load_end = None
+        self.seconds = 0.0
+
+    def stop(self) -> "MachineLoad":
+        busy1, own1 = _busy_cpu_seconds(), _own_cpu_seconds()
+        self.seconds = time.perf_counter() - self._t0
+        self.load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+        if self._busy0 is not None and busy1 is not None and self.seconds > 0:
+            self.others_cores = max(0.0, ((busy1 - self._busy0) - (own1 - self._own0)) / self.seconds)
+        return self
+
+    @property
+    def competed(self) -> bool:
+        if self.others_cores is not None:
+            return self.others_cores > self.COMPETING_CORES
+        # without /proc/stat: a 1-minute load above the core count at either end means others were running
+        loads = [x[0] for x in (self.load_start, self.load_end) if x is not None]
+        return bool(loads) and max(loads) > self.cores
+
+    def report(self) -> str:
+        def fmt(load):
+            return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
+
+        lines = [f"machine load: {self.cores} cores; load average (1/5/15 min) {fmt(self.load_start)} at the start, "
+                 f"{fmt(self.load_end)} at the end of {self.seconds:.0f} s"]
+        if self.others_cores is not None:
+            lines[0] += f"; other processes used {self.others_cores:.2f} cores on average meanwhile"
+        if self.competed:
+            lines.append(f"WARNING: other processes competed for the cores during this run: the times below are "
+                         f"inflated and the ratios unreliable (ours can read slower than eager). Rerun on an idle "
+                         f"machine.")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # `eureka-audio bench`
 # --------------------------------------------------------------------------------------------------------------
 def add_subcommand(subparsers) -> None:
@@ -385,14 +456,24 @@ def add_subcommand(subparsers) -> None:
 
 
 def _run_bench(args) -> int:
-    from . import ops
+    import sys
 
+    from . import ops
+    from .cli import CommandError
+
+    if args.repeats is not None and args.repeats < 1:
+        raise CommandError(f"--repeats must be >= 1, got {args.repeats}")
     full = bool(args.full)
     repeats = args.repeats or (3 if full else 3)
-    print(f"eureka_fast ops backend: {ops.backend()}  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"eureka_fast ops backend: {ops.backend()}  (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+          flush=True)
+    print("measuring (the tables follow the machine-load report) ...", file=sys.stderr, flush=True)
+    load = MachineLoad()
+    moe_table, _ = run_moe_table(MOE_SHAPES if full else MOE_SHAPES_QUICK, repeats)
+    downsample_table = run_downsample_table(DOWNSAMPLE_CASES if full else DOWNSAMPLE_CASES_QUICK, repeats)
+    print(load.stop().report())
     print("\n## MoE expert layer (fused_experts vs the transformers eager loop and torch._grouped_mm)\n")
-    table, _ = run_moe_table(MOE_SHAPES if full else MOE_SHAPES_QUICK, repeats)
-    print(table)
+    print(moe_table)
     print("\n## Fused audio downsampling (stack_norm_project vs the eager module chain)\n")
-    print(run_downsample_table(DOWNSAMPLE_CASES if full else DOWNSAMPLE_CASES_QUICK, repeats))
+    print(downsample_table)
     return 0

@@ -184,32 +184,77 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding, as the official CLI (default: sampling "
                                                          "with temperature 0.7, top_p 0.8, top_k 20)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one file)")
-    p.add_argument("--max-new-tokens", type=int, default=OFFICIAL_DECODING["max_new_tokens"])
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-new-tokens", type=int, default=OFFICIAL_DECODING["max_new_tokens"],
+                   help=f"longest answer, in tokens (default {OFFICIAL_DECODING['max_new_tokens']})")
+    p.add_argument("--temperature", type=float,
+                   help=f"sampling temperature (default {OFFICIAL_DECODING['temperature']})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass (default {OFFICIAL_DECODING['top_p']})")
+    p.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens (default {OFFICIAL_DECODING['top_k']})")
+    p.add_argument("--repetition-penalty", type=float,
+                   help=f"penalty on repeated tokens (default {OFFICIAL_DECODING['repetition_penalty']})")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the model loading messages and progress bars of transformers (on stderr)")
     p.set_defaults(func=_run_infer)
 
 
+def _usable_sources(sources) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split --audio into sources that decode and (source, reason) for those that do not. URLs are left to the
+    processor (fetching them twice would cost a download)."""
+    from .audio import load_audio
+
+    good, bad = [], []
+    for source in sources:
+        if source.startswith(("http://", "https://")):
+            good.append(source)
+            continue
+        if not source.startswith("data:") and not os.path.exists(source):
+            bad.append((source, "does not exist"))
+            continue
+        try:
+            load_audio(source)
+        except Exception as exc:  # AudioError names the problem; anything else is reported the same way
+            bad.append((source, " ".join(str(exc).split()) or type(exc).__name__))
+            continue
+        good.append(source)
+    return good, bad
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' loading progress bars and notices out of the answers (and off the terminal)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _run_infer(args) -> int:
+    from .cli import CommandError
+
     if args.task == "qa" and not args.question:
-        print("eureka-audio infer: --task qa needs --question", file=sys.stderr)
-        return 2
+        raise CommandError("--task qa needs --question")
     if args.task != "qa" and args.question:
-        print(f"eureka-audio infer: --question only applies to --task qa (got --task {args.task})", file=sys.stderr)
-        return 2
+        raise CommandError(f"--question only applies to --task qa (got --task {args.task})")
     if args.stream and len(args.audio) != 1:
-        print("eureka-audio infer: --stream works with one --audio", file=sys.stderr)
-        return 2
-    for source in args.audio:
-        if not source.startswith(("http://", "https://", "data:")) and not os.path.exists(source):
-            print(f"eureka-audio infer: audio file {source!r} does not exist", file=sys.stderr)
-            return 2
+        raise CommandError("--stream works with one --audio")
+    if not os.path.isdir(args.model):
+        raise CommandError(f"--model {args.model}: no such directory (a model saved with save_pretrained, "
+                           "e.g. <train run>/final)")
+    good, bad = _usable_sources(args.audio)
+    prog = "eureka-audio infer"
+    for source, reason in bad:
+        print(f"{prog}: skipped {source}: {reason}", file=sys.stderr)
+    if not good:
+        raise CommandError("no usable audio: " + "; ".join(f"{s}: {r}" for s, r in bad))
+    if not args.verbose:
+        _quiet_transformers()
     if args.seed is not None:
         torch.manual_seed(args.seed)
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
@@ -218,14 +263,17 @@ def _run_infer(args) -> int:
                                    ("top_k", args.top_k), ("repetition_penalty", args.repetition_penalty))
                  if v is not None}
     conversations = [task_messages(args.task, os.path.abspath(a) if os.path.exists(a) else a, args.question)
-                     for a in args.audio]
+                     for a in good]
     if args.stream:
         engine.generate(conversations[0], greedy=args.greedy, stream=True, max_new_tokens=args.max_new_tokens,
                         **overrides)
         return 0
     answers = engine.generate(conversations, greedy=args.greedy, max_new_tokens=args.max_new_tokens, **overrides)
-    for source, answer in zip(args.audio, answers):
+    for source, answer in zip(good, answers):
         if len(args.audio) > 1:
             print(f"== {source}")
         print(answer)
+    if bad:
+        print(f"{prog}: {len(bad)} of {len(args.audio)} file(s) skipped", file=sys.stderr)
+        return 1
     return 0

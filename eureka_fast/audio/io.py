@@ -2,7 +2,8 @@
 
 Decoding goes through libsndfile (via `soundfile`: WAV PCM 8/16/24/32-bit and IEEE float, FLAC, Ogg/Vorbis/Opus and,
 with libsndfile >= 1.1, MP3). Anything libsndfile cannot open (m4a, webm, ...) falls back to an `ffmpeg` subprocess
-when the `ffmpeg` executable is on PATH. Resampling uses soxr (band-limited, high quality), never decimation.
+(the `ffmpeg` on PATH, else the one the imageio-ffmpeg wheel ships). Resampling uses soxr (band-limited, high
+quality), never decimation.
 
 Every failure is raised as `AudioError`, whose message names the source (file path, "<bytes, N bytes>",
 "<data URI ...>", "<array>") and the problem. A file cut short is reported where its container states its length
@@ -305,10 +306,23 @@ def _decoder_stderr_silenced(enabled: bool):
             os.write(2, ("\n".join(other) + "\n").encode())
 
 
+def ffmpeg_executable() -> str | None:
+    """`ffmpeg` on PATH, else the static build the imageio-ffmpeg wheel ships (the `audio` extra), else None."""
+    found = shutil.which("ffmpeg")
+    if found is None:
+        try:
+            import imageio_ffmpeg
+
+            found = imageio_ffmpeg.get_ffmpeg_exe()
+        except (ImportError, RuntimeError, OSError):
+            return None
+    return found
+
+
 def _decode_with_ffmpeg(data: bytes | None, path: str | None, sr: int) -> np.ndarray:
-    ffmpeg = shutil.which("ffmpeg")
+    ffmpeg = ffmpeg_executable()
     if ffmpeg is None:
-        raise _BackendFailed("ffmpeg: not installed")
+        raise _BackendFailed("ffmpeg: not installed (pip install imageio-ffmpeg, or a system ffmpeg)")
     # ffmpeg decodes, downmixes and resamples in one go; float output avoids a 16-bit requantisation.
     source = path if path is not None else "pipe:0"
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", source,

@@ -47,6 +47,9 @@ def wav_base64(audio: np.ndarray, sr: int = SAMPLE_RATE) -> str:
 def list_audio_files(audio_dir) -> list[str]:
     """Audio files under `audio_dir`, recursively, sorted so ids and order are stable across runs."""
     root = os.fspath(audio_dir)
+    if os.path.isfile(root):
+        raise NotADirectoryError(f"audio directory {root} is a file, not a directory (give the folder that holds "
+                                 "the audio files)")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"audio directory not found: {root}")
     found = []

@@ -9,6 +9,8 @@ import time
 
 import yaml
 
+from ..cli import Interrupted
+
 DEFAULT_CONFIG = {
     "pipeline": {"rounds": 3, "questions_per_category": 5, "shard_size": 200, "executor": "local", "workers": 2,
                  "seed": 0, "taxonomy": None, "categories": None, "ray_address": None, "ray_num_cpus": None,
@@ -52,17 +54,42 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
     return cfg
 
 
+class RunInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM stopped a run after its finished clips were committed; the message says how to resume."""
+
+
+def check_run_arguments(audio_dir: str, out_dir: str) -> list[str]:
+    """Everything a new run can check before it writes anything: the audio directory exists, is a directory and
+    holds audio files, and --out is not a file or a run already. Returns the audio files (sorted)."""
+    from .audio_io import AUDIO_EXTENSIONS, list_audio_files
+    from .store import RunStore
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"--out {out_dir}: is a file, not a directory")
+    if RunStore(out_dir).exists():
+        raise FileExistsError(f"{out_dir} already holds a DataFlux run; use `eureka-audio dataflux resume --out "
+                              f"{out_dir}` to continue it, or choose a new --out")
+    files = list_audio_files(audio_dir)
+    if not files:
+        raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {audio_dir}")
+    return files
+
+
 def run_dataflux(audio_dir: str | None, out_dir: str, config: dict | None = None, *, resume: bool = False,
                  progress: bool = True, limit: int | None = None, log=None) -> dict:
-    """Run (or resume) a DataFlux job. Returns the stats dict."""
-    from .audio_io import list_audio_files
-    from .pipeline import clip_id_for
-    from .stats import format_table, write_stats
+    """Run (or resume) a DataFlux job. Returns the stats dict.
+
+    A new run checks its arguments before it writes anything; if it then fails before any clip is committed,
+    the files it made are removed again (an empty or half-made --out would refuse the next run). Ctrl-C / SIGTERM
+    (KeyboardInterrupt) stops it with every finished clip committed and raises RunInterrupted."""
     from .store import RunStore
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     store = RunStore(out_dir)
+    made = None  # what this call created, removed again if the run fails before committing anything
     if resume:
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"--out {out_dir}: no such directory, so no DataFlux run to resume")
         if not store.exists():
             raise FileNotFoundError(f"{out_dir}: no DataFlux run to resume (manifest.json missing)")
         saved = store.load_config()
@@ -70,14 +97,56 @@ def run_dataflux(audio_dir: str | None, out_dir: str, config: dict | None = None
         cleaned = store.recover()
         if cleaned["removed_files"] or cleaned["truncated_bytes"]:
             log(f"resume: rolled back uncommitted output {cleaned}")
+        files = None
     else:
-        if store.exists():
-            raise FileExistsError(f"{out_dir} already holds a DataFlux run; use `eureka-audio dataflux resume --out "
-                                  f"{out_dir}` to continue it, or choose a new --out")
+        files = check_run_arguments(audio_dir, out_dir)
         config = config or load_config()
         audio_dir = os.path.abspath(audio_dir)
+        made = _created_paths(store.out)
         store.create({"config": config, "audio_dir": audio_dir})
-    files = list_audio_files(audio_dir)
+    try:
+        return _run(store, audio_dir, config, files, progress, limit, log)
+    except KeyboardInterrupt as exc:
+        done = len(store.manifest["done"])
+        raise RunInterrupted(f"{done} clip(s) committed in {store.out}; continue with: eureka-audio dataflux "
+                             f"resume --out {out_dir}") from exc
+    except BaseException:
+        if made is not None and not store.manifest["done"]:
+            _remove(store.out, made)
+        raise
+
+
+def _created_paths(out: str):
+    """The paths RunStore.create will make under `out` that do not exist yet (`out` itself if it is missing)."""
+    from .store import LEDGERS, MANIFEST, SHARD_DIRS
+
+    if not os.path.exists(out):
+        return [out]
+    names = [MANIFEST, "run_config.json", *LEDGERS, *SHARD_DIRS]
+    return [os.path.join(out, n) for n in names if not os.path.exists(os.path.join(out, n))]
+
+
+def _remove(out: str, paths):
+    import shutil
+
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    if os.path.isdir(out):  # leftovers of an atomic write that was cut short
+        for fn in os.listdir(out):
+            if ".tmp-" in fn:
+                os.remove(os.path.join(out, fn))
+
+
+def _run(store, audio_dir, config, files, progress, limit, log) -> dict:
+    from .audio_io import list_audio_files
+    from .pipeline import clip_id_for
+    from .stats import format_table, write_stats
+
+    if files is None:
+        files = list_audio_files(audio_dir)
     if limit:
         files = files[:limit]
     items = [(clip_id_for(p, audio_dir), p) for p in files]
@@ -114,22 +183,19 @@ def run_dataflux(audio_dir: str | None, out_dir: str, config: dict | None = None
 
 
 def _drain(stream, store, shard_size: int, total: int, progress: bool):
+    """Commit every clip as it finishes (appended to the open shard of `shard_size` clips), so that an interruption
+    or a kill loses only the clips still in flight."""
     from tqdm import tqdm
 
-    batch = []
     kept = rejected = failed = 0
     bar = tqdm(total=total, unit="clip", disable=not progress, dynamic_ncols=True, desc="dataflux")
     try:
         for result in stream:
-            batch.append(result)
+            store.commit([result], shard_size=shard_size)
             kept += len(result.kept)
             rejected += len(result.rejected)
             failed += result.status != "ok"
             bar.update(1)
             bar.set_postfix(kept=kept, rejected=rejected, failed_clips=failed, refresh=False)
-            if len(batch) >= shard_size:
-                store.commit(batch)
-                batch = []
-        store.commit(batch)
     finally:
         bar.close()

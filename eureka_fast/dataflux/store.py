@@ -9,11 +9,13 @@ OUT/
   rejected/part-NNNNN.jsonl   everything generated and not kept, and failed clips, each with `reason`
   stats.json, stats.txt       the report (written at the end of a run)
 
-Commit protocol for a batch of finished clips: write shard files to temporary names, fsync, rename into place;
-append to the ledgers and fsync; then atomically replace manifest.json (write temp + fsync + rename). A crash
-before the manifest replace leaves files the manifest does not know: on resume they are deleted and the ledgers
-truncated to the manifest's sizes, and those clips are processed again. A clip is therefore either fully in the
-output exactly once or not at all.
+Commit protocol for finished clips (the driver commits every clip as soon as it finishes, so an interruption loses
+only the clips in flight): append the clips' records to the open shard files (`part-N`, which takes `shard_size`
+clips before the next one is opened) and fsync; append to the ledgers and fsync; then atomically replace
+manifest.json (write temp + fsync + rename), which records every file's committed byte size. A crash before the
+manifest replace leaves bytes or files the manifest does not know: on resume unknown files are deleted and shards
+and ledgers truncated to the manifest's sizes, and those clips are processed again. A clip is therefore either
+fully in the output exactly once or not at all.
 """
 from __future__ import annotations
 
@@ -48,11 +50,18 @@ def crash_point(name: str):
         os._exit(77)  # like SIGKILL: no cleanup, no flush
 
 
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class RunStore:
     def __init__(self, out_dir: str):
         self.out = os.path.abspath(out_dir)
         self.manifest = {"version": 1, "done": [], "failed": [], "shards": [], "sizes": {k: 0 for k in LEDGERS},
-                         "next_shard": 0, "complete": False}
+                         "next_shard": 0, "shard_clips": 0, "complete": False}
 
     # ---------------------------------------------------------------- setup / recovery
     def exists(self) -> bool:
@@ -87,10 +96,15 @@ class RunStore:
                     os.remove(os.path.join(full, fn))
                     removed.append(rel)
         truncated = {}
-        for name in LEDGERS:
+        sizes = self.manifest["sizes"]
+        # ledgers always; shards when the manifest records their size (an appended, still open shard)
+        for name in list(LEDGERS) + [rel for rel in self.manifest["shards"] if rel in sizes]:
             path = os.path.join(self.out, name)
-            size = self.manifest["sizes"].get(name, 0)
+            size = sizes.get(name, 0)
             if not os.path.exists(path):
+                if name not in LEDGERS:
+                    raise RuntimeError(f"{path} is missing but the manifest lists it as committed; "
+                                       "the run directory was modified outside DataFlux")
                 open(path, "wb").close()
             actual = os.path.getsize(path)
             if actual != size:
@@ -112,38 +126,47 @@ class RunStore:
         return set(self.manifest["done"])
 
     # ---------------------------------------------------------------- commit
-    def commit(self, results):
-        """Commit a batch of ClipResults atomically (see module docstring)."""
+    def commit(self, results, shard_size: int | None = None):
+        """Commit finished ClipResults atomically (see module docstring). shard_size: clips per shard file; the
+        records are appended to the open shard until it holds that many clips. None: each call writes its own
+        shard."""
         if not results:
             return
         n = self.manifest["next_shard"]
         kept = [r for res in results for r in res.kept]
         rejected = [r for res in results for r in res.rejected]
+        sizes = dict(self.manifest["sizes"])
         new_shards = []
         for d, records in (("data", kept), ("rejected", rejected)):
             if records:
                 rel = f"{d}/part-{n:05d}.jsonl"
-                atomic_write(os.path.join(self.out, rel), jsonl_bytes(records))
-                new_shards.append(rel)
+                path = os.path.join(self.out, rel)
+                if shard_size is None:
+                    atomic_write(path, jsonl_bytes(records))
+                else:
+                    _append(path, jsonl_bytes(records))
+                    sizes[rel] = os.path.getsize(path)
+                if rel not in self.manifest["shards"]:
+                    new_shards.append(rel)
                 crash_point("after_shard")
         captions = [res.caption_record for res in results if res.caption_record is not None]
         ledger = [{"id": res.clip_id, "audio": res.path, "status": res.status, "reason": res.reason,
                    "kept": len(res.kept), "rejected": len(res.rejected), "events": res.events,
                    "seconds": round(res.seconds, 3)} for res in results]
-        sizes = dict(self.manifest["sizes"])
         for name, records in (("captions.jsonl", captions), ("clips.jsonl", ledger)):
             path = os.path.join(self.out, name)
-            with open(path, "ab") as fh:
-                fh.write(jsonl_bytes(records))
-                fh.flush()
-                os.fsync(fh.fileno())
+            _append(path, jsonl_bytes(records))
             sizes[name] = os.path.getsize(path)
             crash_point("after_ledger")
         self.manifest["done"] += [res.clip_id for res in results]
         self.manifest["failed"] += [res.clip_id for res in results if res.status != "ok"]
         self.manifest["shards"] += new_shards
         self.manifest["sizes"] = sizes
-        self.manifest["next_shard"] = n + 1
+        in_shard = self.manifest.get("shard_clips", 0) + len(results)
+        if shard_size is None or in_shard >= shard_size:
+            self.manifest["next_shard"], self.manifest["shard_clips"] = n + 1, 0
+        else:
+            self.manifest["shard_clips"] = in_shard
         self._write_manifest()
         crash_point("after_manifest")
 
@@ -156,9 +179,13 @@ class RunStore:
 
     # ---------------------------------------------------------------- reading back
     def read_jsonl(self, rel: str):
+        """Records of a file, only its committed part where the manifest records a size (a run still going may
+        have appended past it)."""
         path = os.path.join(self.out, rel)
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        size = self.manifest.get("sizes", {}).get(rel)
+        with open(path, "rb") as fh:
+            data = fh.read() if size is None else fh.read(size)
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
     def records(self, kind: str):
         out = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import shutil
 import subprocess
 
 import numpy as np
@@ -87,7 +86,10 @@ class LabelledClip:
 
 
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    """The espeak-ng program, or its library from the espeakng-loader wheel (see espeak.py)."""
+    from .espeak import command
+
+    return command() is not None
 
 
 def synthesize(text: str, voice: str, pitch: int, speed: int, language: str = "en-us", word_gap: int = 0) -> np.ndarray:
@@ -95,8 +97,10 @@ def synthesize(text: str, voice: str, pitch: int, speed: int, language: str = "e
     import soundfile as sf
     import soxr
 
-    out = subprocess.run(["espeak-ng", "-v", f"{language}+{voice}", "-p", str(pitch), "-s", str(speed),
-                          "-g", str(word_gap), "--stdout", text], capture_output=True, check=True, timeout=60).stdout
+    from .espeak import command
+
+    args = ["-v", f"{language}+{voice}", "-p", str(pitch), "-s", str(speed), "-g", str(word_gap), "--stdout", text]
+    out = subprocess.run((command() or ["espeak-ng"]) + args, capture_output=True, check=True, timeout=60).stdout
     data, rate = sf.read(io.BytesIO(out), dtype="float32")
     return soxr.resample(data, rate, SAMPLE_RATE).astype(np.float32)
 

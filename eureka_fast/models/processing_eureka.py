@@ -46,12 +46,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # Tokenizers
 # ---------------------------------------------------------------------------------------------------------------
 def _gpt2_tiktoken_path() -> str:
-    try:
-        import whisper
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("the tiny tokenizer is built from openai-whisper's bundled gpt2.tiktoken: "
-                          "pip install openai-whisper") from exc
-    return os.path.join(os.path.dirname(whisper.__file__), "assets", "gpt2.tiktoken")
+    from .gpt2_ranks import gpt2_ranks_path
+
+    return gpt2_ranks_path(os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                        "eureka_fast"))
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ def add_subcommand(subparsers) -> None:
                     "/v1/audio/transcriptions, /v1/models, /health, /metrics). See docs/serving.md.")
     p.add_argument("--model", required=True, help="model directory (model + processor save_pretrained output)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
                                                              "directory's name)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
@@ -40,7 +40,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="run N replicas on Ray Serve, each with its own engine, behind Ray's HTTP proxy")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info)")
     p.set_defaults(func=_run_serve)
 
 

@@ -1,17 +1,14 @@
 """`python -m eureka_fast.train` / `torchrun --nproc_per_node N -m eureka_fast.train --config X.yaml [...]`:
-the same options as `eureka-audio train`."""
+`eureka-audio train` with the same options, errors and interruption handling."""
 from __future__ import annotations
 
-import argparse
 import sys
-
-from .cli import add_train_arguments, run_train
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eureka_fast.train", description=__doc__)
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    from eureka_fast.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

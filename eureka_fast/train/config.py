@@ -106,6 +106,8 @@ class OutputConfig:
     tensorboard: bool = True  # used only when tensorboard is importable
     progress: bool = True
     save_pretrained: bool = True
+    # Ctrl-C / SIGTERM: finish the current optimizer step and save a checkpoint before stopping.
+    save_on_interrupt: bool = False
 
 
 @dataclass

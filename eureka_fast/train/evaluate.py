@@ -105,11 +105,16 @@ def _prompt_messages(messages: list) -> list:
 
 @torch.no_grad()
 def generate_answers(model, processor, items: list[dict], max_new_tokens: int = 128, batch_size: int = 8,
-                     repetition_penalty: float = 1.0, device: torch.device | str = "cpu") -> list[str]:
-    """Greedy answers for dataset items (dicts from ConversationDataset). Left-padded batches."""
+                     repetition_penalty: float = 1.0, device: torch.device | str = "cpu",
+                     progress: bool = False) -> list[str]:
+    """Greedy answers for dataset items (dicts from ConversationDataset). Left-padded batches. progress: a bar
+    over the records on stderr."""
+    from tqdm import tqdm
+
     model.eval()
     outputs: list[str] = []
     eos = getattr(processor, "eos_token_ids", None)
+    bar = tqdm(total=len(items), unit="record", desc="eval", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         enc = processor([_prompt_messages(it["messages"]) for it in chunk], return_tensors="pt",
@@ -120,12 +125,15 @@ def generate_answers(model, processor, items: list[dict], max_new_tokens: int = 
                                    repetition_penalty=repetition_penalty, eos_token_id=eos,
                                    pad_token_id=processor.pad_token_id)
         outputs.extend(s.strip() for s in processor.batch_decode(generated[:, prompt_len:]))
+        bar.update(len(chunk))
+    bar.close()
     return outputs
 
 
 def evaluate_manifest(model, processor, manifest: str, *, max_new_tokens: int = 128, batch_size: int = 8,
                       limit: int | None = None, repetition_penalty: float = 1.0,
-                      device: torch.device | str = "cpu", check_audio: bool = True) -> tuple[dict, list[dict]]:
+                      device: torch.device | str = "cpu", check_audio: bool = True,
+                      progress: bool = False) -> tuple[dict, list[dict]]:
     """Score `model` on a manifest. Returns (report, rows); report["_skipped"] lists bad records."""
     skips = SkipCounter()
     records = read_manifest(manifest, skips, check_audio=check_audio)
@@ -142,7 +150,8 @@ def evaluate_manifest(model, processor, manifest: str, *, max_new_tokens: int = 
         good_records.append(rec)
     t0 = time.time()
     predictions = generate_answers(model, processor, good_items, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, repetition_penalty=repetition_penalty, device=device)
+                                   batch_size=batch_size, repetition_penalty=repetition_penalty, device=device,
+                                   progress=progress)
     elapsed = time.time() - t0
     for rec, pred in zip(good_records, predictions):
         rows.append({"id": rec.id, "task": rec.task, "gold": _gold(rec), "prediction": pred,

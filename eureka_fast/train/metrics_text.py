@@ -13,16 +13,36 @@ _NORMALIZER = None
 
 
 def english_normalizer():
-    """openai-whisper's EnglishTextNormalizer (imported lazily: openai-whisper is an optional dependency)."""
+    """Whisper's EnglishTextNormalizer, as transformers ships it (the same rules as openai-whisper's, without
+    that package and the triton it pulls in), with Whisper's British -> American spelling table."""
     global _NORMALIZER
     if _NORMALIZER is None:
-        try:
-            from whisper.normalizers import EnglishTextNormalizer
-        except ImportError as exc:
-            raise ImportError("WER scoring uses openai-whisper's EnglishTextNormalizer: "
-                              "pip install 'eureka_fast[whisper]' (openai-whisper)") from exc
-        _NORMALIZER = EnglishTextNormalizer()
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        _NORMALIZER = EnglishTextNormalizer(_english_spelling_mapping())
     return _NORMALIZER
+
+
+def _english_spelling_mapping() -> dict:
+    """Whisper's British -> American spelling table (english.json), as the whisper-normalizer package (the `all`
+    extra) or openai-whisper ship it."""
+    import json
+    import os
+    from importlib.util import find_spec
+
+    for package, parts in (("whisper_normalizer", ("normalizers", "english.json")),
+                           ("whisper", ("normalizers", "english.json"))):
+        try:
+            spec = find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            continue
+        path = os.path.join(os.path.dirname(spec.origin), *parts)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+    raise ImportError("WER scoring needs Whisper's English spelling table: pip install whisper-normalizer")
 
 
 def strip_reasoning(text: str) -> str:

@@ -14,6 +14,9 @@ import inspect
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -325,8 +328,15 @@ class Trainer:
         batches = self._micro_batches()
         start = time.time()
         window_tokens, window_start = 0, time.time()
+        stop = StopRequest() if cfg.output.save_on_interrupt else None
         try:
             while self.step < cfg.train.max_steps:
+                if stop is not None and self._stop_agreed(stop):
+                    from ..cli import Interrupted
+
+                    path = self.save()
+                    raise Interrupted(f"checkpoint of step {self.step} saved in {path}; continue with: "
+                                      f"eureka-audio train --resume --output-dir {cfg.output.dir}", stop.signum)
                 micro = [next(batches) for _ in range(cfg.train.grad_accum)]
                 record = self.train_step(micro)
                 self.step += 1
@@ -348,6 +358,8 @@ class Trainer:
                         and self.step < cfg.train.max_steps:
                     self.save()
         finally:
+            if stop is not None:
+                stop.restore()
             progress.close()
         final_ckpt = self.save()
         final_dir = self.save_pretrained() if cfg.output.save_pretrained else None
@@ -363,6 +375,12 @@ class Trainer:
         self.writer.close()
         return TrainResult(steps=self.step, losses=list(self.losses), skips=skips.as_dict(),
                            output_dir=cfg.output.dir, final_dir=final_dir, elapsed_s=time.time() - start)
+
+    def _stop_agreed(self, stop: "StopRequest") -> bool:
+        """Whether any process was asked to stop (every process stops at the same step)."""
+        if not self.info.enabled:
+            return stop.requested
+        return all_reduce_sum([float(stop.requested)], self.info, self.device)[0] > 0
 
     def save_pretrained(self) -> str:
         """`<output>/final`: model (save_pretrained) + processor, loadable by `eureka-audio infer` / `eval`."""
@@ -399,6 +417,33 @@ class Trainer:
 
     def close(self) -> None:
         cleanup(self.info)
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request the training loop honours between optimizer steps (so the
+    checkpoint it saves is of a whole step); a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _rebuild_unsharded(sharded_model, state: dict):
