@@ -68,18 +68,36 @@ class BuiltinCaptionerRole:
         from .asr import get_asr
         from .captioner import BuiltinCaptioner
 
+        from .asr import second_recogniser
+
         self.asr = get_asr(asr)
+        self.check_asr = second_recogniser(self.asr)  # decodes differently: content facts are cross-checked
         self._impl = BuiltinCaptioner(self.asr)
         self.name = self._impl.name
 
     async def caption(self, ctx):
         def work():
-            transcript = ctx.cache.get(f"asr:{self.asr.name}")
-            if transcript is None:
-                transcript = ctx.cache[f"asr:{self.asr.name}"] = self.asr.transcribe(ctx.audio)
+            from .asr import check_transcript
             from .captioner import analyse, caption_from_facts
 
+            def transcribe(asr):
+                key = f"asr:{asr.name}"
+                if ctx.cache.get(key) is None:
+                    ctx.cache[key] = asr.transcribe(ctx.audio)
+                return ctx.cache[key]
+
+            transcript = transcribe(self.asr)
             facts = analyse(ctx.audio, transcript)
+            if transcript.strip():
+                confidence = getattr(self.asr, "last_avg_logprob", None)
+                if confidence is not None:
+                    facts["transcript_avg_logprob"] = round(float(confidence), 3)
+                if self.check_asr is not None:
+                    facts["transcript_check"] = check_transcript(transcript, transcribe(self.check_asr),
+                                                                 self.check_asr.name)
+                else:
+                    facts["transcript_check"] = {"recogniser": None, "verified": False,
+                                                 "reason": "no second recogniser installed"}
             return caption_from_facts(facts), facts
 
         return await asyncio.to_thread(work)

@@ -190,3 +190,53 @@ def test_role_bugs_are_recorded_not_fatal(small_clips):
                                    Settings(rounds=1, categories=("clip_duration",))))
     assert len(res.kept) == 5 and all(r["meta"]["winner"] == "MODEL_A" and not r["meta"]["hard"] for r in res.kept)
     assert res.events["answerer_b.failed_item"] == 5
+
+
+def test_content_questions_need_a_second_recogniser_that_agrees():
+    from eureka_fast.dataflux.asr import check_transcript
+
+    gen = TemplateQueryGenerator()
+    said = "Please remember to bring your umbrella today"
+    # the second recogniser heard the same words (punctuation and case aside): verified, every word confirmed
+    same = check_transcript(said, "please remember to bring your umbrella today.", "other")
+    assert same["verified"] and same["agreement"] == 1.0 and "umbrella" in same["confirmed_words"]
+    # a mistranscription: 3 of 7 words differ -> agreement 4/7, no content question at all
+    bad = check_transcript(said, "Please remember to ring a roundfire stump", "other")
+    assert bad["agreement"] == pytest.approx(1 - 4 / 7, abs=1e-3) and not bad["verified"]
+    reply, _ = gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=bad), 5, round_idx=1)
+    assert reply == {"is_success": False, "questions": []}
+    # no second recogniser could check: no content question either
+    unchecked = {"recogniser": None, "verified": False, "reason": "no second recogniser installed"}
+    assert not gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=unchecked), 5, round_idx=1)[0][
+        "is_success"]
+    # mostly agreeing (one word differs): the answer is always a word both recognisers heard
+    close = check_transcript(said, "Please remember to bring your umbrella toady", "other")
+    assert close["verified"] and "today" not in close["confirmed_words"]
+    for clip in range(20):
+        reply, answers = gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=close), 1, round_idx=1,
+                                      clip_id=f"c{clip}")
+        _, options = parse_question(reply["questions"][0])
+        assert options[LETTERS.index(answers[0])] in close["confirmed_words"]
+
+
+def test_answerer_b_reads_the_second_recogniser(monkeypatch):
+    from eureka_fast.dataflux import asr as asr_mod
+
+    class Named:
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def transcribe(self, audio):
+            return self.text
+
+    first, second = Named("first", "a roundfire stump"), Named("second", "a round fire stand")
+    monkeypatch.setattr(asr_mod, "second_recogniser", lambda primary: second if primary is first else None)
+    a, b = MeasuringAnswerer("a", first, TAX), MeasuringAnswerer("b", first, TAX)
+    assert a.asr is first and b.asr is second
+    import numpy as np
+
+    ctx = ClipContext("c", "", np.zeros(16000, np.float32))
+    q = format_question(CAT["spoken_word"].templates[0], ["roundfire", "volcano", "pencil", "mirror"])
+    _, letter_a = parse_trace(a.answer(ctx, q))
+    trace_b = b.answer(ctx, q)
+    assert letter_a == "A" and "undetermined" in trace_b  # b did not hear "roundfire": the answers disagree
