@@ -53,7 +53,12 @@ class EurekaWhisperASR:
     @property
     def last_avg_logprob(self) -> float | None:
         """Mean token log-probability of this thread's last transcription (its confidence), None if unknown."""
-        return getattr(self._last, "avg_logprob", None)
+        return getattr(self._thread_state(), "avg_logprob", None)
+
+    def _thread_state(self):
+        if "_last" not in self.__dict__:
+            self._last = threading.local()  # per-thread, so concurrent clips never read each other's confidence
+        return self._last
     _fallback_backend: str | None = None
     _fallback_model = None
     _options: dict = {}
@@ -64,7 +69,7 @@ class EurekaWhisperASR:
         if fallback not in (None, "none", "faster-whisper", "faster_whisper"):
             raise ValueError(f"unknown ASR fallback {fallback!r} (expected None or 'faster-whisper')")
         self._model = load_whisper_model(model_name)
-        self._last = threading.local()  # per-thread, so concurrent clips never read each other's confidence
+        self._last = threading.local()
         self._lock = threading.Lock()  # our torch model is not documented as thread-safe; keep calls serial
         self._fallback_backend = None if fallback in (None, "none") else "faster-whisper"
         self._options = dict(decode_options)
@@ -77,9 +82,9 @@ class EurekaWhisperASR:
                 windows = self._model.decode_windows(audio, **self._options)
                 text = " ".join(w.text for w in windows if w.text)
                 redecoded = sum(1 for w in windows if w.fell_back)
-                scored = [w for w in windows if w.tokens]
-                self._last.avg_logprob = (sum(w.sum_logprob for w in scored) /
-                                          max(1, sum(len(w.tokens) for w in scored)) if scored else None)
+                scored = [w for w in windows if getattr(w, "tokens", None) and hasattr(w, "sum_logprob")]
+                self._thread_state().avg_logprob = (
+                    sum(w.sum_logprob for w in scored) / sum(len(w.tokens) for w in scored) if scored else None)
             else:  # any object with .transcribe(audio)
                 out = self._model.transcribe(audio)
                 text = out if isinstance(out, str) else getattr(out, "text", str(out))

@@ -46,6 +46,14 @@ def _parse_seconds(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+_RELATIVE = re.compile(r"gender|kind of voice|same kind|voice type|for the speaker", re.IGNORECASE)
+
+
+def _relative_wording(text: str) -> bool:
+    """Wording that judges pitch against the speaker's own kind of voice: wrong for a level on absolute bands."""
+    return bool(_RELATIVE.search(text))
+
+
 def _option_word(text: str) -> str:
     return normalize_words(text)[0] if normalize_words(text) else ""
 
@@ -65,17 +73,18 @@ class TemplateQueryGenerator:
         if value in (None, "", []):
             return fail
         rng = seeded_rng(seed, clip_id, category.id, round_idx)
-        templates = list(category.templates)
+        absolute = facts.get(f"{category.fact}_basis") == "absolute bands"
+        templates = [t for t in category.templates if not (absolute and _relative_wording(t))]
         rng.shuffle(templates)
         templates = [t for t in templates if not any(near_duplicate(t, s) for s in avoid_stems)]
         if len(templates) < n:
             # every stem was used already: re-ask used stems with fresh options rather than fail the unit
-            extra = [t for t in category.templates if t not in templates]
+            extra = [t for t in category.templates if t not in templates and not (absolute and _relative_wording(t))]
             rng.shuffle(extra)
             templates += extra
         questions, answers = [], []
         for stem in templates[:n]:
-            built = self._options(category, value, facts, rng)
+            built = self._options(category, value, facts, rng, absolute)
             if built is None:
                 return fail
             options, correct = built
@@ -88,12 +97,17 @@ class TemplateQueryGenerator:
         return {"is_success": True, "questions": questions}, answers
 
     @staticmethod
-    def _options(category, value, facts, rng):
+    def _options(category, value, facts, rng, absolute=False):
         if category.kind == "class":
             if value not in category.values:
                 return None
-            correct = rng.choice(category.values[value])
-            pool = [rng.choice(ph) for v, ph in category.values.items() if v != value]
+
+            def phrasings(v):
+                kept = [p for p in category.values[v] if not (absolute and _relative_wording(p))]
+                return kept or list(category.values[v])
+
+            correct = rng.choice(phrasings(value))
+            pool = [rng.choice(phrasings(v)) for v in category.values if v != value]
             distractors = list(category.distractors)
             rng.shuffle(distractors)
             pool = (pool + distractors)[:3]
@@ -189,7 +203,7 @@ class MeasuringAnswerer:
             m.update(v)
         from .captioner import speaking_rate_measure
 
-        rate = speaking_rate_measure(audio, span, m["transcript"], v["times"] - span[0] if v else np.zeros(0))
+        rate = speaking_rate_measure(audio, span, m["transcript"], v["times"] if v else np.zeros(0))
         if rate["speaking_rate"]:
             m["rate"] = rate["speaking_rate"]
             m["rate_how"] = (f"{rate['syllable_count']} syllables ({rate['syllable_basis']}) over "

@@ -240,3 +240,16 @@ def test_answerer_b_reads_the_second_recogniser(monkeypatch):
     _, letter_a = parse_trace(a.answer(ctx, q))
     trace_b = b.answer(ctx, q)
     assert letter_a == "A" and "undetermined" in trace_b  # b did not hear "roundfire": the answers disagree
+
+
+def test_pitch_questions_on_absolute_bands_do_not_compare_with_the_speakers_kind():
+    gen = TemplateQueryGenerator()
+    facts = dict(FACTS, gender="unknown", pitch_level="medium", pitch_level_basis="absolute bands")
+    assert not gen.generate(CAT["speaker_gender"], facts, 5, round_idx=1)[0]["is_success"]  # no gender question
+    for clip in range(10):
+        reply, answers = gen.generate(CAT["pitch_level"], facts, 5, round_idx=1, clip_id=f"c{clip}")
+        for (stem, options), letter in zip(validate_generator_output(reply, 5), answers):
+            assert not any(w in stem.lower() for w in ("same kind", "voice type"))
+            assert "gender" not in options[LETTERS.index(letter)] and "kind of voice" not in options[
+                LETTERS.index(letter)]
+            assert RuleJudge._gold_letter(CAT["pitch_level"], options, facts) == letter
