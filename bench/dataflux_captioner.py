@@ -5,9 +5,10 @@
 
 Labelled set: eureka_fast.dataflux.synthetic.labelled_grid(): 12 espeak-ng voices (m1-m7, f1-f5) x 3 pitch settings
 x 3 speeds = 108 clips, noise conditions round-robin (none, 30, 10, 5 dB SNR; white/pink alternating), 12 known
-sentences. Labels come from the issue's thresholds applied to reference measurements on the clean signal (see
-synthetic.py), not from the espeak settings. The gender model was fitted on synthetic.dev_grid() (other texts,
-pitch settings, speeds and SNRs; bench/dataflux_gender_fit.py), never on this set.
+sentences. Labels come from the captioner's documented classes applied to reference measurements on the clean
+signal (see synthetic.py), not from the espeak settings. The speaker-sex model takes its reference values from the
+phonetics literature (docs/dataflux-facts.md) and was fitted to no set; gender "unknown" counts as not correct in
+the accuracy, and the answered share and accuracy where answered are reported beside it.
 
 --noise-cross additionally measures the signal-only attributes (gender, pitch, noise; transcript = the known text,
 no ASR) on the grid with every clip in every noise condition (432 clips). --answerers measures the two built-in
@@ -213,6 +214,11 @@ def markdown(r):
     conf = r["gender_confusion"]
     lines.append("Gender confusion (label -> predicted): " + ", ".join(
         f"{k} -> {p}: {n}" for k in sorted(conf) for p, n in sorted(conf[k].items())))
+    answered = sum(n for k in conf for p, n in conf[k].items() if p in ("male", "female"))
+    right = sum(conf[k].get(k, 0) for k in conf)
+    if answered:
+        lines.append(f"Gender answered on {answered}/{r['clips']} clips ({100 * answered / r['clips']:.1f}%), correct "
+                     f"on {right}/{answered} of those ({100 * right / answered:.1f}%)")
     s = r["seconds"]
     lines.append(f"Captioner time: ASR {s['asr']:.1f} s + analysis {s['analysis']:.1f} s for {s['audio']:.0f} s "
                  f"of audio ({r['clips_per_second_analysis']:.2f} clips/s signal analysis, "

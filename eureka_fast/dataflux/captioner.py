@@ -82,13 +82,15 @@ def pitch_level_for(f0_hz: float, decision: dict) -> tuple[str, str]:
     return ac.pitch_class(f0_hz, gender), (f"{gender} range" if gender else "absolute bands")
 
 
-def speaking_rate_measure(audio: np.ndarray, span: tuple[float, float], transcript: str, voiced_times) -> dict:
+def speaking_rate_measure(audio: np.ndarray, span: tuple[float, float], transcript: str, voiced_times,
+                          transcript_reliable: bool = True) -> dict:
     """Syllables and words per second over the speech span (pauses inside included, leading and trailing silence
-    excluded). Syllables come from the transcript when it has at least 3 words, else from syllable nuclei in the
-    signal. No rate class for spans under MIN_RATE_SPAN_S or under MIN_RATE_SYLLABLES syllables."""
+    excluded). Syllables come from the transcript when it is reliable and has at least 3 words, else from syllable
+    nuclei in the signal (language-independent). No rate class for spans under MIN_RATE_SPAN_S or under
+    MIN_RATE_SYLLABLES syllables."""
     dur = span[1] - span[0]
     words = normalize_words(transcript)
-    if len(words) >= 3:
+    if transcript_reliable and len(words) >= 3:
         syllables, basis = sum(ac.count_syllables(w) for w in words), "transcript"
     else:
         syllables, basis = ac.syllable_nuclei(audio, span, np.asarray(voiced_times) + span[0]), "syllable nuclei"
@@ -100,8 +102,9 @@ def speaking_rate_measure(audio: np.ndarray, span: tuple[float, float], transcri
             "speaking_rate": ac.rate_class(sps) if ok else None}
 
 
-def analyse(audio: np.ndarray, transcript: str) -> dict:
-    """Facts of one 16 kHz clip given its transcript."""
+def analyse(audio: np.ndarray, transcript: str, transcript_reliable: bool = True) -> dict:
+    """Facts of one 16 kHz clip given its transcript. With transcript_reliable=False (the recognisers disagree, e.g.
+    speech in a language the recogniser does not know) syllables are counted in the signal, not in the text."""
     duration = audio.size / ac.SR
     span = ac.speech_span_vad(audio)
     snr = ac.snr_from_span(audio, span)
@@ -116,7 +119,7 @@ def analyse(audio: np.ndarray, transcript: str) -> dict:
     vm = speaker_measurements(audio, span)
     f0, voiced, f0_med = vm["f0"], vm["voiced"], vm["f0_median_hz"]
     has_voice = math.isfinite(f0_med) and "dropped" not in vm["gender_evidence"]["f0"]
-    rate = speaking_rate_measure(audio, span, transcript, vm["times"][voiced])
+    rate = speaking_rate_measure(audio, span, transcript, vm["times"][voiced], transcript_reliable)
     pitch_level, pitch_basis = pitch_level_for(f0_med, vm) if has_voice else (None, None)
     # pauses: unvoiced stretches of >= 250 ms inside the speech span
     pauses, run = 0, 0

@@ -65,10 +65,8 @@ class BuiltinCaptionerRole:
     def __init__(self, asr="auto", **unknown):
         if unknown:
             raise ValueError(f"captioner: unknown builtin option(s) {sorted(unknown)}")
-        from .asr import get_asr
+        from .asr import get_asr, second_recogniser
         from .captioner import BuiltinCaptioner
-
-        from .asr import second_recogniser
 
         self.asr = get_asr(asr)
         self.check_asr = second_recogniser(self.asr)  # decodes differently: content facts are cross-checked
@@ -87,17 +85,23 @@ class BuiltinCaptionerRole:
                 return ctx.cache[key]
 
             transcript = transcribe(self.asr)
-            facts = analyse(ctx.audio, transcript)
+            confidence = getattr(self.asr, "last_avg_logprob", None)
+            extra = {}
             if transcript.strip():
-                confidence = getattr(self.asr, "last_avg_logprob", None)
                 if confidence is not None:
-                    facts["transcript_avg_logprob"] = round(float(confidence), 3)
+                    extra["transcript_avg_logprob"] = round(float(confidence), 3)
                 if self.check_asr is not None:
-                    facts["transcript_check"] = check_transcript(transcript, transcribe(self.check_asr),
+                    extra["transcript_check"] = check_transcript(transcript, transcribe(self.check_asr),
                                                                  self.check_asr.name)
                 else:
-                    facts["transcript_check"] = {"recogniser": None, "verified": False,
+                    extra["transcript_check"] = {"recogniser": None, "verified": False,
                                                  "reason": "no second recogniser installed"}
+            # syllables from the text only when a second recogniser confirms it (or, with none, when the
+            # recogniser is confident): text in a language the recogniser does not know miscounts
+            check = extra.get("transcript_check")
+            reliable = (check["verified"] if check and check.get("recogniser")
+                        else confidence is None or confidence > -1.0)
+            facts = {**analyse(ctx.audio, transcript, transcript_reliable=reliable), **extra}
             return caption_from_facts(facts), facts
 
         return await asyncio.to_thread(work)

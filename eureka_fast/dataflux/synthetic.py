@@ -50,23 +50,6 @@ WORD_GAP = {80: 6}
 NOISE_SETTINGS = (None, 30.0, 10.0, 5.0)  # SNR dB; None = no noise
 LEAD_SILENCE_S, TRAIL_SILENCE_S = 0.4, 0.6
 
-# Development set for fitting the captioner's gender model (bench/dataflux_gender_fit.py). Disjoint from the
-# evaluation grid above in text, espeak pitch settings, speeds and SNRs (the voice variants are the same 12: espeak
-# has no others in this family; the fit script measures unseen-variant accuracy by leaving one variant out).
-DEV_TEXTS = (
-    "Yesterday the farmer sold three baskets of apples at the market.",
-    "Turn left at the second light and park behind the blue building.",
-    "Nobody expected the concert to finish so late on a weekday.",
-    "The engineer measured the bridge twice before signing the papers.",
-    "Fresh bread smells wonderful when it comes straight out of the oven.",
-    "Please lock the back door and switch off the kitchen lights.",
-)
-# male -p99 (~150-180 Hz) and female -p5 (~120-150 Hz) overlap in F0 even more than the evaluation grid's extremes
-DEV_PITCH_SETTINGS = {"male": (35, 80, 99), "female": (5, 35, 72)}
-DEV_SPEED_SETTINGS = (100, 175, 230)
-DEV_NOISE_SETTINGS = (None, 25.0, 15.0, 8.0)
-DEV_INDEX_BASE = 5000  # clip ids and noise seeds of the development set never collide with the grid's
-
 from .acoustics import CLEAN_SNR_DB, FEMALE_PITCH_BANDS, MALE_PITCH_BANDS, count_syllables  # noqa: E402
 from .acoustics import rate_class  # noqa: E402,F401  (the labels use the captioner's classes)
 
@@ -192,19 +175,6 @@ def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE
     for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
         for snr in (noises if noise_cross else (noises[i % len(noises)],)):
             clips.append(make_clip(i, v, p, s, snr))
-    return clips
-
-
-def dev_grid(voices=None, limit=None):
-    """The development set: every voice x DEV pitch x DEV speed with DEV_TEXTS and DEV noise conditions round-robin
-    (108 clips). Only for fitting; never for reported accuracy."""
-    voices = voices or (MALE_VOICES + FEMALE_VOICES)
-    plan = [(v, p, s) for v in voices for p in DEV_PITCH_SETTINGS["male" if v.startswith("m") else "female"]
-            for s in DEV_SPEED_SETTINGS]
-    clips = []
-    for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
-        clips.append(make_clip(DEV_INDEX_BASE + i, v, p, s, DEV_NOISE_SETTINGS[i % len(DEV_NOISE_SETTINGS)],
-                               text=DEV_TEXTS[i % len(DEV_TEXTS)]))
     return clips
 
 

@@ -253,3 +253,32 @@ def test_pitch_questions_on_absolute_bands_do_not_compare_with_the_speakers_kind
             assert "gender" not in options[LETTERS.index(letter)] and "kind of voice" not in options[
                 LETTERS.index(letter)]
             assert RuleJudge._gold_letter(CAT["pitch_level"], options, facts) == letter
+
+
+def test_captioner_role_cross_checks_the_transcript(small_clips):
+    from eureka_fast.dataflux.roles import BuiltinCaptionerRole
+
+    clips, _, _ = small_clips
+    clip = clips[1]  # slow, 10 dB
+
+    class Fixed:
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def transcribe(self, audio):
+            return self.text
+
+    def caption(first, second):
+        role = BuiltinCaptionerRole.__new__(BuiltinCaptionerRole)
+        role.asr, role.check_asr = first, second
+        return asyncio.run(role.caption(ClipContext(clip.clip_id, "", clip.audio)))[1]
+
+    agree = caption(Fixed("first", clip.text), Fixed("second", clip.text.upper()))
+    assert agree["transcript_check"]["verified"] and agree["syllable_basis"] == "transcript"
+    assert agree["speaking_rate"] == clip.labels["speaking_rate"]
+    # the recognisers disagree (as on speech in a language they do not know): no content question, and the
+    # syllables are counted in the signal instead of in a text nobody confirmed
+    other = caption(Fixed("first", clip.text), Fixed("second", "completely different words were heard here"))
+    assert not other["transcript_check"]["verified"] and other["syllable_basis"] == "syllable nuclei"
+    reply, _ = TemplateQueryGenerator().generate(CAT["spoken_word"], other, 5, round_idx=1)
+    assert not reply["is_success"]
