@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["AudioError", "AudioTooLongError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE", "MIN_SAMPLE_RATE",
-           "MAX_SAMPLE_RATE"]
+__all__ = ["AudioError", "AudioTooLongError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE",
+           "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
 # Rates outside this range are not audio anyone records speech at; a header claiming them is corrupt or the caller
@@ -351,7 +351,8 @@ def _libsndfile_reason(exc: Exception, path: str | None) -> str:
 
 
 def _too_long(name: str, max_duration: float) -> AudioError:
-    return AudioTooLongError("%s: longer than the maximum duration of %g s (decoding stopped there)" % (name, max_duration))
+    return AudioTooLongError("%s: longer than the maximum duration of %g s (decoding stopped there)"
+                             % (name, max_duration))
 
 
 def _read_libsndfile(source: Any, max_duration: float | None, name: str) -> tuple[np.ndarray, int]:

@@ -285,8 +285,9 @@ class MeasuringAnswerer:
             if "gender" not in m:
                 return c, None, f"I found no voiced speech to measure with {tool}."
             ev = m["evidence"]
-            cues = "; ".join(f"{k} {e['value_hz']} Hz -> " + (f"log-likelihood ratio {e['llr']:+.2f}" if e["llr"] is not None
-                             else f"not used ({e['dropped']})") for k, e in ev.items())
+            cues = "; ".join(f"{k} {e['value_hz']} Hz -> " + (f"log-likelihood ratio {e['llr']:+.2f}"
+                                                               if e["llr"] is not None else f"not used ({e['dropped']})")
+                             for k, e in ev.items())
             think = (f"Using {tool} (effective bandwidth {m['bandwidth']:.0f} Hz): {cues}; posterior "
                      f"{m['confidence']:.2f} for the likelier sex, so the speaker's sex is {m['gender']}.")
             if fact == "gender":

@@ -254,7 +254,8 @@ def test_dataflux_rejects_bad_clips_with_reasons_and_goes_on(tmp_path, two_hour_
     assert store.manifest["complete"]
     failed = {os.path.basename(r["audio"]): r for r in store.records("rejected") if r.get("stage") == "clip"}
     assert set(failed) == {"empty.wav", "cut.flac", "garbage.mp3", "hours.flac"}
-    assert failed["hours.flac"]["reason"] == "audio_too_long" and f"{df_audio.MAX_CLIP_SECONDS:g} s" in failed["hours.flac"]["detail"]
+    assert failed["hours.flac"]["reason"] == "audio_too_long"
+    assert f"{df_audio.MAX_CLIP_SECONDS:g} s" in failed["hours.flac"]["detail"]
     assert failed["empty.wav"]["reason"] == "unreadable_audio" and "empty" in failed["empty.wav"]["detail"]
     assert all(r["detail"] for r in failed.values())
     captions = store.read_jsonl("captions.jsonl")
