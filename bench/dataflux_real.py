@@ -1,7 +1,7 @@
 """DataFlux speaker facts on recordings of real speakers found installed (eureka_fast.dataflux.real_speech), per
 condition: clean (studio and wideband recordings), noisy (pink noise at 10 dB, derived), band-limited (8 kHz PBX
-prompts, and telephone-band copies of the wideband clips), expressive (derived: the same vocal tract with F0 moved
-across the other sex's range, range widened 1.5x, by Praat PSOLA).
+prompts, and telephone-band copies of the wideband clips), expressive (derived: the same vocal tract with F0 raised
+7 semitones and its excursions widened 1.5x, by Praat PSOLA; all male clips and the wideband female ones).
 
     PYTHONPATH=. python bench/dataflux_real.py [--per-source N] [--asr none|auto|eureka|faster-whisper] [--json F]
 
@@ -51,10 +51,10 @@ def main(argv=None):
         print("no real recordings installed: " + "; ".join(rs.missing_sources()))
         return 1
     clips = rs.with_conditions(base)
-    for i, c in enumerate(base):
+    for c in base:
+        # expressive delivery: F0 raised 7 semitones with 1.5x wider excursions, the vocal tract unchanged
         if c.condition in ("studio", "wideband") or c.source.sex == "male":
-            target = 230.0 if c.source.sex == "male" else 140.0
-            clips.append(rs.RealClip(c.source, c.path, "expressive (derived)", rs.shift_pitch(c.audio, target)))
+            clips.append(rs.RealClip(c.source, c.path, "expressive (derived)", rs.shift_pitch(c.audio, None)))
     asr = get_asr(args.asr)
 
     class Ctx:

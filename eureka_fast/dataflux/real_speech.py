@@ -164,14 +164,18 @@ def with_conditions(clips, noise_snr_db: float = 10.0):
     return out
 
 
-def shift_pitch(audio: np.ndarray, median_hz: float, range_factor: float = 1.5) -> np.ndarray:
-    """The clip with its F0 moved to `median_hz` and its F0 excursions scaled by `range_factor`, formants and timing
-    kept (Praat's PSOLA "Change gender" with formant ratio 1): a raised, expressive delivery by the same vocal tract,
-    or a lowered one."""
+def shift_pitch(audio: np.ndarray, median_hz: float | None = None, range_factor: float = 1.5,
+                semitones: float = 7.0) -> np.ndarray:
+    """The clip with its F0 moved to `median_hz` (default: the clip's own median raised by `semitones`) and its F0
+    excursions scaled by `range_factor`, formants and timing kept (Praat's PSOLA "Change gender" with formant ratio
+    1): a raised, expressive delivery by the same vocal tract."""
     import parselmouth
     from parselmouth.praat import call
 
     snd = parselmouth.Sound(np.asarray(audio, np.float64), SR)
+    if median_hz is None:
+        f0 = snd.to_pitch_ac(pitch_floor=60.0, pitch_ceiling=500.0).selected_array["frequency"]
+        median_hz = float(np.median(f0[f0 > 0])) * 2 ** (semitones / 12) if (f0 > 0).sum() >= 3 else 200.0
     out = call(snd, "Change gender", 60, 500, 1.0, float(median_hz), float(range_factor), 1.0)
     y = np.asarray(out.values[0], dtype=np.float32)[: len(audio)]
     peak = float(np.max(np.abs(y))) if y.size else 0.0
