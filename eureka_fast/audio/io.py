@@ -31,18 +31,24 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["AudioError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE", "MIN_SAMPLE_RATE",
-           "MAX_SAMPLE_RATE"]
+__all__ = ["AudioError", "AudioTooLongError", "load_audio", "is_array_rate_pair", "is_sample_rate", "SAMPLE_RATE",
+           "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
 # Rates outside this range are not audio anyone records speech at; a header claiming them is corrupt or the caller
 # passed the wrong number (e.g. a duration or a sample count instead of a rate).
 MIN_SAMPLE_RATE = 1000
 MAX_SAMPLE_RATE = 768000
+# Floating-point samples may exceed full scale a little (unclipped mixes); beyond this (60 dB over) they are garbage.
+MAX_ABS_SAMPLE = 1000.0
 
 
 class AudioError(ValueError):
     """Audio could not be loaded or is not usable. The message names the source and the problem."""
+
+
+class AudioTooLongError(AudioError):
+    """The source is longer than the `max_duration` the caller allowed (decoding stopped at the limit)."""
 
 
 def _describe(source: Any) -> str:
@@ -306,6 +312,9 @@ def _decoder_stderr_silenced(enabled: bool):
             os.write(2, ("\n".join(other) + "\n").encode())
 
 
+FFMPEG_TIMEOUT_S = 120.0  # a decode that takes longer than this is stuck on corrupt input, not working
+
+
 def ffmpeg_executable() -> str | None:
     """`ffmpeg` on PATH, else the static build the imageio-ffmpeg wheel ships (the `audio` extra), else None."""
     found = shutil.which("ffmpeg")
@@ -319,16 +328,23 @@ def ffmpeg_executable() -> str | None:
     return found
 
 
-def _decode_with_ffmpeg(data: bytes | None, path: str | None, sr: int) -> np.ndarray:
+def _decode_with_ffmpeg(data: bytes | None, path: str | None, sr: int, max_duration: float | None = None
+                        ) -> np.ndarray:
     ffmpeg = ffmpeg_executable()
     if ffmpeg is None:
         raise _BackendFailed("ffmpeg: not installed (pip install imageio-ffmpeg, or a system ffmpeg)")
     # ffmpeg decodes, downmixes and resamples in one go; float output avoids a 16-bit requantisation.
     source = path if path is not None else "pipe:0"
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", source,
-           "-f", "f32le", "-ac", "1", "-acodec", "pcm_f32le", "-ar", str(sr), "pipe:1"]
+           "-f", "f32le", "-ac", "1", "-acodec", "pcm_f32le", "-ar", str(sr)]
+    if max_duration is not None:
+        # stop decoding just past the limit, so that the caller can tell "too long" without decoding hours
+        cmd += ["-t", "%.6f" % (max_duration + 2.0 / sr)]
+    cmd.append("pipe:1")
     try:
-        proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
+        proc = subprocess.run(cmd, input=data, capture_output=True, check=False, timeout=FFMPEG_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise _BackendFailed("ffmpeg: gave up after %.0f s" % FFMPEG_TIMEOUT_S) from exc
     except OSError as exc:
         raise _BackendFailed("ffmpeg: could not run (%s)" % exc) from exc
     if proc.returncode != 0:
@@ -348,7 +364,26 @@ def _libsndfile_reason(exc: Exception, path: str | None) -> str:
     return "libsndfile: " + reason
 
 
-def _decode(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndarray:
+def _too_long(name: str, max_duration: float) -> AudioError:
+    return AudioTooLongError("%s: longer than the maximum duration of %g s (decoding stopped there)"
+                             % (name, max_duration))
+
+
+def _read_libsndfile(source: Any, max_duration: float | None, name: str) -> tuple[np.ndarray, int]:
+    """(samples [time, channels], rate), reading no more than max_duration (+1 frame) when a limit is given."""
+    import soundfile as sf
+
+    with sf.SoundFile(source) as fh:
+        rate = _check_rate(fh.samplerate, name)
+        limit = -1 if max_duration is None else int(math.ceil(max_duration * rate)) + 1
+        samples = fh.read(frames=limit, dtype="float32", always_2d=True)
+    if max_duration is not None and samples.shape[0] > max_duration * rate:
+        raise _too_long(name, max_duration)
+    return samples, rate
+
+
+def _decode(data: bytes | None, path: str | None, name: str, sr: int, max_duration: float | None = None
+            ) -> np.ndarray:
     """Decode a file (path) or an in-memory file (data) to mono float32 at `sr`."""
     import soundfile as sf
 
@@ -373,11 +408,11 @@ def _decode(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndar
     may_be_mp3 = magic not in (b"RIFF", b"RIFX", b"fLaC", b"OggS")
     try:
         with _decoder_stderr_silenced(may_be_mp3):
-            samples, rate = sf.read(path if path is not None else io.BytesIO(data), dtype="float32", always_2d=True)
+            samples, rate = _read_libsndfile(path if path is not None else io.BytesIO(data), max_duration, name)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         soundfile_reason = _libsndfile_reason(exc, path)
         try:
-            samples = _decode_with_ffmpeg(data, path, sr)
+            samples = _decode_with_ffmpeg(data, path, sr, max_duration)
         except _BackendFailed as ffmpeg_exc:
             if declared is not None:
                 raise AudioError("%s: file is truncated or corrupt (expected %d samples per channel at %d Hz from the "
@@ -385,21 +420,27 @@ def _decode(data: bytes | None, path: str | None, name: str, sr: int) -> np.ndar
                                                                         declared.source, soundfile_reason, ffmpeg_exc)
                                  ) from exc
             raise AudioError("%s: not a decodable audio file (%s; %s)" % (name, soundfile_reason, ffmpeg_exc)) from exc
+        if max_duration is not None and len(samples) > max_duration * sr:
+            raise _too_long(name, max_duration)
         _check_complete(declared, len(samples), sr, name)
         return _to_mono_resampled(samples, sr, sr, name, channels_last=True)
-    rate = _check_rate(rate, name)
     _check_complete(declared, samples.shape[0], rate, name)
     return _to_mono_resampled(samples, rate, sr, name, channels_last=True)
 
 
 def _to_mono_resampled(samples: np.ndarray, rate: int, sr: int, name: str, *, channels_last: bool) -> np.ndarray:
     if samples.ndim == 2:
-        samples = samples.mean(axis=1 if channels_last else 0, dtype=np.float64).astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is reported just below
+            samples = samples.mean(axis=1 if channels_last else 0, dtype=np.float64).astype(np.float32)
     if samples.size == 0:
         raise AudioError("%s: contains zero samples" % name)
     if not np.isfinite(samples).all():
         bad = int((~np.isfinite(samples)).sum())
         raise AudioError("%s: contains %d NaN or infinite samples" % (name, bad))
+    peak = float(np.max(np.abs(samples)))
+    if peak > MAX_ABS_SAMPLE:
+        # float PCM this far over full scale is corrupt data (it would also overflow when resampled), not a signal
+        raise AudioError("%s: samples reach %.3g, far outside [-1, 1] (corrupt floating-point data?)" % (name, peak))
     if rate != sr:
         import soxr
 
@@ -446,7 +487,7 @@ def _from_array(array: Any, rate: Any, sr: int) -> np.ndarray:
                      "got shape %s" % (name, tuple(samples.shape)))
 
 
-def _from_data_uri(uri: str, sr: int) -> np.ndarray:
+def _from_data_uri(uri: str, sr: int, max_duration: float | None = None) -> np.ndarray:
     name = _describe(uri)
     header, sep, payload = uri.partition(",")
     if not sep:
@@ -462,10 +503,22 @@ def _from_data_uri(uri: str, sr: int) -> np.ndarray:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise AudioError("%s: invalid base64 in data: URI (%s)" % (name, exc)) from exc
-    return _decode(data, None, name, sr)
+    return _decode(data, None, name, sr, max_duration)
 
 
-def load_audio(source: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
+def _check_max_duration(max_duration: Any) -> float | None:
+    if max_duration is None:
+        return None
+    try:
+        value = float(max_duration)
+    except (TypeError, ValueError):
+        raise AudioError("max_duration must be a number of seconds or None, got %r" % (max_duration,)) from None
+    if not math.isfinite(value) or value <= 0:
+        raise AudioError("max_duration must be a positive, finite number of seconds, got %r" % (max_duration,))
+    return value
+
+
+def load_audio(source: Any, sr: int = SAMPLE_RATE, max_duration: float | None = None) -> np.ndarray:
     """Load audio as a float32 mono numpy array at `sr` Hz.
 
     `source` is one of:
@@ -478,10 +531,20 @@ def load_audio(source: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
       - a bare 1-D numpy array or torch tensor, taken to be at `sr` already.
 
     Stereo and multichannel audio is averaged to mono; other rates are resampled with soxr.
+    `max_duration` (seconds): an encoded source longer than this raises `AudioError` once decoding has passed the
+    limit, so a small file that decodes to hours costs no more than the limit (arrays are checked after the fact).
     Raises `AudioError` (a ValueError) naming the source and the problem, including files cut short where the
     container states their length (all but constant-bitrate MP3s without a Xing/Info header).
     """
     sr = _check_rate(sr, "target")
+    max_duration = _check_max_duration(max_duration)
+    audio = _load_any(source, sr, max_duration)
+    if max_duration is not None and audio.size > max_duration * sr:
+        raise _too_long(_describe(source), max_duration)
+    return audio
+
+
+def _load_any(source: Any, sr: int, max_duration: float | None) -> np.ndarray:
     if isinstance(source, tuple):
         if len(source) != 2:
             raise AudioError("<array>: expected (array, sample_rate), got a tuple of %d items; pass several clips "
@@ -493,16 +556,16 @@ def load_audio(source: Any, sr: int = SAMPLE_RATE) -> np.ndarray:
                              "number; pass several clips as a list [clip, clip, ...]" % what)
         return _from_array(source[0], source[1], sr)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(bytes(source), None, _describe(source), sr)
+        return _decode(bytes(source), None, _describe(source), sr, max_duration)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = os.fsdecode(text)
         if text.startswith("data:"):
-            return _from_data_uri(text, sr)
+            return _from_data_uri(text, sr, max_duration)
         if text.startswith(("http://", "https://")):
             raise AudioError("%r: URLs are not fetched here; download the file and pass its path" % text)
-        return _decode(None, text, _describe(text), sr)
+        return _decode(None, text, _describe(text), sr, max_duration)
     if isinstance(source, np.ndarray) or type(source).__name__ == "Tensor":
         samples = _array_to_float(source, "<array>")
         if samples.ndim != 1:

@@ -1,13 +1,20 @@
 """Signal measurements behind the offline captioner and the offline answerers.
 
-Each attribute has (at least) two independent methods, so the two built-in answerers measure differently:
-- F0: Praat autocorrelation and cross-correlation pitch (parselmouth), and a NumPy YIN tracker.
-- vocal-tract size for gender: Praat Burg formants and NumPy autocorrelation-LPC formants, both summarised as the
-  formant dispersion (mean spacing of F1..F4, inversely proportional to vocal-tract length); with F0, F0 range and
-  the high-band spectral level they feed one logistic gender score (GENDER_MODEL).
-- speech span: WebRTC VAD confirmed by energy above the noise floor; and an energy-only endpoint detector.
+Each attribute has independent methods, so the captioner and the two built-in answerers measure differently:
+- F0: Praat autocorrelation (captioner) and cross-correlation (answerer a) pitch (parselmouth), and a NumPy YIN
+  tracker (answerer b).
+- vocal-tract size: formants from Praat Burg (captioner), covariance-method LPC in Praat (a), and NumPy
+  autocorrelation-LPC roots (b), each summarised as the formant dispersion (the spacing of F1..F4, c / 2L for a
+  vocal tract of length L). The formant analysis follows the clip's measured bandwidth (effective_bandwidth_hz):
+  F1..F3 under a lower ceiling on telephone-band audio, nothing below 3 kHz.
+- speaker sex: F0 and dispersion each give a capped log-likelihood ratio from reference distributions in the
+  phonetics literature (SEX_CUES; docs/dataflux-facts.md), summed into a posterior; "unknown" below
+  GENDER_MIN_CONFIDENCE.
+- speech span: WebRTC VAD confirmed by energy above the noise floor (captioner); energy endpoints (a); spectral
+  flatness (b).
 - SNR: speech-span power over out-of-span noise power; and a frame-power percentile estimator.
-- speaking rate: transcript words over the speech span; and syllable nuclei (intensity peaks) over the span.
+- speaking rate: syllables per second over the speech span, from the transcript (captioner, a) or from syllable
+  nuclei in the signal (b); words per second reported alongside.
 All functions take float32 mono audio at 16 kHz.
 """
 from __future__ import annotations
@@ -19,90 +26,150 @@ import numpy as np
 from ..audio import SAMPLE_RATE as SR
 SNR_CAP_DB = 60.0  # digital silence has no measurable noise floor; report this instead of infinity
 
-# Issue thresholds (facts -> classes)
+# ----------------------------------------------------------------------------------------------- speaker sex
+# Each cue contributes a log-likelihood ratio (LLR, > 0 favours female) from two reference distributions taken from
+# the phonetics literature (docs/dataflux-facts.md gives the sources and the arithmetic), never fitted to a data set:
+# - F0: the median F0 of running speech; adult men about 120 Hz, women about 205 Hz, with a between-speaker spread
+#   of about 2.6 semitones (0.15 in natural log) for each.
+# - formant dispersion: the spacing dF of a uniform tube fitted to F1..F4 (F1..F3 on band-limited audio), which is
+#   c / (2 L) for a vocal tract of length L; about 1010 Hz for men (L ~ 17.3 cm) and 1190 Hz for women
+#   (L ~ 14.7 cm), i.e. women's formants ~18% higher, with a spread of 0.08 in natural log (speaker anatomy plus
+#   the vowel mix of a short clip).
+# Both are lognormal with a shared spread, so each LLR is linear in the log of the cue: (x - midpoint) times
+# (mu_f - mu_m) / sd^2, capped at llr_cap:
+# - F0 at 2.0 (7.4:1), below what naming a sex needs (GENDER_MIN_CONFIDENCE), so F0 alone never decides: listeners
+#   hardly change their judgement of a speaker's sex when only F0 is shifted (Hillenbrand & Clark 2009), and
+#   speaking style (raised or expressive voice, Lombard speech) moves a speaker's F0 by up to an octave.
+# - dispersion at 3.0 (20:1): the vocal tract does not change with style, but a formant tracker can lock onto the
+#   wrong peaks, so it cannot outvote a clear contrary F0 either.
+# When the cues disagree the sum is small and the answer is unknown.
+SEX_CUES = {
+    "f0": {"male_hz": 120.0, "female_hz": 205.0, "log_sd": 0.15, "llr_cap": 2.0},
+    "dispersion": {"male_hz": 1010.0, "female_hz": 1190.0, "log_sd": 0.08, "llr_cap": 3.0},
+}
+GENDER_MIN_CONFIDENCE = 0.9  # posterior probability needed to name a gender; below it the fact is "unknown"
+MIN_VOICED_FRAMES = 20  # 0.2 s of voiced 10 ms frames before the F0 median is read
+MIN_FORMANT_FRAMES = 8  # vowel frames with formants before the dispersion is read
+FORMANT_MIN_BANDWIDTH_HZ = 3000.0  # below this not even F3 is in the band: no dispersion
+FOUR_FORMANT_BANDWIDTH_HZ = 4500.0  # F4 of a short vocal tract sits near 4.2 kHz: only above this is F4 read
+MAX_CLIPPED_FRACTION = 0.01  # more clipped samples than this: harmonics from the clipping distort the formants
+
+# Pitch level: against the speaker's sex when the sex is known with confidence (bands around the reference medians,
+# about one between-speaker spread either side), else against absolute bands of the adult population (below the
+# usual female range, above the usual male range).
 MALE_PITCH_BANDS = (95.0, 130.0)
 FEMALE_PITCH_BANDS = (175.0, 235.0)
-SLOW_WPS, FAST_WPS = 2.0, 3.5
+ABSOLUTE_PITCH_BANDS = (110.0, 250.0)
+
+# Speaking rate: syllables per second over the speech span (first to last speech, pauses inside included), the unit
+# of the published norms (docs/dataflux-facts.md): British English runs at about 140 (lectures) to 210 (conversation)
+# words per minute including pauses (Tauroza & Allison 1990), 3.5-5.5 syllables per second; within one read utterance
+# English averages about 6.2 syllables per second (Pellegrino et al. 2011). Slow is below 3.0 (under ~120 words per
+# minute), fast above 6.5 (faster than fluent reading). Words per second and per minute are reported too.
+SLOW_SYL_PER_S, FAST_SYL_PER_S = 3.0, 6.5
+MIN_RATE_SPAN_S, MIN_RATE_SYLLABLES = 1.0, 4  # shorter clips get no rate class: boundary errors dominate
 CLEAN_SNR_DB = 20.0
 
-# Gender model: a logistic score over four cues, each centred on the development set's mean so that a cue that
-# cannot be measured contributes 0. Fitted by bench/dataflux_gender_fit.py on espeak-ng clips disjoint from the
-# evaluation grid (other texts, pitch settings, speeds and SNRs); the printed constants are pasted here.
-# Cues (what espeak-ng's voice variants change, see voices/!v/m* and f*; and what differs between real speakers):
-# - log_f0: log median F0 (female variants start from a higher base pitch).
-# - log_dispersion: log formant dispersion, the spacing of F1..F4, inversely proportional to vocal-tract length
-#   (female variants scale formant frequencies by 110-135%, male ones by 90-106%).
-# - high_band_db: level of 4-8 kHz relative to 0-1 kHz in the long-term spectrum of the loudest voiced frames, in
-#   units of 10 dB (female variants raise and widen the upper formants and add breath noise).
-# - log_f0_range: log of the 10-90 percentile F0 spread in Hz (the variants' "pitch" lines set the intonation range
-#   in Hz: 58-100 Hz for f1-f5, 27-50 Hz for m1-m7; -p shifts the base pitch but not this range).
-GENDER_MODEL = {  # python bench/dataflux_gender_fit.py (lam 1.0): dev 100%, leave-one-variant-out 97.2%
-    "intercept": -0.7682,
-    "weights": {"log_f0": 0.9393, "log_dispersion": 14.1147, "high_band_db": 1.9126, "log_f0_range": 6.9390},
-    "means": {"log_f0": 4.9791, "log_dispersion": 7.0016, "high_band_db": -2.7046, "log_f0_range": 3.2157},
-}
+
+def cue_llr(cue: str, value) -> float | None:
+    """The capped log-likelihood ratio (female over male) of one cue's value, None when it was not measured."""
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    ref = SEX_CUES[cue]
+    mu_m, mu_f = math.log(ref["male_hz"]), math.log(ref["female_hz"])
+    llr = (mu_f - mu_m) / ref["log_sd"] ** 2 * (math.log(value) - 0.5 * (mu_m + mu_f))
+    return float(np.clip(llr, -ref["llr_cap"], ref["llr_cap"]))
 
 
-def gender_features(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None) -> dict:
-    """The gender model's inputs (None where a cue could not be measured)."""
-    def log_or_none(x):
-        return math.log(x) if x is not None and math.isfinite(x) and x > 0 else None
+def gender_decision(f0_hz=None, dispersion_hz=None, dropped: dict | None = None) -> dict:
+    """Combine the cues that could be measured: {gender: male|female|unknown, gender_confidence (posterior of the
+    more likely sex, 0.5 with no evidence), gender_llr, gender_evidence: per cue its value, LLR (None when not
+    used) and, when not used, why}. `dropped` maps a cue to the reason it was not read from this clip."""
+    dropped = dropped or {}
+    evidence, total = {}, 0.0
+    for cue, value in (("f0", f0_hz), ("dispersion", dispersion_hz)):
+        llr = None if cue in dropped else cue_llr(cue, value)
+        entry = {"value_hz": None if value is None or not math.isfinite(value) else round(float(value), 1),
+                 "llr": None if llr is None else round(llr, 3)}
+        if llr is None:
+            entry["dropped"] = dropped.get(cue, "not measured")
+        else:
+            total += llr
+        evidence[cue] = entry
+    p_female = 1.0 / (1.0 + math.exp(-total))
+    confidence = max(p_female, 1.0 - p_female)
+    gender = ("female" if p_female > 0.5 else "male") if confidence >= GENDER_MIN_CONFIDENCE else "unknown"
+    return {"gender": gender, "gender_confidence": round(confidence, 3), "gender_llr": round(total, 3),
+            "gender_evidence": evidence}
 
-    hb = high_band_db / 10.0 if high_band_db is not None and math.isfinite(high_band_db) else None
-    return {"log_f0": log_or_none(f0_hz), "log_dispersion": log_or_none(dispersion_hz), "high_band_db": hb,
-            "log_f0_range": log_or_none(max(f0_range_hz, 1.0) if f0_range_hz is not None
-                                        and math.isfinite(f0_range_hz) else None)}
 
-
-def gender_evidence(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None, model=None) -> dict:
-    """Each cue's contribution to the gender score (> 0 pushes towards female); missing cues contribute 0."""
-    model = model or GENDER_MODEL
-    feats = gender_features(f0_hz, dispersion_hz, f0_range_hz, high_band_db)
-    return {k: (0.0 if feats[k] is None else w * (feats[k] - model["means"][k])) for k, w in model["weights"].items()}
-
-
-def pitch_class(f0_hz: float, gender: str) -> str:
-    low, high = MALE_PITCH_BANDS if gender == "male" else FEMALE_PITCH_BANDS
+def pitch_class(f0_hz: float, gender: str | None) -> str:
+    """low / medium / high against the sex's bands (male, female) or the absolute bands (unknown or None)."""
+    low, high = {"male": MALE_PITCH_BANDS, "female": FEMALE_PITCH_BANDS}.get(gender, ABSOLUTE_PITCH_BANDS)
     return "low" if f0_hz < low else "high" if f0_hz > high else "medium"
 
 
-def rate_class(words_per_second: float) -> str:
-    return "slow" if words_per_second < SLOW_WPS else "fast" if words_per_second > FAST_WPS else "normal"
+def rate_class(syllables_per_second: float) -> str:
+    return ("slow" if syllables_per_second < SLOW_SYL_PER_S else "fast" if syllables_per_second > FAST_SYL_PER_S
+            else "normal")
 
 
 def noise_class(snr_db: float) -> str:
     return "clean" if snr_db >= CLEAN_SNR_DB else "noisy"
 
 
-def gender_score(f0_hz, dispersion_hz, f0_range_hz=None, high_band_db=None, model=None) -> float:
-    """> 0 means female: the model's intercept plus each cue's contribution (see gender_evidence)."""
-    model = model or GENDER_MODEL
-    return model["intercept"] + sum(gender_evidence(f0_hz, dispersion_hz, f0_range_hz, high_band_db, model).values())
+def effective_bandwidth_hz(audio: np.ndarray, span: tuple[float, float] | None = None, drop_db: float = 60.0,
+                           nfft: int = 512) -> float:
+    """Highest frequency at which the speech's long-term spectrum is within `drop_db` of its peak: about 3.4-4 kHz
+    for telephone audio resampled to 16 kHz, up to 8 kHz for wideband audio. Cues above it cannot be read."""
+    x = np.asarray(audio, dtype=np.float64)
+    if span is not None:
+        x = x[int(span[0] * SR): int(math.ceil(span[1] * SR))]
+    if x.size < nfft:
+        return float("nan")
+    hop = nfft // 2
+    n = 1 + (x.size - nfft) // hop
+    frames = x[np.arange(nfft)[None, :] + hop * np.arange(n)[:, None]] * np.hanning(nfft)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    loud = power.sum(axis=1) >= np.quantile(power.sum(axis=1), 0.5)  # the speech frames, not the pauses
+    ltas = power[loud].mean(axis=0)
+    if float(ltas.max()) <= 1e-20:
+        return float("nan")
+    smooth = np.convolve(ltas, np.ones(5) / 5, mode="same")  # 156 Hz smoothing: a harmonic gap is not a cut-off
+    db = 10 * np.log10(np.maximum(smooth, 1e-30))
+    freqs = np.fft.rfftfreq(nfft, 1.0 / SR)
+    above = np.nonzero(db >= db.max() - drop_db)[0]
+    return float(freqs[above[-1]])
+
+
+def clipped_fraction(audio: np.ndarray) -> float:
+    """Share of samples on a flat top at the clip's extreme value (two or more consecutive samples within 0.1% of
+    the peak magnitude), which is what hard clipping leaves, at full scale or at a gain applied before it; 0 for
+    near-silent clips (below -60 dBFS peak, where quantisation alone makes flat tops)."""
+    x = np.abs(np.asarray(audio, dtype=np.float64))
+    peak = float(x.max()) if x.size else 0.0
+    if peak < 1e-3 or x.size < 2:
+        return 0.0
+    at_peak = x >= 0.999 * peak
+    flat = at_peak[1:] & at_peak[:-1]
+    return float(flat.sum()) / x.size
+
+
+def formant_settings(bandwidth_hz: float) -> tuple[float, float, int] | None:
+    """(analysis ceiling Hz, number of formants to track below it, formants to use) for a clip's bandwidth, or None
+    when the band is too narrow. Wideband: Praat's standard 5500 Hz / 5 formants, F1..F4 used. Narrower: the ceiling
+    follows the band and the tracker looks for about one formant per 1.1 kHz, and only F1..F3 are used."""
+    if not math.isfinite(bandwidth_hz) or bandwidth_hz < FORMANT_MIN_BANDWIDTH_HZ:
+        return None
+    ceiling = min(5500.0, bandwidth_hz)
+    count = max(3.0, round(ceiling / 1100.0 * 2) / 2)
+    return ceiling, count, 4 if ceiling >= FOUR_FORMANT_BANDWIDTH_HZ else 3
 
 
 def f0_range(f0: np.ndarray) -> float:
     """10-90 percentile spread of the voiced F0 values in Hz (NaN with fewer than 3 voiced frames)."""
     v = f0[f0 > 0]
     return float(np.percentile(v, 90) - np.percentile(v, 10)) if v.size >= 3 else float("nan")
-
-
-def high_band_level_db(audio: np.ndarray, times: np.ndarray, frame_s: float = 0.04) -> float:
-    """Level of the 4-8 kHz band relative to the 0-1 kHz band (dB) in the long-term average power spectrum of
-    Hann-windowed frames centred at `times` (the loudest voiced frames). NaN when no frame fits."""
-    x = np.asarray(audio, dtype=np.float64)
-    half = int(frame_s * SR / 2)
-    centres = (np.asarray(times) * SR).astype(int)
-    centres = centres[(centres - half >= 0) & (centres + half <= x.size)]
-    if centres.size == 0:
-        return float("nan")
-    frames = x[centres[:, None] + np.arange(-half, half)[None, :]] * np.hanning(2 * half)
-    ltas = np.mean(np.abs(np.fft.rfft(frames, 1024, axis=1)) ** 2, axis=0)
-    freqs = np.fft.rfftfreq(1024, 1.0 / SR)
-    low = float(np.mean(ltas[freqs < 1000]))
-    high = float(np.mean(ltas[(freqs >= 4000) & (freqs < 8000)]))
-    if low <= 1e-20 or high <= 1e-20:
-        return float("nan")
-    return 10 * math.log10(high / low)
 
 
 def formant_dispersion(formants) -> float:
@@ -182,6 +249,34 @@ def speech_span_energy(audio: np.ndarray, margin_db: float = 9.0) -> tuple[float
     if idx.size == 0 or peak <= 1e-10:
         return None
     return idx[0] * 160 / SR, (idx[-1] * 160 + 320) / SR
+
+
+def speech_span_flatness(audio: np.ndarray, max_flatness: float = 0.35) -> tuple[float, float] | None:
+    """(start_s, end_s) from spectral shape rather than a speech model or energy alone: 20 ms frames whose
+    300-4000 Hz spectral flatness (geometric over arithmetic mean power) is below `max_flatness` (harmonics and
+    formants make speech peaky; stationary noise and silence are flat) and whose power stands 6 dB above the quietest
+    tenth of frames. Runs shorter than 50 ms are ignored. None if no speech."""
+    x = np.asarray(audio, dtype=np.float64)
+    frame, hop = 320, 160
+    if x.size < frame:
+        return None
+    n = 1 + (x.size - frame) // hop
+    frames = x[np.arange(frame)[None, :] + hop * np.arange(n)[:, None]] * np.hanning(frame)
+    power = np.abs(np.fft.rfft(frames, 512, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(512, 1.0 / SR)
+    band = power[:, (freqs >= 300) & (freqs <= 4000)] + 1e-20
+    flatness = np.exp(np.mean(np.log(band), axis=1)) / np.mean(band, axis=1)
+    energy = power.sum(axis=1)
+    peak = float(energy.max())
+    if peak <= 1e-12:
+        return None
+    floor = max(noise_floor_power(energy), peak * 1e-6)
+    speech = (flatness < max_flatness) & (energy > 4.0 * floor)
+    speech &= np.convolve(speech.astype(int), np.ones(5, int), mode="same") >= 3
+    idx = np.nonzero(speech)[0]
+    if idx.size == 0:
+        return None
+    return idx[0] * hop / SR, (idx[-1] * hop + frame) / SR
 
 
 # ----------------------------------------------------------------------------------------------- SNR
@@ -292,31 +387,81 @@ def voiced_median(f0: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------------------------- formants
 
-def praat_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0) -> np.ndarray:
-    """Median F1..F4 (Praat Burg) over the given (voiced) times."""
+def _formant_medians(values: np.ndarray, use: int) -> np.ndarray:
+    """Per-formant medians over frames (rows: F1..Fn), NaN beyond `use` formants or where nothing was found."""
+    out = np.full(4, np.nan)
+    with np.errstate(all="ignore"):
+        for i in range(min(use, values.shape[0])):
+            row = values[i]
+            if np.isfinite(row).sum() >= MIN_FORMANT_FRAMES:
+                out[i] = np.nanmedian(row)
+    return out
+
+
+def praat_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0, count: float = 5.0,
+                   use: int = 4) -> np.ndarray:
+    """Median F1..F4 (Praat Burg) over the given (voiced) times; formants past `use` are NaN."""
     import parselmouth
 
-    snd = parselmouth.Sound(np.asarray(audio, dtype=np.float64), SR)
-    fm = snd.to_formant_burg(max_number_of_formants=5, maximum_formant=ceiling)
     if len(times) == 0:
         return np.full(4, np.nan)
-    vals = np.array([[fm.get_value_at_time(i, float(t)) for t in times] for i in (1, 2, 3, 4)], dtype=np.float64)
-    with np.errstate(all="ignore"):
-        return np.array([np.nanmedian(row) if np.isfinite(row).any() else np.nan for row in vals])
+    snd = parselmouth.Sound(np.asarray(audio, dtype=np.float64), SR)
+    fm = snd.to_formant_burg(max_number_of_formants=count, maximum_formant=ceiling)
+    vals = np.array([[fm.get_value_at_time(i, float(t)) for t in times] for i in range(1, use + 1)],
+                    dtype=np.float64)
+    return _formant_medians(vals, use)
 
 
-def lpc_formants(audio: np.ndarray, times: np.ndarray, order: int = 14, frame_s: float = 0.025) -> np.ndarray:
-    """Median F1..F4 from autocorrelation LPC (Levinson via a Toeplitz solve) at the given times: roots of the
-    predictor polynomial above 90 Hz with bandwidth under 400 Hz, sorted by frequency."""
+def praat_covariance_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0, count: float = 5.0,
+                              use: int = 4) -> np.ndarray:
+    """Median F1..F4 from covariance-method LPC (Praat "To LPC (covariance)" on the audio resampled to twice the
+    ceiling, 2 * count + 2 coefficients), a different estimator from Burg's."""
+    import parselmouth
+    from parselmouth.praat import call
+
+    if len(times) == 0:
+        return np.full(4, np.nan)
+    snd = parselmouth.Sound(np.asarray(audio, dtype=np.float64), SR)
+    snd = call(snd, "Resample", 2 * ceiling, 50)
+    emphasised = call(snd, "Filter (pre-emphasis)", 50.0)
+    lpc = call(emphasised, "To LPC (covariance)", int(round(2 * count + 2)), 0.025, 0.005, 50.0)
+    fm = call(lpc, "To Formant")
+    # the LPC's poles include broad ones that are no resonance: keep peaks narrower than 500 Hz, in order
+    slots = int(math.ceil(count)) + 1
+    vals = np.full((use, len(times)), np.nan)
+    for j, t in enumerate(times):
+        peaks = []
+        for i in range(1, slots + 1):
+            f = call(fm, "Get value at time", i, float(t), "hertz", "Linear")
+            b = call(fm, "Get bandwidth at time", i, float(t), "hertz", "Linear")
+            if math.isfinite(f) and math.isfinite(b) and f > 90 and b < 500:
+                peaks.append(f)
+        if len(peaks) >= use:
+            vals[:, j] = peaks[:use]
+    return _formant_medians(vals, use)
+
+
+def lpc_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0, count: float = 5.0, use: int = 4,
+                 frame_s: float = 0.025) -> np.ndarray:
+    """Median F1..F4 from autocorrelation LPC (Levinson via a Toeplitz solve) on the audio resampled to twice the
+    ceiling, at the given times: roots of the predictor polynomial above 90 Hz with bandwidth under 400 Hz, sorted
+    by frequency; frames with fewer than `use` such roots are skipped."""
     from scipy.linalg import solve_toeplitz
+    from scipy.signal import resample_poly
 
-    x = np.asarray(audio, dtype=np.float64)
+    rate = int(round(2 * ceiling))
+    g = math.gcd(rate, SR)
+    x = resample_poly(np.asarray(audio, dtype=np.float64), rate // g, SR // g) if rate != SR else \
+        np.asarray(audio, dtype=np.float64)
+    if x.size < 2:
+        return np.full(4, np.nan)
     x = np.append(x[0], x[1:] - 0.97 * x[:-1])  # pre-emphasis flattens the glottal tilt
-    half = int(frame_s * SR / 2)
+    order = int(round(2 * count + 2))
+    half = int(frame_s * rate / 2)
     window = np.hamming(2 * half)
     per_frame = []
     for t in times:
-        c = int(t * SR)
+        c = int(t * rate)
         if c - half < 0 or c + half > x.size:
             continue
         seg = x[c - half: c + half] * window
@@ -327,17 +472,21 @@ def lpc_formants(audio: np.ndarray, times: np.ndarray, order: int = 14, frame_s:
             a = solve_toeplitz(r[:order], -r[1: order + 1])
         except np.linalg.LinAlgError:
             continue
+        if not np.all(np.isfinite(a)):
+            continue
         roots = np.roots(np.concatenate([[1.0], a]))
         roots = roots[np.imag(roots) > 0]
-        freqs = np.angle(roots) * SR / (2 * np.pi)
-        bws = -np.log(np.abs(roots)) * SR / np.pi
-        keep = (freqs > 90) & (bws < 400)
-        f = np.sort(freqs[keep])[:4]
-        if f.size == 4:
+        freqs = np.angle(roots) * rate / (2 * np.pi)
+        bws = -np.log(np.abs(roots)) * rate / np.pi
+        keep = (freqs > 90) & (bws < 400) & (freqs < ceiling - 100)
+        f = np.sort(freqs[keep])[:use]
+        if f.size == use:
             per_frame.append(f)
-    if not per_frame:
+    if len(per_frame) < MIN_FORMANT_FRAMES:
         return np.full(4, np.nan)
-    return np.median(np.array(per_frame), axis=0)
+    out = np.full(4, np.nan)
+    out[:use] = np.median(np.array(per_frame), axis=0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- syllables

@@ -13,6 +13,12 @@ Backends:
 - "auto" (default): "eureka" when this build provides it, else "faster-whisper". The name of the backend actually
   used is exposed as `.name` and goes into every record's provenance.
 Models are loaded once per process and shared (loading costs far more than a transcription).
+
+Content checks: `second_recogniser(primary)` is a recogniser that decodes differently from `primary` (the project's
+Whisper with greedy-first decoding vs. faster-whisper's CTranslate2 int8 beam-5 search, either way round), and
+`check_transcript` compares the two. The captioner records the comparison; DataFlux asks no word question about a clip
+whose recognisers disagree, and answerer b reads the second recogniser's transcript, so that a mistranscription is not
+the gold answer of both answerers.
 """
 from __future__ import annotations
 
@@ -43,6 +49,16 @@ class EurekaWhisperASR:
     name = "eureka-whisper-tiny.en"
     fallbacks = 0
     windows_redecoded = 0
+
+    @property
+    def last_avg_logprob(self) -> float | None:
+        """Mean token log-probability of this thread's last transcription (its confidence), None if unknown."""
+        return getattr(self._thread_state(), "avg_logprob", None)
+
+    def _thread_state(self):
+        if "_last" not in self.__dict__:
+            self._last = threading.local()  # per-thread, so concurrent clips never read each other's confidence
+        return self._last
     _fallback_backend: str | None = None
     _fallback_model = None
     _options: dict = {}
@@ -53,6 +69,7 @@ class EurekaWhisperASR:
         if fallback not in (None, "none", "faster-whisper", "faster_whisper"):
             raise ValueError(f"unknown ASR fallback {fallback!r} (expected None or 'faster-whisper')")
         self._model = load_whisper_model(model_name)
+        self._last = threading.local()
         self._lock = threading.Lock()  # our torch model is not documented as thread-safe; keep calls serial
         self._fallback_backend = None if fallback in (None, "none") else "faster-whisper"
         self._options = dict(decode_options)
@@ -65,6 +82,9 @@ class EurekaWhisperASR:
                 windows = self._model.decode_windows(audio, **self._options)
                 text = " ".join(w.text for w in windows if w.text)
                 redecoded = sum(1 for w in windows if w.fell_back)
+                scored = [w for w in windows if getattr(w, "tokens", None) and hasattr(w, "sum_logprob")]
+                self._thread_state().avg_logprob = (
+                    sum(w.sum_logprob for w in scored) / sum(len(w.tokens) for w in scored) if scored else None)
             else:  # any object with .transcribe(audio)
                 out = self._model.transcribe(audio)
                 text = out if isinstance(out, str) else getattr(out, "text", str(out))
@@ -142,6 +162,36 @@ def get_asr(backend: str = "auto", **kwargs):
             else:
                 raise ValueError(f"unknown ASR backend {backend!r} (expected auto, eureka, faster-whisper or none)")
         return _CACHE[key]
+
+
+MIN_TRANSCRIPT_AGREEMENT = 0.8  # 1 - WER between the two recognisers below which no content question is asked
+
+
+def second_recogniser(primary):
+    """A recogniser that decodes differently from `primary`, or None when none is installed: faster-whisper (beam 5)
+    for the project's Whisper, the project's Whisper for faster-whisper; None for NoASR and unknown backends."""
+    name = getattr(primary, "name", "")
+    try:
+        if name.startswith("eureka-whisper"):
+            return get_asr("faster-whisper", beam_size=5)
+        if name.startswith("faster-whisper") and _eureka_available():
+            return get_asr("eureka")
+    except ImportError:
+        return None
+    return None
+
+
+def check_transcript(transcript: str, second: str, second_name: str) -> dict:
+    """How far two recognisers agree: {recogniser, transcript (the second one), agreement (1 - word error rate of
+    the second against the first, over the longer of the two), confirmed_words (words both heard), verified
+    (agreement >= MIN_TRANSCRIPT_AGREEMENT)}."""
+    first_words, second_words = normalize_words(transcript), normalize_words(second)
+    errors, _ = word_error_rate(transcript, second)
+    longest = max(len(first_words), len(second_words))
+    agreement = 1.0 - errors / longest if longest else 1.0
+    return {"recogniser": second_name, "transcript": second.strip(), "agreement": round(agreement, 3),
+            "confirmed_words": sorted(set(first_words) & set(second_words)),
+            "verified": agreement >= MIN_TRANSCRIPT_AGREEMENT}
 
 
 def normalize_words(text: str) -> list[str]:

@@ -13,20 +13,32 @@ import os
 import numpy as np
 
 from ..audio import SAMPLE_RATE, load_audio
+from ..audio.io import AudioTooLongError
 
+# Longest clip DataFlux decodes (seconds). A longer file is rejected as "audio_too_long" as soon as decoding passes
+# this, so a small compressed file that decodes to hours costs no more than this much audio in time and memory.
+MAX_CLIP_SECONDS = 1800.0
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
 
 
 class ClipReadError(ValueError):
-    """An audio clip could not be read or decoded; the message names the source and the problem."""
+    """An audio clip could not be read or decoded; the message names the source and the problem, `reason` the kind
+    of failure for rejected/ ("unreadable_audio", or "audio_too_long" past the maximum duration)."""
+
+    def __init__(self, message: str, reason: str = "unreadable_audio"):
+        super().__init__(message)
+        self.reason = reason
 
 
-def read_clip_or_reject(source) -> np.ndarray:
+def read_clip_or_reject(source, max_duration: float | None = MAX_CLIP_SECONDS) -> np.ndarray:
     """One clip at 16 kHz through `load_audio`, with any failure (decoders raise many error types) turned into a
-    ClipReadError, so that one bad file rejects that clip, not the run."""
+    ClipReadError, so that one bad file rejects that clip, not the run. Decoding stops past `max_duration` seconds
+    (None: no limit) and the clip is rejected as "audio_too_long"."""
     name = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
     try:
-        return load_audio(source)
+        return load_audio(source, max_duration=max_duration)
+    except AudioTooLongError as exc:
+        raise ClipReadError(str(exc), "audio_too_long") from exc
     except Exception as exc:
         raise ClipReadError(f"{name}: cannot decode audio ({type(exc).__name__}: {exc})") from exc
 

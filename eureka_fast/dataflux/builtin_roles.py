@@ -2,9 +2,13 @@
 
 The generator fills the taxonomy's templates from the captioner's facts, so the intended answer is known (kept in
 provenance only; the judge decides from the caption facts, as an LLM judge would). The answerers never see the
-caption: they measure the audio themselves, with different methods (see acoustics.py):
-  a: Praat cross-correlation F0, Praat Burg formants, energy endpoints, ASR words / speech span, percentile SNR
-  b: YIN F0, LPC formants, WebRTC-VAD span, syllable nuclei rate, span SNR
+caption: they measure the audio themselves, with methods that differ from the captioner's (Praat autocorrelation F0,
+Praat Burg formants, WebRTC VAD + energy span, transcript syllables, span SNR) and from each other's:
+  a: Praat cross-correlation F0, covariance-method LPC formants (Praat), energy endpoints, transcript syllables over
+     its own span, frame-percentile SNR
+  b: YIN F0, autocorrelation-LPC root formants (NumPy), spectral-flatness span, syllable nuclei in the signal (no
+     transcript), span SNR over its own span
+Both use the same literature-based sex model (acoustics.gender_decision) and abstain ("unknown") where it does.
 Each trace ends its reasoning with "Conclusion: <value>." so the judge can check the trace's internal logic.
 """
 from __future__ import annotations
@@ -42,6 +46,14 @@ def _parse_seconds(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+_RELATIVE = re.compile(r"gender|kind of voice|same kind|voice type|for the speaker", re.IGNORECASE)
+
+
+def _relative_wording(text: str) -> bool:
+    """Wording that judges pitch against the speaker's own kind of voice: wrong for a level on absolute bands."""
+    return bool(_RELATIVE.search(text))
+
+
 def _option_word(text: str) -> str:
     return normalize_words(text)[0] if normalize_words(text) else ""
 
@@ -61,17 +73,18 @@ class TemplateQueryGenerator:
         if value in (None, "", []):
             return fail
         rng = seeded_rng(seed, clip_id, category.id, round_idx)
-        templates = list(category.templates)
+        absolute = facts.get(f"{category.fact}_basis") == "absolute bands"
+        templates = [t for t in category.templates if not (absolute and _relative_wording(t))]
         rng.shuffle(templates)
         templates = [t for t in templates if not any(near_duplicate(t, s) for s in avoid_stems)]
         if len(templates) < n:
             # every stem was used already: re-ask used stems with fresh options rather than fail the unit
-            extra = [t for t in category.templates if t not in templates]
+            extra = [t for t in category.templates if t not in templates and not (absolute and _relative_wording(t))]
             rng.shuffle(extra)
             templates += extra
         questions, answers = [], []
         for stem in templates[:n]:
-            built = self._options(category, value, facts, rng)
+            built = self._options(category, value, facts, rng, absolute)
             if built is None:
                 return fail
             options, correct = built
@@ -84,12 +97,17 @@ class TemplateQueryGenerator:
         return {"is_success": True, "questions": questions}, answers
 
     @staticmethod
-    def _options(category, value, facts, rng):
+    def _options(category, value, facts, rng, absolute=False):
         if category.kind == "class":
             if value not in category.values:
                 return None
-            correct = rng.choice(category.values[value])
-            pool = [rng.choice(ph) for v, ph in category.values.items() if v != value]
+
+            def phrasings(v):
+                kept = [p for p in category.values[v] if not (absolute and _relative_wording(p))]
+                return kept or list(category.values[v])
+
+            correct = rng.choice(phrasings(value))
+            pool = [rng.choice(phrasings(v)) for v in category.values if v != value]
             distractors = list(category.distractors)
             rng.shuffle(distractors)
             pool = (pool + distractors)[:3]
@@ -110,7 +128,14 @@ class TemplateQueryGenerator:
                     break
             return (opts, correct) if len(opts) == 4 else None
         if category.kind == "word":
-            words = [w for w in normalize_words(str(value)) if len(w) >= 4 and w not in _WORD_STOP and "'" not in w]
+            # what was said is a fact only where a second recogniser confirms it: no content question when the
+            # recognisers disagree (or none could check), and the answer is a word both of them heard
+            check = facts.get("transcript_check")
+            if check is not None and not check.get("verified"):
+                return None
+            confirmed = set(check.get("confirmed_words", ())) if check is not None else None
+            words = [w for w in normalize_words(str(value)) if len(w) >= 4 and w not in _WORD_STOP and "'" not in w
+                     and (confirmed is None or w in confirmed)]
             if not words:
                 return None
             spoken = set(normalize_words(str(value)))
@@ -131,6 +156,11 @@ class MeasuringAnswerer:
         if method not in ("a", "b"):
             raise ValueError(f"builtin answerer method must be 'a' or 'b', got {method!r}")
         self.method = method
+        if method == "b":
+            # b reads what a differently-decoding recogniser heard, so a mistranscription is not both answers
+            from .asr import second_recogniser
+
+            asr = second_recogniser(asr) or asr
         self.asr = asr
         self.taxonomy = taxonomy
         self.name = f"builtin-answerer-{method}+{getattr(asr, 'name', 'asr')}"
@@ -148,25 +178,17 @@ class MeasuringAnswerer:
             ctx.cache[key] = self.asr.transcribe(ctx.audio)
         return ctx.cache[key]
 
-    VOICE_KEYS = ("f0", "dispersion", "f0_range", "high_band", "score", "gender", "pitch_level")
-
     def _voice(self, audio, span, pitch_fn, formant_fn):
-        seg = audio[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
-        times, f0 = pitch_fn(seg)
-        f0_med = ac.voiced_median(f0)
-        if not math.isfinite(f0_med):
-            return None
-        from .captioner import loudest_voiced_times
+        from .captioner import pitch_level_for, speaker_measurements
 
-        vt = loudest_voiced_times(seg, times[f0 > 0])
-        den = ac.spectral_subtract(audio, span)[int(span[0] * ac.SR): int(math.ceil(span[1] * ac.SR))]
-        disp = ac.formant_dispersion(formant_fn(den, vt))
-        f0_range, high_band = ac.f0_range(f0), ac.high_band_level_db(den, vt)
-        score = ac.gender_score(f0_med, disp, f0_range, high_band)
-        gender = "female" if score > 0 else "male"
-        return {"f0": f0_med, "dispersion": disp, "f0_range": f0_range, "high_band": high_band, "score": score,
-                "gender": gender,
-                "pitch_level": ac.pitch_class(f0_med, gender), "times": times[f0 > 0]}
+        v = speaker_measurements(audio, span, pitch_fn, formant_fn)
+        if "dropped" in v["gender_evidence"]["f0"]:
+            return None
+        level, basis = pitch_level_for(v["f0_median_hz"], v)
+        return {"f0": v["f0_median_hz"], "f0_range": v["f0_range_hz"], "dispersion": v["dispersion_hz"],
+                "bandwidth": v["bandwidth_hz"], "gender": v["gender"], "confidence": v["gender_confidence"],
+                "evidence": v["gender_evidence"], "pitch_level": level, "pitch_basis": basis,
+                "times": v["times"][v["voiced"]]}
 
     def _measure_a(self, ctx) -> dict:
         audio = ctx.audio
@@ -176,33 +198,35 @@ class MeasuringAnswerer:
         m["transcript"] = self._transcript(ctx)
         if span is None or span[1] - span[0] < 0.1:
             return m
-        v = self._voice(audio, span, lambda s: ac.praat_pitch(s, "cc", 60.0, 500.0),
-                        lambda s, t: ac.praat_formants(s, t, 5500.0))
+        v = self._voice(audio, span, lambda s: ac.praat_pitch(s, "cc", 60.0, 500.0), ac.praat_covariance_formants)
         if v:
-            m.update({k: v[k] for k in self.VOICE_KEYS})
-        words = len(normalize_words(m["transcript"]))
-        if words:
-            m["wps"] = words / (span[1] - span[0])
-            m["wps_how"] = f"{words} transcribed words over {span[1] - span[0]:.2f} s of speech (energy endpoints)"
+            m.update(v)
+        from .captioner import speaking_rate_measure
+
+        rate = speaking_rate_measure(audio, span, m["transcript"], v["times"] if v else np.zeros(0))
+        if rate["speaking_rate"]:
+            m["rate"] = rate["speaking_rate"]
+            m["rate_how"] = (f"{rate['syllable_count']} syllables ({rate['syllable_basis']}) over "
+                             f"{span[1] - span[0]:.2f} s of speech (energy endpoints): "
+                             f"{rate['syllables_per_second']:.2f} syllables per second")
         return m
 
     def _measure_b(self, ctx) -> dict:
         audio = ctx.audio
-        span = ac.speech_span_vad(audio, aggressiveness=3)
+        span = ac.speech_span_flatness(audio)
         m = {"duration": audio.size / ac.SR, "snr": ac.snr_from_span(audio, span), "span": span,
              "transcript": self._transcript(ctx)}
         if span is None or span[1] - span[0] < 0.1:
             return m
-        v = self._voice(audio, span, lambda s: ac.yin_pitch(s), lambda s, t: ac.lpc_formants(s, t))
+        v = self._voice(audio, span, lambda s: ac.yin_pitch(s), ac.lpc_formants)
         if v:
-            m.update({k: v[k] for k in self.VOICE_KEYS})
+            m.update(v)
             nuclei = ac.syllable_nuclei(audio, span, v["times"] + span[0])
-            words = normalize_words(m["transcript"])
-            syl_per_word = (sum(ac.count_syllables(w) for w in words) / len(words)) if words else 1.45
             dur = span[1] - span[0]
-            m["wps"] = nuclei / syl_per_word / dur
-            m["wps_how"] = (f"{nuclei} syllable nuclei over {dur:.2f} s of speech (WebRTC VAD), at "
-                            f"{syl_per_word:.2f} syllables per word")
+            if dur >= ac.MIN_RATE_SPAN_S and nuclei >= ac.MIN_RATE_SYLLABLES:
+                m["rate"] = ac.rate_class(nuclei / dur)
+                m["rate_how"] = (f"{nuclei} syllable nuclei over {dur:.2f} s of speech (spectral-flatness span): "
+                                 f"{nuclei / dur:.2f} syllables per second")
         return m
 
     # ---- answering
@@ -244,7 +268,8 @@ class MeasuringAnswerer:
 
     def _decide(self, stem, options, m):
         c = self._category_for(options)
-        tool = "Praat cross-correlation pitch and Burg formants" if self.method == "a" else "YIN pitch and LPC formants"
+        tool = ("Praat cross-correlation pitch and covariance-LPC formants" if self.method == "a"
+                else "YIN pitch and autocorrelation-LPC formants")
         if c is None:
             return None, None, "I cannot tell what property this question asks about."
         if c.kind == "duration":
@@ -259,20 +284,23 @@ class MeasuringAnswerer:
         if fact in ("gender", "pitch_level"):
             if "gender" not in m:
                 return c, None, f"I found no voiced speech to measure with {tool}."
-            think = (f"Using {tool}: median F0 {m['f0']:.0f} Hz (10-90% spread {m['f0_range']:.0f} Hz), formant "
-                     f"dispersion {m['dispersion']:.0f} Hz, 4-8 kHz band {m['high_band']:.0f} dB re. 0-1 kHz; "
-                     f"gender score {m['score']:+.2f} (> 0 female), so the voice is {m['gender']}.")
+            ev = m["evidence"]
+            cues = "; ".join(f"{k} {e['value_hz']} Hz -> " + (f"log-likelihood ratio {e['llr']:+.2f}"
+                                                               if e["llr"] is not None else f"not used ({e['dropped']})")
+                             for k, e in ev.items())
+            think = (f"Using {tool} (effective bandwidth {m['bandwidth']:.0f} Hz): {cues}; posterior "
+                     f"{m['confidence']:.2f} for the likelier sex, so the speaker's sex is {m['gender']}.")
             if fact == "gender":
+                if m["gender"] == "unknown":
+                    return c, None, think + " That is not confident enough to answer."
                 return c, m["gender"], think
-            bands = ac.MALE_PITCH_BANDS if m["gender"] == "male" else ac.FEMALE_PITCH_BANDS
-            return c, m["pitch_level"], (think + f" For a {m['gender']} voice the medium band is "
-                                                 f"{bands[0]:.0f}-{bands[1]:.0f} Hz, so the pitch is {m['pitch_level']}.")
+            return c, m["pitch_level"], (think + f" Median F0 {m['f0']:.0f} Hz against the {m['pitch_basis']}: "
+                                                 f"the pitch is {m['pitch_level']}.")
         if fact == "speaking_rate":
-            if "wps" not in m:
-                return c, None, "I found no speech to time."
-            cls = ac.rate_class(m["wps"])
-            return c, cls, (f"{m['wps_how']}: {m['wps']:.2f} words per second; slow is below 2.0 and fast above "
-                            f"3.5, so the pace is {cls}.")
+            if "rate" not in m:
+                return c, None, "I found too little speech to time."
+            return c, m["rate"], (f"{m['rate_how']}; slow is below {ac.SLOW_SYL_PER_S} and fast above "
+                                  f"{ac.FAST_SYL_PER_S}, so the pace is {m['rate']}.")
         return c, None, f"I have no measurement for {fact}."
 
     def _pick(self, c, options, conclusion):
@@ -297,7 +325,7 @@ def answer_word_question(transcript: str, options) -> str | None:
 
 # ============================================================================================ judge
 
-BORDERLINE = {"f0_median_hz": 0.04, "words_per_second": 0.06, "snr_db": 2.0, "gender_score": 0.05}
+BORDERLINE = {"f0_median_hz": 0.04, "syllables_per_second": 0.06, "snr_db": 2.0, "gender_confidence": 0.95}
 
 
 class RuleJudge:
@@ -386,13 +414,14 @@ class RuleJudge:
     def _borderline(category, facts):
         f = category.fact
         if f == "pitch_level" and facts.get("f0_median_hz"):
-            bands = ac.MALE_PITCH_BANDS if facts.get("gender") == "male" else ac.FEMALE_PITCH_BANDS
+            bands = {"male": ac.MALE_PITCH_BANDS, "female": ac.FEMALE_PITCH_BANDS}.get(facts.get("gender"),
+                                                                                        ac.ABSOLUTE_PITCH_BANDS)
             return any(abs(facts["f0_median_hz"] / b - 1) < BORDERLINE["f0_median_hz"] for b in bands)
-        if f == "speaking_rate" and facts.get("words_per_second"):
-            return any(abs(facts["words_per_second"] / b - 1) < BORDERLINE["words_per_second"]
-                       for b in (ac.SLOW_WPS, ac.FAST_WPS))
+        if f == "speaking_rate" and facts.get("syllables_per_second"):
+            return any(abs(facts["syllables_per_second"] / b - 1) < BORDERLINE["syllables_per_second"]
+                       for b in (ac.SLOW_SYL_PER_S, ac.FAST_SYL_PER_S))
         if f == "noise" and facts.get("snr_db") is not None:
             return abs(facts["snr_db"] - ac.CLEAN_SNR_DB) < BORDERLINE["snr_db"]
-        if f == "gender" and facts.get("gender_score") is not None:
-            return abs(facts["gender_score"]) < BORDERLINE["gender_score"]
+        if f == "gender" and facts.get("gender_confidence") is not None:
+            return facts["gender_confidence"] < BORDERLINE["gender_confidence"]
         return False

@@ -61,7 +61,7 @@ async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Setti
     try:
         audio = await asyncio.to_thread(read_clip_or_reject, abspath)
     except ClipReadError as exc:
-        return _failed(clip_id, abspath, "unreadable_audio", str(exc), {}, t0)
+        return _failed(clip_id, abspath, exc.reason, str(exc), {}, t0)
     ctx = ClipContext(clip_id=clip_id, path=abspath, audio=audio, seed=settings.seed)
     try:
         caption, facts = await roles.captioner.caption(ctx)

@@ -65,21 +65,43 @@ class BuiltinCaptionerRole:
     def __init__(self, asr="auto", **unknown):
         if unknown:
             raise ValueError(f"captioner: unknown builtin option(s) {sorted(unknown)}")
-        from .asr import get_asr
+        from .asr import get_asr, second_recogniser
         from .captioner import BuiltinCaptioner
 
         self.asr = get_asr(asr)
+        self.check_asr = second_recogniser(self.asr)  # decodes differently: content facts are cross-checked
         self._impl = BuiltinCaptioner(self.asr)
         self.name = self._impl.name
 
     async def caption(self, ctx):
         def work():
-            transcript = ctx.cache.get(f"asr:{self.asr.name}")
-            if transcript is None:
-                transcript = ctx.cache[f"asr:{self.asr.name}"] = self.asr.transcribe(ctx.audio)
+            from .asr import check_transcript
             from .captioner import analyse, caption_from_facts
 
-            facts = analyse(ctx.audio, transcript)
+            def transcribe(asr):
+                key = f"asr:{asr.name}"
+                if ctx.cache.get(key) is None:
+                    ctx.cache[key] = asr.transcribe(ctx.audio)
+                return ctx.cache[key]
+
+            transcript = transcribe(self.asr)
+            confidence = getattr(self.asr, "last_avg_logprob", None)
+            extra = {}
+            if transcript.strip():
+                if confidence is not None:
+                    extra["transcript_avg_logprob"] = round(float(confidence), 3)
+                if self.check_asr is not None:
+                    extra["transcript_check"] = check_transcript(transcript, transcribe(self.check_asr),
+                                                                 self.check_asr.name)
+                else:
+                    extra["transcript_check"] = {"recogniser": None, "verified": False,
+                                                 "reason": "no second recogniser installed"}
+            # syllables from the text only when a second recogniser confirms it (or, with none, when the
+            # recogniser is confident): text in a language the recogniser does not know miscounts
+            check = extra.get("transcript_check")
+            reliable = (check["verified"] if check and check.get("recogniser")
+                        else confidence is None or confidence > -1.0)
+            facts = {**analyse(ctx.audio, transcript, transcript_reliable=reliable), **extra}
             return caption_from_facts(facts), facts
 
         return await asyncio.to_thread(work)

@@ -6,8 +6,9 @@ thresholds applied to reference measurements on the clean signal:
 - gender: the espeak voice variant's gender (m* male, f* female);
 - pitch_level: Praat cross-correlation F0 median of the clean clip, with the pitch range Praat recommends for the
   known gender (male 60-250 Hz, female 100-500 Hz), against the gender's thresholds;
-- speaking_rate: known word count over the clean clip's speech span (first to last sample of the signal envelope
-  above -40 dB re. its peak), against 2.0 / 3.5 words per second;
+- speaking_rate: the known text's syllable count (acoustics.count_syllables) over the clean clip's speech span (first
+  to last sample of the signal envelope above -40 dB re. its peak), against the captioner's syllables-per-second
+  classes (acoustics.SLOW_SYL_PER_S / FAST_SYL_PER_S, from published speaking-rate norms);
 - noise: "clean" if the mixed-in SNR (speech-span power over noise power) is >= 20 dB or no noise, else "noisy".
 """
 from __future__ import annotations
@@ -42,33 +43,14 @@ FEMALE_VOICES = ("f1", "f2", "f3", "f4", "f5")
 # (measured: male -p15 ~70-85 Hz, -p60 ~100-118 Hz, -p92 ~140-160 Hz;
 #            female -p15 ~130-165 Hz, -p55 ~190-225 Hz, -p92 ~280-320 Hz).
 PITCH_SETTINGS = {"male": (15, 60, 92), "female": (15, 55, 92)}
-SPEED_SETTINGS = (80, 135, 270)  # espeak words per minute: slow, normal, fast at the issue's 2.0 / 3.5 w/s bands
+SPEED_SETTINGS = (80, 135, 270)  # espeak words per minute: slow, normal and fast at the syllables-per-second classes
 # extra gap between words (espeak -g, units of 10 ms) per speed: espeak's slowest speed alone still lands near 2 w/s
 WORD_GAP = {80: 6}
 NOISE_SETTINGS = (None, 30.0, 10.0, 5.0)  # SNR dB; None = no noise
 LEAD_SILENCE_S, TRAIL_SILENCE_S = 0.4, 0.6
 
-# Development set for fitting the captioner's gender model (bench/dataflux_gender_fit.py). Disjoint from the
-# evaluation grid above in text, espeak pitch settings, speeds and SNRs (the voice variants are the same 12: espeak
-# has no others in this family; the fit script measures unseen-variant accuracy by leaving one variant out).
-DEV_TEXTS = (
-    "Yesterday the farmer sold three baskets of apples at the market.",
-    "Turn left at the second light and park behind the blue building.",
-    "Nobody expected the concert to finish so late on a weekday.",
-    "The engineer measured the bridge twice before signing the papers.",
-    "Fresh bread smells wonderful when it comes straight out of the oven.",
-    "Please lock the back door and switch off the kitchen lights.",
-)
-# male -p99 (~150-180 Hz) and female -p5 (~120-150 Hz) overlap in F0 even more than the evaluation grid's extremes
-DEV_PITCH_SETTINGS = {"male": (35, 80, 99), "female": (5, 35, 72)}
-DEV_SPEED_SETTINGS = (100, 175, 230)
-DEV_NOISE_SETTINGS = (None, 25.0, 15.0, 8.0)
-DEV_INDEX_BASE = 5000  # clip ids and noise seeds of the development set never collide with the grid's
-
-MALE_PITCH_BANDS = (95.0, 130.0)
-FEMALE_PITCH_BANDS = (175.0, 235.0)
-SLOW_WPS, FAST_WPS = 2.0, 3.5
-CLEAN_SNR_DB = 20.0
+from .acoustics import CLEAN_SNR_DB, FEMALE_PITCH_BANDS, MALE_PITCH_BANDS, count_syllables  # noqa: E402
+from .acoustics import rate_class  # noqa: E402,F401  (the labels use the captioner's classes)
 
 
 @dataclasses.dataclass
@@ -82,7 +64,7 @@ class LabelledClip:
     snr_db: float | None
     noise_kind: str | None
     labels: dict  # gender, pitch_level, speaking_rate, noise
-    reference: dict  # f0_median_hz, words_per_second, speech_span_s
+    reference: dict  # f0_median_hz, words_per_second, syllables_per_second, speech_span_s
 
 
 def espeak_available() -> bool:
@@ -108,10 +90,6 @@ def synthesize(text: str, voice: str, pitch: int, speed: int, language: str = "e
 def pitch_class(f0_hz: float, gender: str) -> str:
     low, high = MALE_PITCH_BANDS if gender == "male" else FEMALE_PITCH_BANDS
     return "low" if f0_hz < low else "high" if f0_hz > high else "medium"
-
-
-def rate_class(words_per_second: float) -> str:
-    return "slow" if words_per_second < SLOW_WPS else "fast" if words_per_second > FAST_WPS else "normal"
 
 
 def speech_span(audio: np.ndarray, sr: int = SAMPLE_RATE, floor_db: float = -40.0) -> tuple[int, int]:
@@ -167,19 +145,21 @@ def make_clip(index: int, voice: str, pitch: int, speed: int, snr_db: float | No
     span = speech_span(clean)
     span_s = (span[1] - span[0]) / SAMPLE_RATE
     f0 = reference_f0(clean[span[0]: span[1]], gender)
-    words = len(text.split())
-    wps = words / span_s
+    words = text.split()
+    wps = len(words) / span_s
+    sps = sum(count_syllables(w) for w in words) / span_s
     if snr_db is None:
         audio, noise_kind = clean, None
     else:
         noise_kind = noise_kind or ("white" if index % 2 == 0 else "pink")
         audio = mix_at_snr(clean, span, snr_db, noise_kind, seed=1000 + index)
-    labels = {"gender": gender, "pitch_level": pitch_class(f0, gender), "speaking_rate": rate_class(wps),
+    labels = {"gender": gender, "pitch_level": pitch_class(f0, gender), "speaking_rate": rate_class(sps),
               "noise": "clean" if snr_db is None or snr_db >= CLEAN_SNR_DB else "noisy"}
     snr_tag = "clean" if snr_db is None else f"snr{int(snr_db)}"
     clip_id = f"{index:04d}-{voice}-p{pitch}-s{speed}-{snr_tag}"
     return LabelledClip(clip_id, audio, text, voice, pitch, speed, snr_db, noise_kind, labels,
-                        {"f0_median_hz": f0, "words_per_second": wps, "speech_span_s": span_s})
+                        {"f0_median_hz": f0, "words_per_second": wps, "syllables_per_second": sps,
+                         "speech_span_s": span_s})
 
 
 def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE_SETTINGS, limit=None,
@@ -199,19 +179,6 @@ def labelled_grid(voices=None, pitches=None, speeds=SPEED_SETTINGS, noises=NOISE
     for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
         for snr in (noises if noise_cross else (noises[i % len(noises)],)):
             clips.append(make_clip(i, v, p, s, snr))
-    return clips
-
-
-def dev_grid(voices=None, limit=None):
-    """The development set: every voice x DEV pitch x DEV speed with DEV_TEXTS and DEV noise conditions round-robin
-    (108 clips). Only for fitting; never for reported accuracy."""
-    voices = voices or (MALE_VOICES + FEMALE_VOICES)
-    plan = [(v, p, s) for v in voices for p in DEV_PITCH_SETTINGS["male" if v.startswith("m") else "female"]
-            for s in DEV_SPEED_SETTINGS]
-    clips = []
-    for i, (v, p, s) in enumerate(plan[:limit] if limit else plan):
-        clips.append(make_clip(DEV_INDEX_BASE + i, v, p, s, DEV_NOISE_SETTINGS[i % len(DEV_NOISE_SETTINGS)],
-                               text=DEV_TEXTS[i % len(DEV_TEXTS)]))
     return clips
 
 

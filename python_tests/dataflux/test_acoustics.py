@@ -59,51 +59,102 @@ def test_speech_spans_find_padded_tone():
     assert ac.speech_span_vad(np.zeros(SR, np.float32)) is None
 
 
-def test_formant_dispersion_and_gender_rule():
-    # uniform tube: F_i = (2i - 1) c / 4L -> dispersion c / 2L
+def test_formant_dispersion_of_a_uniform_tube():
+    # uniform tube: F_i = (2i - 1) c / 4L -> dispersion c / 2L, from four formants or from the first three
     for length_cm in (17.5, 14.5):
         formants = [(2 * i - 1) * 35000 / (4 * length_cm) for i in range(1, 5)]
         assert abs(ac.formant_dispersion(formants) - 35000 / (2 * length_cm)) < 1e-6
-    assert ac.gender_score(120, 1000) < 0 < ac.gender_score(220, 1200)
-    # the other cues decide when F0 is ambiguous (a high male vs. a low female voice): a high voice with a long
-    # vocal tract, a dull upper spectrum and a narrow F0 range is male; a lower one with the opposite cues is female
-    male_high = dict(f0_hz=160.0, dispersion_hz=1030.0, f0_range_hz=18.0, high_band_db=-28.0)
-    female_low = dict(f0_hz=135.0, dispersion_hz=1150.0, f0_range_hz=38.0, high_band_db=-21.0)
-    assert ac.gender_score(**male_high) < 0 < ac.gender_score(**female_low)
-    # each cue alone moves the score the way it should
-    for cue, lo, hi in (("dispersion_hz", 1000.0, 1200.0), ("f0_range_hz", 15.0, 45.0), ("high_band_db", -32, -18)):
-        assert ac.gender_score(**dict(male_high, **{cue: lo})) < ac.gender_score(**dict(male_high, **{cue: hi}))
+        assert abs(ac.formant_dispersion(formants[:3] + [float("nan")]) - 35000 / (2 * length_cm)) < 1e-6
 
 
-def test_gender_evidence_explains_the_score():
-    ev = ac.gender_evidence(150.0, 1100.0, 30.0, -24.0)
-    assert set(ev) == set(ac.GENDER_MODEL["weights"])
-    assert ac.gender_score(150.0, 1100.0, 30.0, -24.0) == pytest.approx(ac.GENDER_MODEL["intercept"] + sum(ev.values()))
-    # a cue that could not be measured contributes nothing (the others still decide)
-    missing = ac.gender_evidence(150.0, float("nan"), None, None)
-    assert missing["log_dispersion"] == missing["log_f0_range"] == missing["high_band_db"] == 0.0
-    assert missing["log_f0"] == pytest.approx(ev["log_f0"])
-    # at the development set's mean of every cue the score is the intercept
-    m = ac.GENDER_MODEL["means"]
-    at_mean = ac.gender_score(math.exp(m["log_f0"]), math.exp(m["log_dispersion"]), math.exp(m["log_f0_range"]),
-                              10 * m["high_band_db"])
-    assert at_mean == pytest.approx(ac.GENDER_MODEL["intercept"], abs=1e-9)
+def test_cue_llr_is_the_gaussian_log_likelihood_ratio_capped():
+    # independent arithmetic: log N(x; mu_f, sd) - log N(x; mu_m, sd) in the log domain
+    for cue, x in (("f0", 150.0), ("f0", 170.0), ("dispersion", 1080.0), ("dispersion", 1120.0)):
+        ref = ac.SEX_CUES[cue]
+        mu_m, mu_f, sd = math.log(ref["male_hz"]), math.log(ref["female_hz"]), ref["log_sd"]
+        expected = (-(math.log(x) - mu_f) ** 2 + (math.log(x) - mu_m) ** 2) / (2 * sd * sd)
+        assert ac.cue_llr(cue, x) == pytest.approx(max(-ref["llr_cap"], min(ref["llr_cap"], expected)), abs=1e-9)
+    # zero at the geometric midpoint of the two reference medians, capped far from it
+    mid = math.sqrt(ac.SEX_CUES["f0"]["male_hz"] * ac.SEX_CUES["f0"]["female_hz"])
+    assert ac.cue_llr("f0", mid) == pytest.approx(0.0, abs=1e-9)
+    assert ac.cue_llr("f0", 400.0) == ac.SEX_CUES["f0"]["llr_cap"]
+    assert ac.cue_llr("dispersion", 800.0) == -ac.SEX_CUES["dispersion"]["llr_cap"]
+    assert ac.cue_llr("f0", float("nan")) is None and ac.cue_llr("f0", None) is None
 
 
-def test_f0_range_and_high_band_level():
+def test_gender_decision_needs_agreeing_cues():
+    # typical adult voices (Peterson & Barney / Hillenbrand ranges): both cues agree -> a confident answer
+    male = ac.gender_decision(115.0, 1000.0)
+    female = ac.gender_decision(215.0, 1200.0)
+    assert male["gender"] == "male" and female["gender"] == "female"
+    assert male["gender_confidence"] >= ac.GENDER_MIN_CONFIDENCE <= female["gender_confidence"]
+    # F0 alone never names a sex, however typical (its LLR cap is below the decision threshold)
+    assert ac.gender_decision(240.0, None)["gender"] == "unknown"
+    assert ac.gender_decision(95.0, float("nan"))["gender"] == "unknown"
+    # an expressive male voice: F0 in the female range, vocal tract long -> not "female"
+    assert ac.gender_decision(235.0, 1000.0)["gender"] == "unknown"
+    assert ac.gender_decision(235.0, 960.0)["gender"] == "unknown"
+    assert ac.gender_decision(150.0, 960.0)["gender"] == "male"  # raised into the overlap: the vocal tract decides
+    # a low female voice with a short vocal tract
+    assert ac.gender_decision(160.0, 1250.0)["gender"] == "female"
+    # the evidence explains the decision: per-cue LLRs add up; a dropped cue says why and contributes nothing
+    d = ac.gender_decision(150.0, 1100.0, dropped={"dispersion": "effective bandwidth 2500 Hz"})
+    assert d["gender_evidence"]["dispersion"]["llr"] is None
+    assert d["gender_evidence"]["dispersion"]["dropped"] == "effective bandwidth 2500 Hz"
+    assert d["gender_llr"] == pytest.approx(d["gender_evidence"]["f0"]["llr"], abs=1e-3)
+    both = ac.gender_decision(150.0, 1100.0)
+    assert both["gender_llr"] == pytest.approx(both["gender_evidence"]["f0"]["llr"] +
+                                               both["gender_evidence"]["dispersion"]["llr"], abs=2e-3)
+    # the confidence is the posterior of the likelier sex under equal priors
+    p = 1 / (1 + math.exp(-both["gender_llr"]))
+    assert both["gender_confidence"] == pytest.approx(max(p, 1 - p), abs=1e-3)
+    assert ac.gender_decision(None, None) == {"gender": "unknown", "gender_confidence": 0.5, "gender_llr": 0.0,
+                                              "gender_evidence": ac.gender_decision(None, None)["gender_evidence"]}
+
+
+def test_f0_range():
     track = np.concatenate([np.zeros(10), np.linspace(100.0, 200.0, 101)])
     assert ac.f0_range(track) == pytest.approx(80.0)  # 10-90 percentile of the voiced values only
     assert math.isnan(ac.f0_range(np.array([0.0, 120.0, 0.0])))
-    rng = np.random.default_rng(0)
-    white = rng.standard_normal(SR).astype(np.float32)
-    times = np.linspace(0.1, 0.9, 20)
-    assert abs(ac.high_band_level_db(white, times)) < 1.0  # flat spectrum: equal power density in both bands
-    from scipy.signal import butter, sosfilt
 
-    dull = sosfilt(butter(6, 2000, fs=SR, output="sos"), white).astype(np.float32)
-    bright = sosfilt(butter(6, 3000, btype="high", fs=SR, output="sos"), white).astype(np.float32)
-    assert ac.high_band_level_db(dull, times) < -40 and ac.high_band_level_db(bright, times) > 20
-    assert math.isnan(ac.high_band_level_db(white, np.array([0.001])))  # no frame fits
+
+def test_effective_bandwidth_finds_the_band_edge():
+    from scipy.signal import butter, sosfiltfilt
+
+    rng = np.random.default_rng(0)
+    voice = harmonic_tone(140.0, 1.0) + 0.02 * rng.standard_normal(SR).astype(np.float32)
+    wide = sosfiltfilt(butter(4, 7000, fs=SR, output="sos"), voice)
+    assert ac.effective_bandwidth_hz(wide) > 6000
+    import soxr
+
+    phone = soxr.resample(soxr.resample(voice, SR, 8000), 8000, SR)  # 8 kHz channel: nothing above 4 kHz
+    bw = ac.effective_bandwidth_hz(phone)
+    assert 3000 < bw <= 4100, bw
+    assert math.isnan(ac.effective_bandwidth_hz(np.zeros(SR, np.float32)))
+    # the formant analysis follows the band
+    assert ac.formant_settings(8000.0) == (5500.0, 5.0, 4)
+    ceiling, count, use = ac.formant_settings(3900.0)
+    assert ceiling == 3900.0 and use == 3 and 3.0 <= count <= 4.0
+    assert ac.formant_settings(2500.0) is None and ac.formant_settings(float("nan")) is None
+
+
+def test_clipped_fraction():
+    x = harmonic_tone(150.0, 1.0)
+    assert ac.clipped_fraction(x) < 0.001  # a smooth peak: no flat top
+    hard = np.clip(x * 10, -1.0, 1.0)
+    assert ac.clipped_fraction(hard) > 0.2
+    assert ac.clipped_fraction(np.clip(x * 10, -0.5, 0.5)) > 0.2  # clipped, then scaled down
+    assert ac.clipped_fraction(np.zeros(10, np.float32)) == 0.0
+
+
+def test_flatness_span_finds_a_voice_in_noise_and_not_noise_alone():
+    rng = np.random.default_rng(2)
+    x = padded(harmonic_tone(150.0, 1.5, vibrato=3.0), lead=0.6, trail=0.9)
+    noisy = x + 0.003 * rng.standard_normal(x.size).astype(np.float32)
+    span = ac.speech_span_flatness(noisy)
+    assert abs(span[0] - 0.6) < 0.06 and abs(span[1] - 2.1) < 0.06, span
+    assert ac.speech_span_flatness(0.1 * rng.standard_normal(SR).astype(np.float32)) is None
+    assert ac.speech_span_flatness(np.zeros(SR, np.float32)) is None
 
 
 def test_lpc_formants_of_synthetic_vowel():
@@ -118,14 +169,25 @@ def test_lpc_formants_of_synthetic_vowel():
         r = math.exp(-math.pi * bw / SR)
         y = lfilter([1.0], [1.0, -2 * r * math.cos(2 * math.pi * f / SR), r * r], y)
     y = (y / np.max(np.abs(y)) * 0.5).astype(np.float32)
-    est = ac.lpc_formants(y, np.linspace(0.1, 0.9, 20))
+    times = np.linspace(0.1, 0.9, 20)
+    est = ac.lpc_formants(y, times)
     assert np.all(np.abs(est / np.array(formants) - 1) < 0.08), est  # F1 sits near a harmonic
+    for fn in (ac.praat_formants, ac.praat_covariance_formants):
+        # Praat looks for 5 formants below 5.5 kHz and this vowel has 4: compare F1..F3, which it must not miss
+        other = fn(y, times)
+        assert np.all(np.abs(other[:3] / np.array(formants[:3]) - 1) < 0.12), (fn.__name__, other)
+    # band-limited analysis: three formants under a 3.9 kHz ceiling
+    three = ac.lpc_formants(y, times, 3900.0, 3.5, 3)
+    assert np.all(np.abs(three[:3] / np.array(formants[:3]) - 1) < 0.08) and math.isnan(three[3]), three
 
 
-def test_classes_follow_issue_thresholds():
+def test_classes_follow_documented_bands():
     assert [ac.pitch_class(f, "male") for f in (94.9, 95.0, 130.0, 130.1)] == ["low", "medium", "medium", "high"]
     assert [ac.pitch_class(f, "female") for f in (174, 175, 235, 236)] == ["low", "medium", "medium", "high"]
-    assert [ac.rate_class(w) for w in (1.99, 2.0, 3.5, 3.51)] == ["slow", "normal", "normal", "fast"]
+    for unknown in ("unknown", None):  # absolute bands when the sex is not known with confidence
+        assert [ac.pitch_class(f, unknown) for f in (109, 110, 250, 251)] == ["low", "medium", "medium", "high"]
+    # syllables per second; espeak-ng's default 175 words per minute (4.7-5.9 syllables/s here) is normal
+    assert [ac.rate_class(w) for w in (2.99, 3.0, 5.9, 6.5, 6.51)] == ["slow", "normal", "normal", "normal", "fast"]
     assert [ac.noise_class(s) for s in (19.9, 20.0)] == ["noisy", "clean"]
 
 

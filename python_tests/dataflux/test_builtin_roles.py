@@ -190,3 +190,95 @@ def test_role_bugs_are_recorded_not_fatal(small_clips):
                                    Settings(rounds=1, categories=("clip_duration",))))
     assert len(res.kept) == 5 and all(r["meta"]["winner"] == "MODEL_A" and not r["meta"]["hard"] for r in res.kept)
     assert res.events["answerer_b.failed_item"] == 5
+
+
+def test_content_questions_need_a_second_recogniser_that_agrees():
+    from eureka_fast.dataflux.asr import check_transcript
+
+    gen = TemplateQueryGenerator()
+    said = "Please remember to bring your umbrella today"
+    # the second recogniser heard the same words (punctuation and case aside): verified, every word confirmed
+    same = check_transcript(said, "please remember to bring your umbrella today.", "other")
+    assert same["verified"] and same["agreement"] == 1.0 and "umbrella" in same["confirmed_words"]
+    # a mistranscription: 3 of 7 words differ -> agreement 4/7, no content question at all
+    bad = check_transcript(said, "Please remember to ring a roundfire stump", "other")
+    assert bad["agreement"] == pytest.approx(1 - 4 / 7, abs=1e-3) and not bad["verified"]
+    reply, _ = gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=bad), 5, round_idx=1)
+    assert reply == {"is_success": False, "questions": []}
+    # no second recogniser could check: no content question either
+    unchecked = {"recogniser": None, "verified": False, "reason": "no second recogniser installed"}
+    assert not gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=unchecked), 5, round_idx=1)[0][
+        "is_success"]
+    # mostly agreeing (one word differs): the answer is always a word both recognisers heard
+    close = check_transcript(said, "Please remember to bring your umbrella toady", "other")
+    assert close["verified"] and "today" not in close["confirmed_words"]
+    for clip in range(20):
+        reply, answers = gen.generate(CAT["spoken_word"], dict(FACTS, transcript_check=close), 1, round_idx=1,
+                                      clip_id=f"c{clip}")
+        _, options = parse_question(reply["questions"][0])
+        assert options[LETTERS.index(answers[0])] in close["confirmed_words"]
+
+
+def test_answerer_b_reads_the_second_recogniser(monkeypatch):
+    from eureka_fast.dataflux import asr as asr_mod
+
+    class Named:
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def transcribe(self, audio):
+            return self.text
+
+    first, second = Named("first", "a roundfire stump"), Named("second", "a round fire stand")
+    monkeypatch.setattr(asr_mod, "second_recogniser", lambda primary: second if primary is first else None)
+    a, b = MeasuringAnswerer("a", first, TAX), MeasuringAnswerer("b", first, TAX)
+    assert a.asr is first and b.asr is second
+    import numpy as np
+
+    ctx = ClipContext("c", "", np.zeros(16000, np.float32))
+    q = format_question(CAT["spoken_word"].templates[0], ["roundfire", "volcano", "pencil", "mirror"])
+    _, letter_a = parse_trace(a.answer(ctx, q))
+    trace_b = b.answer(ctx, q)
+    assert letter_a == "A" and "undetermined" in trace_b  # b did not hear "roundfire": the answers disagree
+
+
+def test_pitch_questions_on_absolute_bands_do_not_compare_with_the_speakers_kind():
+    gen = TemplateQueryGenerator()
+    facts = dict(FACTS, gender="unknown", pitch_level="medium", pitch_level_basis="absolute bands")
+    assert not gen.generate(CAT["speaker_gender"], facts, 5, round_idx=1)[0]["is_success"]  # no gender question
+    for clip in range(10):
+        reply, answers = gen.generate(CAT["pitch_level"], facts, 5, round_idx=1, clip_id=f"c{clip}")
+        for (stem, options), letter in zip(validate_generator_output(reply, 5), answers):
+            assert not any(w in stem.lower() for w in ("same kind", "voice type"))
+            assert "gender" not in options[LETTERS.index(letter)] and "kind of voice" not in options[
+                LETTERS.index(letter)]
+            assert RuleJudge._gold_letter(CAT["pitch_level"], options, facts) == letter
+
+
+def test_captioner_role_cross_checks_the_transcript(small_clips):
+    from eureka_fast.dataflux.roles import BuiltinCaptionerRole
+
+    clips, _, _ = small_clips
+    clip = clips[1]  # slow, 10 dB
+
+    class Fixed:
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def transcribe(self, audio):
+            return self.text
+
+    def caption(first, second):
+        role = BuiltinCaptionerRole.__new__(BuiltinCaptionerRole)
+        role.asr, role.check_asr = first, second
+        return asyncio.run(role.caption(ClipContext(clip.clip_id, "", clip.audio)))[1]
+
+    agree = caption(Fixed("first", clip.text), Fixed("second", clip.text.upper()))
+    assert agree["transcript_check"]["verified"] and agree["syllable_basis"] == "transcript"
+    assert agree["speaking_rate"] == clip.labels["speaking_rate"]
+    # the recognisers disagree (as on speech in a language they do not know): no content question, and the
+    # syllables are counted in the signal instead of in a text nobody confirmed
+    other = caption(Fixed("first", clip.text), Fixed("second", "completely different words were heard here"))
+    assert not other["transcript_check"]["verified"] and other["syllable_basis"] == "syllable nuclei"
+    reply, _ = TemplateQueryGenerator().generate(CAT["spoken_word"], other, 5, round_idx=1)
+    assert not reply["is_success"]

@@ -1,9 +1,10 @@
-"""Offline captioner on espeak-ng labelled speech (real Whisper tiny.en ASR).
+"""Offline captioner on espeak-ng labelled speech (real Whisper tiny.en ASR in the slow test).
 
-The fixture set (conftest.SMALL_PLAN) covers both genders, the three pitch and speed classes, clean and noisy.
-test_gender_where_f0_overlaps adds the voice/pitch pairs where espeak's male and female voices overlap in F0 (male
-variants at -p92 vs. female variants at -p15). The full 108-clip grid is measured by bench/dataflux_captioner.py
-(numbers in bench/RESULTS.md)."""
+The fixture set (conftest.SMALL_PLAN) covers both genders, the three pitch and speed classes, clean and noisy. The
+sex model is not fitted to espeak: where espeak's male and female variants overlap in F0 (male -p92 vs. female
+-p15) the captioner may abstain ("unknown"), but it never names the wrong sex on this set. The full 108-clip grid is
+measured by bench/dataflux_captioner.py, real recordings by bench/dataflux_real.py (numbers in bench/RESULTS.md)."""
+import numpy as np
 import pytest
 
 from eureka_fast.dataflux import acoustics as ac
@@ -33,6 +34,11 @@ def captions(small_clips):
     return [(c, *cap.caption(c.audio)) for c in clips]
 
 
+def in_f0_overlap(clip) -> bool:
+    return (clip.labels["gender"] == "male" and clip.espeak_pitch == 92) or \
+        (clip.labels["gender"] == "female" and clip.espeak_pitch == 15)
+
+
 def test_labels_span_every_class(small_clips):
     clips, _, _ = small_clips
     seen = {a: {c.labels[a] for c in clips} for a in ATTRS}
@@ -43,42 +49,62 @@ def test_labels_span_every_class(small_clips):
 def test_facts_keys_and_caption(captions):
     for clip, text, facts in captions:
         for key in ("duration_s", "transcript", "loudness_dbfs", "snr_db", "noise", "f0_median_hz", "gender",
-                    "pitch_level", "words_per_second", "speaking_rate"):
+                    "gender_confidence", "gender_evidence", "pitch_level", "pitch_level_basis", "words_per_second",
+                    "syllables_per_second", "speaking_rate", "bandwidth_hz", "clipped_fraction"):
             assert key in facts, key
         assert abs(facts["duration_s"] - clip.audio.size / 16000) < 1e-3
-        assert facts["gender"] in text and facts["speaking_rate"] in text
+        assert facts["speaking_rate"] in text
+        if facts["gender"] in ("male", "female"):
+            assert f"a {facts['gender']} speaker" in text
+        else:
+            assert "recording of a speaker" in text  # an unknown sex is not written into the caption
         assert ("is clean" if facts["noise"] == "clean" else "audible background noise") in text
         assert facts["transcript"] in text
 
 
 def test_captioner_accuracy_per_attribute(captions):
-    for attr in ATTRS:
+    for attr in ("speaking_rate", "noise"):
         wrong = [(c.clip_id, f[attr], c.labels[attr]) for c, _, f in captions if f[attr] != c.labels[attr]]
         assert not wrong, (attr, wrong)
-
-
-# High male voices and low female voices: F0 alone gets most of these wrong (male F0 above female F0 in each pair).
-OVERLAP_PLAN = [
-    ("m2", 92, 135, None), ("m4", 92, 80, 30.0), ("m5", 92, 270, 10.0), ("m6", 92, 135, 5.0),
-    ("f1", 15, 135, None), ("f2", 15, 270, 30.0), ("f5", 15, 80, 10.0), ("f4", 15, 135, 5.0),
-]
+    for c, _, f in captions:
+        # gender: never the wrong sex; an answer on every clip outside espeak's F0 overlap
+        assert f["gender"] in (c.labels["gender"], "unknown"), (c.clip_id, f["gender_evidence"])
+        if not in_f0_overlap(c):
+            assert f["gender"] == c.labels["gender"], (c.clip_id, f["gender_evidence"])
+        # pitch level against the sex's range only when the sex was named, else on the absolute bands
+        if f["gender"] == c.labels["gender"]:
+            assert f["pitch_level_basis"] == f"{c.labels['gender']} range"
+            assert f["pitch_level"] == c.labels["pitch_level"], (c.clip_id, f["f0_median_hz"])
+        else:
+            assert f["pitch_level_basis"] == "absolute bands"
+            assert f["pitch_level"] == ac.pitch_class(f["f0_median_hz"], None)
+        # the evidence explains the decision
+        used = [e["llr"] for e in f["gender_evidence"].values() if e["llr"] is not None]
+        assert f["gender_llr"] == pytest.approx(sum(used), abs=2e-3)
 
 
 @pytest.mark.skipif(not synthetic.espeak_available(), reason="espeak-ng not installed")
-def test_gender_where_f0_overlaps():
-    clips = [synthetic.make_clip(100 + i, v, p, s, snr) for i, (v, p, s, snr) in enumerate(OVERLAP_PLAN)]
-    facts = [analyse(c.audio, c.text) for c in clips]
-    males = [f["f0_median_hz"] for c, f in zip(clips, facts) if c.labels["gender"] == "male"]
-    females = [f["f0_median_hz"] for c, f in zip(clips, facts) if c.labels["gender"] == "female"]
-    assert min(males) > min(females) and max(females) > min(males)  # F0 ranges really overlap
-    wrong = [(c.clip_id, f["gender"], f["gender_score"], f["gender_evidence"]) for c, f in zip(clips, facts)
-             if f["gender"] != c.labels["gender"]]
-    assert not wrong, wrong
-    for c, f in zip(clips, facts):
-        # the decision is explained: the per-cue contributions add up to the score
-        assert f["gender_score"] == pytest.approx(
-            ac.GENDER_MODEL["intercept"] + sum(f["gender_evidence"].values()), abs=0.01)
-        assert f["pitch_level"] == c.labels["pitch_level"], (c.clip_id, f["f0_median_hz"])
+def test_espeak_default_speed_is_a_normal_rate():
+    """espeak-ng's default 175 words per minute is a normal reading pace; 130 is normal too, not borderline."""
+    for speed in (130, 175):
+        clip = synthetic.make_clip(200 + speed, "m3", 60, speed, None)
+        f = analyse(clip.audio, clip.text)
+        assert f["speaking_rate"] == "normal", (speed, f["syllables_per_second"])
+        assert ac.SLOW_SYL_PER_S * 1.1 < f["syllables_per_second"] < ac.FAST_SYL_PER_S / 1.1  # clear of both edges
+        # leading and trailing silence are not part of the rate: 2 s more of each rates the same
+        padded = np.concatenate([np.zeros(32000, np.float32), clip.audio, np.zeros(32000, np.float32)])
+        assert analyse(padded, clip.text)["syllables_per_second"] == pytest.approx(f["syllables_per_second"],
+                                                                                   rel=0.03)
+
+
+def test_short_clips_get_no_rate_class():
+    """Under MIN_RATE_SPAN_S of speech the span's end points dominate the rate: no class rather than a noisy one."""
+    t = np.arange(int(0.6 * 16000)) / 16000
+    burst = (0.3 * np.sin(2 * np.pi * 150 * t) * (np.sin(2 * np.pi * 4 * t) > 0)).astype(np.float32)
+    f = analyse(np.concatenate([np.zeros(8000, np.float32), burst, np.zeros(8000, np.float32)]),
+                "one two three four")
+    assert f["speech_duration_s"] < ac.MIN_RATE_SPAN_S and f["speaking_rate"] is None
+    assert f["syllables_per_second"] > 0  # still reported
 
 
 def test_snr_estimate_tracks_mixed_snr(captions):
@@ -98,30 +124,14 @@ def test_with_real_asr_accuracy_and_wer(small_clips):
     errs = words = 0
     for c in [clips[0], clips[4], clips[6]]:  # clean or 30 dB; slow, normal and fast speech
         _, facts = cap.caption(c.audio)
-        assert facts["speaking_rate"] == c.labels["speaking_rate"], (c.clip_id, facts["words_per_second"])
-        assert facts["gender"] == c.labels["gender"]
+        assert facts["speaking_rate"] == c.labels["speaking_rate"], (c.clip_id, facts["syllables_per_second"])
+        assert facts["gender"] in (c.labels["gender"], "unknown")
         e, n = word_error_rate(c.text, facts["transcript"])
         errs, words = errs + e, words + n
     assert errs / words < 0.4, errs / words
 
 
 def test_silence_has_no_speech_facts():
-    import numpy as np
-
     facts = analyse(np.zeros(16000, np.float32), "")
     assert facts["has_speech"] is False and facts["gender"] is None and facts["speaking_rate"] is None
     assert facts["duration_s"] == 1.0
-
-
-def test_gender_dev_set_is_disjoint_from_the_evaluation_grid():
-    """The gender model is fitted on synthetic.dev_grid() (bench/dataflux_gender_fit.py) and evaluated on
-    labelled_grid(): the two share no text, espeak pitch setting, speed or SNR."""
-    assert not set(synthetic.DEV_TEXTS) & set(synthetic.TEXTS)
-    for g in ("male", "female"):
-        assert not set(synthetic.DEV_PITCH_SETTINGS[g]) & set(synthetic.PITCH_SETTINGS[g])
-    assert not set(synthetic.DEV_SPEED_SETTINGS) & set(synthetic.SPEED_SETTINGS)
-    assert not set(synthetic.DEV_NOISE_SETTINGS) & set(synthetic.NOISE_SETTINGS) - {None}
-    if synthetic.espeak_available():
-        dev = synthetic.dev_grid(limit=2)
-        assert [c.text for c in dev] == list(synthetic.DEV_TEXTS[:2])
-        assert all(c.espeak_pitch in synthetic.DEV_PITCH_SETTINGS["male"] for c in dev)
