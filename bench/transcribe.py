@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch / CTranslate2 threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch, ours and faster-whisper's")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up call (smoke runs only)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.engines.split(",") if name.strip()]
     unknown = [name for name in names if name not in ENGINES]
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         clips, _ = make_clips(args.clips, directory)
     seconds = sum(len(c) for c in clips) / 16000
     engines = build_engines(names, args.threads, args.batch_size)
-    for run in engines.values():  # warm-up: first calls allocate and pack weights
+    for run in ([] if args.no_warmup else engines.values()):  # warm-up: first calls allocate and pack weights
         run(clips[:1])
     best = {name: float("inf") for name in names}
     outputs = {}

@@ -122,7 +122,8 @@ def test_bench_transcribe_smoke():
     pytest.importorskip("faster_whisper")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "transcribe.py"), "--clips", "1",
-                             "--batch-size", "1", "--threads", "1", "--engines", "ours-batched,ours-loop,fw-int8"],
+                             "--batch-size", "1", "--threads", "1", "--no-warmup",
+                             "--engines", "ours-batched,ours-loop,fw-int8"],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
