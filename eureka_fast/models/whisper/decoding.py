@@ -22,6 +22,23 @@ __all__ = ["WhisperDecoder", "WhisperModel", "WhisperTokenizer", "WindowDecoding
            "repeated_suffix", "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES"]
 
 
+def _load_clip(clip: Any, index: int):
+    """One item of a clip list as a 16 kHz waveform; errors name the item's index."""
+    from ...audio import AudioError, load_audio
+
+    if clip is None:
+        raise ValueError("clip %d is None, expected audio (a path, bytes, (array, rate) or a 1-D array)" % index)
+    if isinstance(clip, list):
+        raise ValueError("clip %d is a list; pass a flat list of clips" % index)
+    try:
+        waveform = load_audio(clip)
+    except (AudioError, TypeError, ValueError) as exc:
+        raise ValueError("clip %d: %s" % (index, exc)) from exc
+    if len(waveform) == 0:
+        raise ValueError("clip %d is empty (no samples)" % index)
+    return waveform
+
+
 class CrossAttention(nn.Module):
     """Decoder -> audio attention; k/v are projected once per utterance by one [2d, d] GEMM (k without bias)."""
 
@@ -399,6 +416,70 @@ class WhisperModel(nn.Module):
         return WindowDecoding(ids, text, sum_logprob, sum_logprob / (len(ids) + 1), compression_ratio(text), stop,
                               temperature, beam_size)
 
+    def _decode_options(self, language: str, task: str, max_new_tokens: int | None, beam_size: int,
+                        temperatures: tuple[float, ...], best_of: int, compression_ratio_threshold: float | None,
+                        logprob_threshold: float | None, repetition_limit: int | None,
+                        repetition_min_tokens: int) -> dict:
+        tokenizer = self._require_tokenizer()
+        return dict(prompt=tokenizer.prompt(self.dims.is_multilingual, language, task), max_new_tokens=max_new_tokens,
+                    beam_size=beam_size, temperatures=tuple(temperatures) or (0.0,), best_of=best_of,
+                    compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
+                    repetition=(repetition_limit, repetition_min_tokens) if repetition_limit else None)
+
+    @staticmethod
+    def _failed(result: WindowDecoding, options: dict) -> bool:
+        """openai-whisper's quality tests (plus the loop guard): True sends the window to the next attempt."""
+        ratio, logprob = options["compression_ratio_threshold"], options["logprob_threshold"]
+        return (result.stop == "repetition"
+                or (ratio is not None and result.compression_ratio > ratio)
+                or (logprob is not None and result.avg_logprob < logprob))
+
+    def _sampled(self, window: Tensor, temperature: float, count: int, generator: torch.Generator,
+                 options: dict) -> WindowDecoding:
+        decodes = self.sample_decode(window.expand(count, *window.shape[1:]), options["prompt"],
+                                     options["max_new_tokens"], temperature, generator, options["repetition"])
+        results = [self._window_result(ids, lp, stop, temperature, 1) for ids, lp, stop in decodes]
+        # best of the samples: not cut by the loop guard first, then sum log-probability / length
+        return max(results, key=lambda r: (r.stop != "repetition", r.sum_logprob / max(1, len(r.tokens))))
+
+    def _settle_window(self, window: Tensor, first: WindowDecoding, generator: torch.Generator,
+                       options: dict) -> WindowDecoding:
+        """The fallback chain for one encoded window [1, T, d] whose first attempt is `first`: beam search, then
+        sampling at each further temperature, until an attempt passes the quality tests."""
+        attempts = [first]
+        if self._failed(first, options):
+            retries: list[tuple[float, int]] = []
+            if options["beam_size"] > 1:
+                retries.append((0.0, options["beam_size"]))
+            retries += [(t, 1) for t in options["temperatures"][1:]]
+            for temperature, beam in retries:
+                if beam > 1:
+                    ids, lp, stop = self.beam_search(window, options["prompt"], beam, options["max_new_tokens"],
+                                                     repetition=options["repetition"])
+                    retry = self._window_result(ids, lp, stop, 0.0, beam)
+                else:
+                    retry = self._sampled(window, temperature, options["best_of"] if temperature > 0 else 1,
+                                          generator, options)
+                attempts.append(retry)
+                if not self._failed(retry, options):
+                    break
+        passing = [r for r in attempts if not self._failed(r, options)]
+        if passing:
+            chosen = passing[0]
+        else:  # nothing passed: the least loop-like attempt, then the most confident
+            ratio = options["compression_ratio_threshold"]
+            chosen = max(attempts, key=lambda r: (r.stop != "repetition",
+                                                  ratio is None or r.compression_ratio <= ratio, r.avg_logprob))
+        chosen.attempts = len(attempts)
+        return chosen
+
+    def _encode_windows(self, waveforms: list, n_mels: int) -> Tensor:
+        from ...audio import log_mel
+
+        param = self.encoder.conv1.weight
+        mels = [log_mel(w, n_mels, mode="whisper") for w in waveforms]
+        return self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
+
     @torch.inference_mode()
     def decode_windows(self, audio: Any, *, language: str = "en", task: str = "transcribe",
                        max_new_tokens: int | None = None, batch_windows: int = 4, beam_size: int = 5,
@@ -407,71 +488,125 @@ class WhisperModel(nn.Module):
                        logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
                        repetition_min_tokens: int = 16, seed: int = 0) -> list[WindowDecoding]:
         """Per-window decodes of `audio` (see `transcribe` for the options)."""
-        from ...audio import SAMPLES_PER_WINDOW, load_audio, log_mel
+        from ...audio import SAMPLES_PER_WINDOW, load_audio
 
-        tokenizer = self._require_tokenizer()
         waveform = load_audio(audio)
-        prompt = tokenizer.prompt(self.dims.is_multilingual, language, task)
-        param = self.encoder.conv1.weight
-        repetition = (repetition_limit, repetition_min_tokens) if repetition_limit else None
-        temperatures = tuple(temperatures) or (0.0,)
-        generator = torch.Generator(device=param.device).manual_seed(seed)
-
-        def failed(result: WindowDecoding) -> bool:
-            return (result.stop == "repetition"
-                    or (compression_ratio_threshold is not None
-                        and result.compression_ratio > compression_ratio_threshold)
-                    or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
-
-        def sampled(features: Tensor, temperature: float, count: int) -> WindowDecoding:
-            decodes = self.sample_decode(features.expand(count, *features.shape[1:]), prompt, max_new_tokens,
-                                         temperature, generator, repetition)
-            results = [self._window_result(ids, lp, stop, temperature, 1) for ids, lp, stop in decodes]
-            # best of the samples: not cut by the loop guard first, then sum log-probability / length
-            return max(results, key=lambda r: (r.stop != "repetition", r.sum_logprob / max(1, len(r.tokens))))
-
+        options = self._decode_options(language, task, max_new_tokens, beam_size, temperatures, best_of,
+                                       compression_ratio_threshold, logprob_threshold, repetition_limit,
+                                       repetition_min_tokens)
+        prompt, repetition = options["prompt"], options["repetition"]
+        generator = torch.Generator(device=self.encoder.conv1.weight.device).manual_seed(seed)
+        first_t = options["temperatures"][0]
         results: list[WindowDecoding] = []
         starts = list(range(0, len(waveform), SAMPLES_PER_WINDOW))
         for first in range(0, len(starts), batch_windows):
-            mels = [log_mel(waveform[s:s + SAMPLES_PER_WINDOW], self.dims.n_mels, mode="whisper")
-                    for s in starts[first:first + batch_windows]]
-            features = self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
-            first_t = temperatures[0]
-            count = 1 if first_t == 0 else best_of
+            features = self._encode_windows([waveform[s:s + SAMPLES_PER_WINDOW]
+                                             for s in starts[first:first + batch_windows]], self.dims.n_mels)
             if first_t == 0:
                 decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition)
                 batch_results = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in decodes]
             else:
-                batch_results = [sampled(features[w:w + 1], first_t, count) for w in range(features.shape[0])]
+                batch_results = [self._sampled(features[w:w + 1], first_t, best_of, generator, options)
+                                 for w in range(features.shape[0])]
             for w, result in enumerate(batch_results):
-                attempts = [result]
-                if failed(result):
-                    window = features[w:w + 1]
-                    retries: list[tuple[float, int]] = []
-                    if beam_size > 1:
-                        retries.append((0.0, beam_size))
-                    retries += [(t, 1) for t in temperatures[1:]]
-                    for temperature, beam in retries:
-                        if beam > 1:
-                            ids, lp, stop = self.beam_search(window, prompt, beam, max_new_tokens,
-                                                             repetition=repetition)
-                            retry = self._window_result(ids, lp, stop, 0.0, beam)
-                        else:
-                            retry = sampled(window, temperature, best_of if temperature > 0 else 1)
-                        attempts.append(retry)
-                        if not failed(retry):
-                            break
-                passing = [r for r in attempts if not failed(r)]
-                if passing:
-                    chosen = passing[0]
-                else:  # nothing passed: the least loop-like attempt, then the most confident
-                    chosen = max(attempts, key=lambda r: (
-                        r.stop != "repetition",
-                        compression_ratio_threshold is None or r.compression_ratio <= compression_ratio_threshold,
-                        r.avg_logprob))
-                chosen.attempts = len(attempts)
-                results.append(chosen)
+                results.append(self._settle_window(features[w:w + 1], result, generator, options))
         return results
+
+    @torch.inference_mode()
+    def decode_clips(self, clips: list, *, batch_size: int = 8, language: str = "en", task: str = "transcribe",
+                     max_new_tokens: int | None = None, beam_size: int = 5,
+                     temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
+                     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+                     logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
+                     repetition_min_tokens: int = 16, seed: int = 0, batch_windows: int = 4
+                     ) -> list[list[WindowDecoding]]:
+        """Per-window decodes of each clip in `clips`, `batch_size` windows (of any clips) per encoder call and
+        per greedy decode. Equal to `decode_windows` on each clip alone: every clip's windows are cut as there,
+        its fallbacks draw from its own generator seeded with `seed`, in window order. `batch_windows` matters only
+        for a sampled first pass (temperatures[0] > 0), which decodes clip by clip as `decode_windows` does."""
+        from ...audio import SAMPLES_PER_WINDOW
+
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
+        waveforms = [_load_clip(clip, index) for index, clip in enumerate(clips)]
+        options = self._decode_options(language, task, max_new_tokens, beam_size, temperatures, best_of,
+                                       compression_ratio_threshold, logprob_threshold, repetition_limit,
+                                       repetition_min_tokens)
+        device = self.encoder.conv1.weight.device
+        if options["temperatures"][0] != 0:
+            # A sampled first pass draws every window's samples before any fallback, from one generator per clip;
+            # keeping that order means decoding clip by clip.
+            return [self.decode_windows(w, language=language, task=task, max_new_tokens=max_new_tokens,
+                                        batch_windows=batch_windows, beam_size=beam_size, temperatures=temperatures,
+                                        best_of=best_of, compression_ratio_threshold=compression_ratio_threshold,
+                                        logprob_threshold=logprob_threshold, repetition_limit=repetition_limit,
+                                        repetition_min_tokens=repetition_min_tokens, seed=seed)
+                    for w in waveforms]
+        windows = [(clip, start) for clip, waveform in enumerate(waveforms)
+                   for start in range(0, len(waveform), SAMPLES_PER_WINDOW)]
+        generators: dict[int, torch.Generator] = {}
+        results: list[list[WindowDecoding]] = [[] for _ in waveforms]
+        for first in range(0, len(windows), batch_size):
+            chunk = windows[first:first + batch_size]
+            features = self._encode_windows([waveforms[c][s:s + SAMPLES_PER_WINDOW] for c, s in chunk],
+                                            self.dims.n_mels)
+            decodes = self._greedy_rows(features, options["prompt"], max_new_tokens, options["repetition"])
+            for w, ((clip, _), (ids, lp, stop)) in enumerate(zip(chunk, decodes)):
+                if clip not in generators:
+                    generators[clip] = torch.Generator(device=device).manual_seed(seed)
+                first_try = self._window_result(ids, lp, stop, 0.0, 1)
+                results[clip].append(self._settle_window(features[w:w + 1], first_try, generators[clip], options))
+        return results
+
+    @torch.inference_mode()
+    def _greedy_rows(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None,
+                     repetition: tuple[int, int] | None) -> list[tuple[list[int], float, str]]:
+        """Greedy decoding of a batch of windows whose rows leave the batch as they finish: each step runs only the
+        unfinished rows, their self-attention caches and cross-attention k/v selected down with them. Per row the
+        same steps, suppression and stop rules as `sample_decode` at temperature 0."""
+        tokenizer = self._require_tokenizer()
+        device = audio_features.device
+        batch = audio_features.shape[0]
+        budget = self._token_budget(prompt, max_new_tokens)
+        cache = self.decoder.new_cache(audio_features)
+        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
+        suppress, begin_suppress = self._suppress_masks(device)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        sums = [0.0] * batch
+        stops = ["length"] * batch
+        active = list(range(batch))  # original row of each row still in the batch
+        for step in range(budget):
+            logits = self.decoder(tokens, cache)[:, -1]
+            logits.masked_fill_(begin_suppress if step == 0 else suppress, -math.inf)
+            next_ids = logits.argmax(-1)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].tolist()
+            keep = []
+            for position, (row, token) in enumerate(zip(active, next_ids.tolist())):
+                sums[row] += logprobs[position]
+                if token == tokenizer.eot:
+                    stops[row] = "eot"
+                    continue
+                outputs[row].append(token)
+                if repetition is not None:
+                    loop = repeated_suffix(outputs[row], *repetition)
+                    if loop is not None:
+                        period, copies = loop
+                        del outputs[row][len(outputs[row]) - (copies - 1) * period:]
+                        stops[row] = "repetition"
+                        continue
+                keep.append(position)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                for key in list(cache):
+                    if isinstance(key, tuple):
+                        k, v = cache[key]
+                        cache[key] = (k.index_select(0, index), v.index_select(0, index))
+                next_ids = next_ids.index_select(0, index)
+                active = [active[p] for p in keep]
+            tokens = next_ids[:, None]
+        return [(outputs[b], sums[b], stops[b]) for b in range(batch)]
 
     @torch.inference_mode()
     def transcribe(self, audio: Any, *, language: str = "en", task: str = "transcribe",
@@ -479,8 +614,16 @@ class WhisperModel(nn.Module):
                    temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
                    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                    logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
-                   repetition_min_tokens: int = 16, seed: int = 0) -> str:
-        """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps.
+                   repetition_min_tokens: int = 16, seed: int = 0, batch_size: int = 8) -> str | list[str]:
+        """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps; for a list
+        of clips, the list of their transcripts.
+
+        A list is transcribed batched: each clip keeps its own 30 s windows (clips are never packed together into
+        one window), and `batch_size` windows, of whichever clips, go through one encoder call and one greedy decode
+        whose rows leave the batch as they finish; fallbacks run per window as below, each clip's sampling from its
+        own generator seeded with `seed`. Every transcript equals `transcribe` of that clip alone. A clip that is
+        None, empty, NaN / infinite, of a non-numeric dtype or of an unreadable shape raises a ValueError naming its
+        index in the list.
 
         Audio longer than 30 s is cut into consecutive 30 s windows whose transcripts are joined with spaces;
         `batch_windows` windows go through the first (greedy) pass together. Each window, as in openai-whisper:
@@ -494,6 +637,15 @@ class WhisperModel(nn.Module):
         (224 for Whisper); and a decode stops as soon as its last `repetition_limit` (3) back-to-back copies of an
         n-gram cover >= `repetition_min_tokens` (16) tokens, keeping one copy (`repetition_limit=None` disables).
         """
+        options = dict(
+            language=language, task=task, max_new_tokens=max_new_tokens, beam_size=beam_size,
+            temperatures=temperatures, best_of=best_of, compression_ratio_threshold=compression_ratio_threshold,
+            logprob_threshold=logprob_threshold, repetition_limit=repetition_limit,
+            repetition_min_tokens=repetition_min_tokens, seed=seed)
+        if isinstance(audio, list):
+            return [" ".join(w.text for w in windows if w.text)
+                    for windows in self.decode_clips(audio, batch_size=batch_size, batch_windows=batch_windows,
+                                                     **options)]
         windows = self.decode_windows(
             audio, language=language, task=task, max_new_tokens=max_new_tokens, batch_windows=batch_windows,
             beam_size=beam_size, temperatures=temperatures, best_of=best_of,
