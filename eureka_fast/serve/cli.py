@@ -99,12 +99,12 @@ def _run_serve(args) -> int:
     problem = _check_args(args)
     if problem:
         return _fail(problem)
-    try:
-        import uvicorn  # noqa: F401
-        import starlette  # noqa: F401
-        import multipart  # noqa: F401
-    except ImportError as exc:
-        return _fail(f"the server needs the 'serve' extra ({exc.name} is missing): pip install 'eureka_fast[serve]'")
+    import importlib.util
+
+    missing = [name for name in ("uvicorn", "starlette", "multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        return _fail(f"the server needs the 'serve' extra ({', '.join(missing)} missing): "
+                     f"pip install 'eureka_fast[serve]'")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray_replicas:
