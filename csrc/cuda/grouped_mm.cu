@@ -1,4 +1,5 @@
-// grouped_mm, grouped_mm_backward and fused_experts on CUDA: host-side problem setup and kernel choice.
+// grouped_mm and grouped_mm_backward on CUDA: host-side problem setup and kernel choice (run_group_m is shared with
+// fused_experts.cu).
 //
 // Kernel choice (shapes only, never data): bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or
 // the weight-streaming kernel when there are few rows per expert (S <= 4 E, or S <= 16); everything else (fp32,
@@ -64,8 +65,9 @@ void launch_wg(const GemmArgs& p, int64_t nout, int64_t tiles_m) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- GROUP_M problems: forward (optionally gated / gathered) and dA ----
-// a_rows: number of logical rows S. B_e(n, kk) described by (b_es, b_sn, b_sk).
+}  // namespace
+
+// ---- GROUP_M problems: forward (optionally gated / gathered) and dA (declared in ops.cuh) ----
 void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div, int64_t S, const at::Tensor& w,
                  int64_t b_es, int64_t b_sn, int64_t b_sk, int64_t N, int64_t Kred, const at::Tensor& offsets, int E,
                  int act, at::Tensor& out, bool allow_stream) {
@@ -211,6 +213,8 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   });
 }
 
+namespace {
+
 // ---- GROUP_K problem (dW): out[e] [M, Nn] = sum over rows r of expert e of A(m, r) * B(n, r) ----
 void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows, const at::Tensor& b, int64_t b_sn,
                  int64_t b_sk, int64_t M, int64_t Nn, const at::Tensor& offsets, int E, at::Tensor& out) {
@@ -265,7 +269,8 @@ void zero_uncovered_rows(at::Tensor& out, const at::Tensor& offsets, int E) {
   });
 }
 
-// The weight as B_e(n, kk) strides; non-unit inner strides on both sides -> contiguous copy.
+}  // namespace
+
 at::Tensor weight_view(const at::Tensor& w, int64_t& es, int64_t& sn, int64_t& sk) {
   at::Tensor ww = w;
   if (!(ww.stride(2) == 1 || ww.stride(1) == 1)) ww = ww.contiguous();
@@ -278,6 +283,8 @@ at::Tensor weight_view(const at::Tensor& w, int64_t& es, int64_t& sn, int64_t& s
   if (ww.size(0) == 1) es = 0;
   return ww;
 }
+
+namespace {
 
 void check_common(const at::Tensor& a, const at::Tensor& w, const at::Tensor& offsets, const char* op) {
   TORCH_CHECK(a.is_cuda() && w.is_cuda() && offsets.is_cuda(), op, ": a, w and offsets must be CUDA tensors");
@@ -366,60 +373,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   return {grad_a, grad_w};
 }
 
-at::Tensor fused_experts_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_in, const at::Tensor& w_down_in,
-                              const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {
-  TORCH_CHECK(x_in.dim() == 2, "fused_experts: x must be [T, H]");
-  TORCH_CHECK(w_gate_up_in.dim() == 3 && w_down_in.dim() == 3, "fused_experts: weights must be 3-D");
-  TORCH_CHECK(ids.dim() == 2 && weights.sizes() == ids.sizes(), "fused_experts: ids and weights must be [T, k]");
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const std::string act_s(activation);
-  const int act = parse_gated_activation(act_s, "fused_experts");
-  TORCH_CHECK(act != kActNone, "fused_experts: activation must be 'silu' or 'gelu'");
-  const int64_t T = x_in.size(0), H = x_in.size(1), E = w_gate_up_in.size(0), N1 = w_gate_up_in.size(1);
-  const int64_t k = ids.size(1), I = N1 / 2;
-  TORCH_CHECK(N1 % 2 == 0 && w_gate_up_in.size(2) == H, "fused_experts: w_gate_up must be [E, 2I, H]");
-  TORCH_CHECK(w_down_in.size(0) == E && w_down_in.size(1) == H && w_down_in.size(2) == I,
-              "fused_experts: w_down must be [E, H, I]");
-  TORCH_CHECK(ids.size(0) == T, "fused_experts: ids must have T rows");
-  TORCH_CHECK(k >= 1 && k <= E, "fused_experts: weights and ids must have between 1 and E = ", E,
-              " columns (top-k), got k = ", k);
-  if (T == 0 || H == 0) return at::zeros({T, H}, x_in.options());
-  const auto dt = x_in.scalar_type();
-  at::Tensor x = x_in.contiguous();
-  at::Tensor w1 = w_gate_up_in.scalar_type() == dt ? w_gate_up_in : w_gate_up_in.to(dt);
-  at::Tensor w2 = w_down_in.scalar_type() == dt ? w_down_in : w_down_in.to(dt);
-  auto plan = moe_plan_cuda(ids, E, 0);
-  const at::Tensor& offsets = std::get<1>(plan);
-  const at::Tensor& sorted_rows = std::get<3>(plan);
-  const at::Tensor& inverse_rows = std::get<4>(plan);
-  const int64_t S = T * k;
-  if (S == 0) return at::zeros({T, H}, x_in.options());
-  int64_t es1, sn1, sk1, es2, sn2, sk2;
-  w1 = weight_view(w1, es1, sn1, sk1);
-  w2 = weight_view(w2, es2, sn2, sk2);
-  // GEMM 1 with the token gather in its prologue and act(gate) * up in its epilogue: h [S, I]
-  at::Tensor h = at::empty({S, I}, x.options());
-  if (I > 0 && H > 0) {
-    run_group_m(x, sorted_rows.data_ptr<int64_t>(), k, S, w1, es1, sn1, sk1, N1, H, offsets, static_cast<int>(E), act,
-                h, true);
-  } else {
-    h.zero_();
-  }
-  // GEMM 2: y [S, H]
-  at::Tensor y = at::empty({S, H}, x.options());
-  if (I > 0) {
-    run_group_m(h, nullptr, 1, S, w2, es2, sn2, sk2, H, I, offsets, static_cast<int>(E), kActNone, y, true);
-  } else {
-    y.zero_();
-  }
-  // deterministic weighted combine (slot order, fp32)
-  return combine_cuda(y, inverse_rows, weights);
-}
-
 TORCH_LIBRARY_IMPL(eureka_fast, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cuda);
-  m.impl("fused_experts", &fused_experts_cuda);
 }
 
 }  // namespace cuda
