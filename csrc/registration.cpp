@@ -1,7 +1,7 @@
 // The one registration file: op schemas for the eureka_fast namespace and the Python module entry point.
 // Kernels register their implementations per dispatch key (CPU in csrc/cpu/, CUDA in csrc/cuda/) next to their
 // code with TORCH_LIBRARY_IMPL(eureka_fast, <Key>, m). Autograd formulas and fake (meta) implementations live in
-// Python (eureka_fast/ops/api.py) so they are shared by every backend.
+// Python (eureka_fast/ops/) so they are shared by every backend.
 //
 // Conventions shared by all kernels:
 //   * a routed "row" is token * top_k + slot; every index tensor produced here is int64, ids are int32;
@@ -50,17 +50,11 @@ TORCH_LIBRARY(eureka_fast, m) {
   m.def(
       "stack_norm_project(Tensor x, int k, Tensor? lengths, str norm, Tensor? norm_weight, Tensor? norm_bias, "
       "Tensor? w1, Tensor? b1, str activation, Tensor? w2, Tensor? b2, float eps, str pool) -> Tensor");
-}
 
-#ifndef EUREKA_FAST_NO_PYTHON
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
-#endif
-
-// ---- BEGIN audio block (issue 4, perf-audio): Whisper encoder attention ----
-// Non-causal attention, forward only: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None ->
-// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given)
-// added to q and v first. Autograd goes through SDPA in Python.
-TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
+  // ---- audio front end and Whisper encoder (CPU kernels, forward only; autograd goes through PyTorch) ----
+  // Non-causal attention: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None -> out [B,Tq,H,dh] =
+  // softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given) added to q and v
+  // first.
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias=None, "
         "Tensor? v_bias=None) -> Tensor");
   // x [rows, cols] = gelu(x + bias[cols]) in place, exact-erf GELU (the encoder's fc1 after a bias-free GEMM).
@@ -91,4 +85,7 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // (csrc/cpu/mel.cpp).
   m.def("mel_power(Tensor spectrum, Tensor filters, float floor) -> Tensor");
 }
-// ---- END audio block ----
+
+#ifndef EUREKA_FAST_NO_PYTHON
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
+#endif
