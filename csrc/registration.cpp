@@ -10,8 +10,17 @@
 //   * compute in float32 (float64 stays float64), outputs in the input dtype, routing weights float32.
 #include <torch/library.h>
 
+#include "gemm_regimes.h"
+
 #ifndef EUREKA_FAST_NO_PYTHON
+#include <string>
+
 #include <torch/extension.h>
+
+#include "cpu/moe_cpu.h"
+#ifdef EUREKA_FAST_WITH_CUDA
+#include "cuda/build_info.h"
+#endif
 #endif
 
 TORCH_LIBRARY(eureka_fast, m) {
@@ -87,5 +96,55 @@ TORCH_LIBRARY(eureka_fast, m) {
 }
 
 #ifndef EUREKA_FAST_NO_PYTHON
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
+namespace {
+
+// What this build holds and what it picked at run time, for `eureka-audio doctor` and ops.backend_report().
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu_isa"] = eureka_fast::cpu::cpu_isa_name();
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+#ifdef __OPTIMIZE__
+  info["optimized"] = true;
+#else
+  info["optimized"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = static_cast<long>(_OPENMP);
+#else
+  info["openmp"] = 0L;
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  info["asan"] = true;
+#else
+  info["asan"] = false;
+#endif
+#ifdef EUREKA_FAST_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_compiled_version"] = eureka_fast::cuda::compiled_cuda_version();
+  info["nvcc_version"] = eureka_fast::cuda::compiled_nvcc_version();
+#else
+  info["with_cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "eureka_fast compiled kernels";
+  m.def("build_info", &build_info, "What this build holds: CPU ISA picked at run time, compiler, CUDA.");
+  m.def(
+      "set_cuda_gemm_regimes",
+      [](int mask) { return eureka_fast::allowed_gemm_regimes().exchange(mask & eureka_fast::kGemmAllRegimes); },
+      "Sets the mask of CUDA grouped-GEMM regimes allowed to run (1 stream, 2 tiled, 4 wgmma, 8 simt); returns the "
+      "previous mask.");
+  m.def("cuda_gemm_regimes", [] { return eureka_fast::allowed_gemm_regimes().load(); });
+}
 #endif

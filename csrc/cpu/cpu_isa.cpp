@@ -45,5 +45,16 @@ bool cpu_has_bf16_matmul() {
 #endif
 }
 
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512:
+      return "avx512";
+    case CpuIsa::Avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
 }  // namespace cpu
 }  // namespace eureka_fast

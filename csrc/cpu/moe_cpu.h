@@ -81,6 +81,8 @@ void gelu_mul(const double* gate, const double* up, double* out, int64_t n);
 // EUREKA_FAST_CPU_ISA=baseline|avx2|avx512 (read once per process).
 enum class CpuIsa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 CpuIsa cpu_isa();
+// "baseline" | "avx2" | "avx512": cpu_isa() by name (build reports).
+const char* cpu_isa_name();
 
 // Row-major C[m, n] = A[m, K] * B[n, K]^T for a few rows (the weight-streaming regime: B rows contiguous, each
 // read once and reused from L1 by every row of A; BLAS packs B first).

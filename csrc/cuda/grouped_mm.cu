@@ -1,14 +1,16 @@
 // grouped_mm and grouped_mm_backward on CUDA: host-side problem setup and kernel choice (run_group_m is shared with
 // fused_experts.cu).
 //
-// Kernel choice (shapes only, never data): bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or
-// the weight-streaming kernel when there are few rows per expert (S <= 4 E, or S <= 16); everything else (fp32,
-// fp64, odd sizes, odd strides) takes the SIMT kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one path
-// where it applies (tests and benchmarks use it to cover every kernel on the same inputs); the Hopper wgmma kernel
-// is opt-in (EUREKA_FAST_WGMMA=1) until a GPU run has validated it.
+// Kernel choice (shapes only, never data), among the regimes the dispatch policy allows (gemm_regimes.h):
+// bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or the weight-streaming kernel when there are
+// few rows per expert (S <= 4 E, or S <= 16); everything else (fp32, fp64, odd sizes, odd strides) takes the SIMT
+// kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one allowed path where it applies (tests and benchmarks
+// use it to cover every kernel on the same inputs); the Hopper wgmma kernel is opt-in (EUREKA_FAST_WGMMA=1) until a
+// GPU run has measured it against the tiled kernel.
 #include <atomic>
 
 #include "gemm_kernels.cuh"
+#include "gemm_regimes.h"
 #include "ops.cuh"
 
 namespace eureka_fast {
@@ -100,29 +102,33 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   const bool b_k = b_sk == 1 && vec_ok(w, {b_sn, b_es, Kred});
   const bool b_n = b_sn == 1 && vec_ok(w, {b_sk, b_es, N, gated ? N / 2 : 0});
   const int64_t tiles_m = ceil_div(S, tc::BM) + E;
-  const bool tc_ok = a_ok && (b_k || b_n) && tiles_m <= 65535;
-  const bool stream_ok = a_ok && b_k && std::min<int64_t>(E, S) <= 65535;
+  const bool tc_ok = a_ok && (b_k || b_n) && tiles_m <= 65535 && gemm_regime_allowed(kGemmTiled);
+  const bool stream_ok =
+      a_ok && b_k && std::min<int64_t>(E, S) <= 65535 && allow_stream && gemm_regime_allowed(kGemmStream);
+  const bool simt_ok = gemm_regime_allowed(kGemmSimt);
 
   const std::string force = env_choice("EUREKA_FAST_GEMM");
   // wgmma (sm_90a) forward kernel: opt-in until validated on a GPU (EUREKA_FAST_GEMM=wgmma or EUREKA_FAST_WGMMA=1)
   const bool wg_ok = a_ok && b_k && tiles_m <= 65535 && (force == "wgmma" || env_choice("EUREKA_FAST_WGMMA") == "1") &&
-                     wgmma_available();
+                     gemm_regime_allowed(kGemmWgmma) && wgmma_available();
   Path path;
-  if (force == "simt") {
+  if (force == "simt" && simt_ok) {
     path = Path::kSimt;
-  } else if (force == "stream" && stream_ok && allow_stream) {
+  } else if (force == "stream" && stream_ok) {
     path = Path::kStream;
   } else if (force == "tiled" && tc_ok) {
     path = Path::kTiled;
   } else if (force == "wgmma" && wg_ok) {
     path = Path::kWgmma;
-  } else if (stream_ok && allow_stream && (S <= 4 * static_cast<int64_t>(E) || S <= 16)) {
+  } else if (stream_ok && (S <= 4 * static_cast<int64_t>(E) || S <= 16)) {
     path = Path::kStream;
   } else if (wg_ok) {
     path = Path::kWgmma;
   } else if (tc_ok) {
     path = Path::kTiled;
   } else {
+    TORCH_CHECK(simt_ok, "grouped GEMM: none of the CUDA GEMM regimes allowed by the dispatch policy takes this ",
+                "problem (the SIMT fallback is not allowed); see EUREKA_FAST_CUDA_KERNELS");
     path = Path::kSimt;
   }
 
@@ -241,7 +247,8 @@ void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows
   const auto dt = a.scalar_type();
   const bool half = is_half_type(dt) && b.scalar_type() == dt && out.scalar_type() == dt;
   const bool tc_ok = half && a_sm == 1 && b_sn == 1 && vec_ok(a, {a_sk, M}) && vec_ok(b, {b_sk, Nn}) &&
-                     ceil_div(M, tc::BM) <= 65535 && E <= 65535 && env_choice("EUREKA_FAST_GEMM") != "simt";
+                     ceil_div(M, tc::BM) <= 65535 && E <= 65535 && gemm_regime_allowed(kGemmTiled) &&
+                     !(env_choice("EUREKA_FAST_GEMM") == "simt" && gemm_regime_allowed(kGemmSimt));
   if (tc_ok) {
     const dim3 grid(static_cast<unsigned>(ceil_div(Nn, tc::BN)), static_cast<unsigned>(ceil_div(M, tc::BM)),
                     static_cast<unsigned>(E));
@@ -249,6 +256,8 @@ void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows
     else launch_tc<__half, true, true, true, false, false>(p, grid);
     return;
   }
+  TORCH_CHECK(gemm_regime_allowed(kGemmSimt), "grouped_mm_backward: the weight gradient needs the tiled or the SIMT ",
+              "CUDA GEMM regime, and the dispatch policy allows neither for this problem; see EUREKA_FAST_CUDA_KERNELS");
   TORCH_CHECK(ceil_div(M, simt::BM) <= 65535 && E <= 65535, "grouped_mm_backward: problem too large for SIMT path");
   const dim3 grid(static_cast<unsigned>(ceil_div(Nn, simt::BN)), static_cast<unsigned>(ceil_div(M, simt::BM)),
                   static_cast<unsigned>(E));

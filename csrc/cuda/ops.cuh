@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
 // grouped_mm.cu: one GROUP_M grouped GEMM out[S, N or N/2] = act(A B_e^T) over the rows of each expert (offsets
 // [E+1] int64 on the device), A row m read from a (or from a row gather[m] / gather_div), B_e(n, kk) =
 // w[e * b_es + n * b_sn + kk * b_sk]; the regime (stream / tiled / wgmma / SIMT) is chosen from shapes among the
-// applicable ones.
+// allowed ones (gemm_regimes.h).
 void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div, int64_t S, const at::Tensor& w,
                  int64_t b_es, int64_t b_sn, int64_t b_sk, int64_t N, int64_t Kred, const at::Tensor& offsets, int E,
                  int act, at::Tensor& out, bool allow_stream);
