@@ -2,7 +2,8 @@
 
 Each op runs on the compiled kernels in ``eureka_fast._C`` (``torch.ops.eureka_fast.*``) when they are built and
 on the pure-PyTorch references in ``eureka_fast.ops.reference`` otherwise (with a one-time warning).
-``backend()`` says which. Pass ``use_reference=True`` to force the reference path.
+``backend()`` says which; ``backend_report(device)`` says, per op, which path runs and why (CUDA kernels run only
+where ``cuda_policy`` allows). Pass ``use_reference=True`` to force the reference path.
 """
 from .api import (  # noqa: F401
     DOWNSAMPLE_PRESETS,
@@ -20,3 +21,4 @@ from .api import (  # noqa: F401
     ultravox_projector_args,
 )
 from . import reference  # noqa: F401
+from .cuda_policy import backend_report  # noqa: F401

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import cuda_policy
 from . import reference as ref
 
 _EXT: Optional[bool] = None
@@ -34,6 +35,7 @@ def _load_extension() -> bool:
             _EXT = True
             _register_python_parts()
             _fill_kernel_cache()
+            cuda_policy.sync_extension()  # the CUDA GEMM regimes the policy allows
         except ImportError as exc:  # depends on the build
             _EXT = False
             if not _WARNED:
@@ -47,7 +49,8 @@ def _load_extension() -> bool:
 
 
 def backend() -> str:
-    """'compiled' when eureka_fast._C is loaded, else 'reference'."""
+    """'compiled' when eureka_fast._C is loaded, else 'reference'. Per op and device (CUDA kernels run only where
+    the validation policy allows them): ``backend_report(device)``."""
     return "compiled" if _load_extension() else "reference"
 
 
@@ -75,7 +78,10 @@ def _fill_kernel_cache() -> None:
 
 
 def _use_kernel(op_name: str, device: torch.device, use_reference: bool) -> bool:
-    return not use_reference and _load_extension() and _has_kernel(op_name, device)
+    if use_reference or not _load_extension() or not _has_kernel(op_name, device):
+        return False
+    # CUDA kernels run only where the validation policy allows them (eureka_fast/ops/cuda_policy.py)
+    return device.type != "cuda" or cuda_policy.kernel_allowed(op_name)
 
 
 class MoEPlan(NamedTuple):
