@@ -12,6 +12,7 @@ _SUBCOMMAND_MODULES = {
     "train": "eureka_fast.train.cli",
     "eval": "eureka_fast.train.cli",
     "dataflux": "eureka_fast.dataflux.cli",
+    "doctor": "eureka_fast.doctor",
 }
 
 
