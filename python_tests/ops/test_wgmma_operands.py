@@ -23,8 +23,8 @@ def test_wgmma_specialisations_bind_every_accumulator_in_order():
     cmd = ["g++", "-E", "-P", "-x", "c++", "-"] if shutil.which("g++") else ["cpp", "-P"]
     out = subprocess.run(cmd, input=text[start:end], capture_output=True, text=True, check=True).stdout
     out = re.sub(r'"\s*"', "", " ".join(out.split()))  # one line, adjacent string literals joined
-    specs = re.findall(r"wgmma_m64nk16<(\d+), (\w+)>\(float ?\(&d\)\[[^\]]+\], uint64_t da, uint64_t db\) "
-                       r"\{ asm volatile\(\"(.*?)\" : (.*?) : \"l\"\(da\), \"l\"\(db\), \"n\"\(1\)\); \}", out)
+    specs = re.findall(r"wgmma_m64nk16<(\d+), (\w+)>\(float ?\(&d\)\[[^\]]+\], uint64_t da, uint64_t db\) \{ "
+                       r"asm volatile\( ?\"(.*?)\" ?: (.*?) ?: \"l\"\(da\), \"l\"\(db\), \"n\"\(1\)\); \}", out)
     assert sorted((int(n), t) for n, t, _, _ in specs) == [(128, "__half"), (128, "__nv_bfloat16"),
                                                           (256, "__half"), (256, "__nv_bfloat16")]
     for n, ctype, asm, operands in specs:
