@@ -128,6 +128,8 @@ __global__ void zero_rows_kernel(unsigned char* __restrict__ base, int64_t row_b
     p[i] = 0;
 }
 
+}  // namespace
+
 // Op entry points (declared in ops.cuh: fused_experts reuses them)
 at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& sorted_rows_in, int64_t top_k) {
   TORCH_CHECK(x_in.dim() == 2, "permute: x must be [T, H]");
