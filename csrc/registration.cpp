@@ -1,7 +1,7 @@
 // The one registration file: op schemas for the eureka_fast namespace and the Python module entry point.
 // Kernels register their implementations per dispatch key (CPU in csrc/cpu/, CUDA in csrc/cuda/) next to their
 // code with TORCH_LIBRARY_IMPL(eureka_fast, <Key>, m). Autograd formulas and fake (meta) implementations live in
-// Python (eureka_fast/ops/api.py) so they are shared by every backend.
+// Python (eureka_fast/ops/) so they are shared by every backend.
 //
 // Conventions shared by all kernels:
 //   * a routed "row" is token * top_k + slot; every index tensor produced here is int64, ids are int32;
@@ -10,8 +10,17 @@
 //   * compute in float32 (float64 stays float64), outputs in the input dtype, routing weights float32.
 #include <torch/library.h>
 
+#include "gemm_regimes.h"
+
 #ifndef EUREKA_FAST_NO_PYTHON
+#include <string>
+
 #include <torch/extension.h>
+
+#include "cpu/moe_cpu.h"
+#ifdef EUREKA_FAST_WITH_CUDA
+#include "cuda/build_info.h"
+#endif
 #endif
 
 TORCH_LIBRARY(eureka_fast, m) {
@@ -50,17 +59,11 @@ TORCH_LIBRARY(eureka_fast, m) {
   m.def(
       "stack_norm_project(Tensor x, int k, Tensor? lengths, str norm, Tensor? norm_weight, Tensor? norm_bias, "
       "Tensor? w1, Tensor? b1, str activation, Tensor? w2, Tensor? b2, float eps, str pool) -> Tensor");
-}
 
-#ifndef EUREKA_FAST_NO_PYTHON
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "eureka_fast compiled kernels"; }
-#endif
-
-// ---- BEGIN audio block (issue 4, perf-audio): Whisper encoder attention ----
-// Non-causal attention, forward only: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None ->
-// out [B,Tq,H,dh] = softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given)
-// added to q and v first. Autograd goes through SDPA in Python.
-TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
+  // ---- audio front end and Whisper encoder (CPU kernels, forward only; autograd goes through PyTorch) ----
+  // Non-causal attention: q [B,H,Tq,dh], k/v [B,H,Tk,dh], key_lengths [B] in [1,Tk] or None -> out [B,Tq,H,dh] =
+  // softmax(scale * q k^T, keys >= key_lengths[b] masked) v, with q_bias / v_bias [H*dh] (when given) added to q and v
+  // first.
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, Tensor? q_bias=None, "
         "Tensor? v_bias=None) -> Tensor");
   // x [rows, cols] = gelu(x + bias[cols]) in place, exact-erf GELU (the encoder's fc1 after a bias-free GEMM).
@@ -91,4 +94,57 @@ TORCH_LIBRARY_FRAGMENT(eureka_fast, m) {
   // (csrc/cpu/mel.cpp).
   m.def("mel_power(Tensor spectrum, Tensor filters, float floor) -> Tensor");
 }
-// ---- END audio block ----
+
+#ifndef EUREKA_FAST_NO_PYTHON
+namespace {
+
+// What this build holds and what it picked at run time, for `eureka-audio doctor` and ops.backend_report().
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu_isa"] = eureka_fast::cpu::cpu_isa_name();
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+#ifdef __OPTIMIZE__
+  info["optimized"] = true;
+#else
+  info["optimized"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = static_cast<long>(_OPENMP);
+#else
+  info["openmp"] = 0L;
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  info["asan"] = true;
+#else
+  info["asan"] = false;
+#endif
+#ifdef EUREKA_FAST_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_compiled_version"] = eureka_fast::cuda::compiled_cuda_version();
+  info["nvcc_version"] = eureka_fast::cuda::compiled_nvcc_version();
+#else
+  info["with_cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "eureka_fast compiled kernels";
+  m.def("build_info", &build_info, "What this build holds: CPU ISA picked at run time, compiler, CUDA.");
+  m.def(
+      "set_cuda_gemm_regimes",
+      [](int mask) { return eureka_fast::allowed_gemm_regimes().exchange(mask & eureka_fast::kGemmAllRegimes); },
+      "Sets the mask of CUDA grouped-GEMM regimes allowed to run (1 stream, 2 tiled, 4 wgmma, 8 simt); returns the "
+      "previous mask.");
+  m.def("cuda_gemm_regimes", [] { return eureka_fast::allowed_gemm_regimes().load(); });
+}
+#endif

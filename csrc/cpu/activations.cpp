@@ -1,25 +1,12 @@
-// Elementwise activations for GEMM epilogues and the few-rows GEMM. The float versions use a Cephes-style exp (about
-// 1 ulp over the clamped range) written so that GCC auto-vectorises it. Each float kernel body is compiled twice:
-// for baseline x86-64 and with target("avx2,fma"); the AVX2 copy is picked at run time from the CPU's feature bits
-// (__builtin_cpu_supports), so the library runs on any x86-64 CPU without -march=native.
+// Elementwise activations (SiLU, GELU and their gated products) for GEMM epilogues and stack_norm_project. The float
+// versions use a Cephes-style exp (about 1 ulp over the clamped range) written so that GCC auto-vectorises it; each
+// body is compiled for baseline x86-64, AVX2 + FMA and (intrinsics) AVX-512, picked at run time (isa_dispatch.h).
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 
+#include "cpu/isa_dispatch.h"
 #include "cpu/moe_cpu.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define EF_HAVE_AVX2_COPY 1
-#define EF_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define EF_HAVE_AVX2_COPY 0
-#define EF_AVX2
-#endif
-#include <cstdlib>
-#include <string>
-#define EF_INLINE inline __attribute__((always_inline))
 
 namespace eureka_fast {
 namespace cpu {
@@ -71,51 +58,11 @@ EF_INLINE void silu_inplace_body(float* x, int64_t n) {
 EF_INLINE void gelu_inplace_body(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = gelu_f(x[i]);
 }
-EF_INLINE void skinny_body(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                           float* c, int64_t ldc) {
-  // Blocks of 4 input rows x 2 weight rows: 8 independent accumulators keep the FMA pipes busy, each weight row
-  // is read from memory once and reused from L1 by every input row. Short blocks repeat their last row (the
-  // duplicate result is not stored) so one branch-free loop serves every shape.
-  for (int64_t j = 0; j < n; j += 2) {
-    const int64_t j1 = std::min(j + 1, n - 1);
-    const float* w0 = b + j * ldb;
-    const float* w1 = b + j1 * ldb;
-    for (int64_t i = 0; i < m; i += 4) {
-      const float* x0 = a + i * lda;
-      const float* x1 = a + std::min(i + 1, m - 1) * lda;
-      const float* x2 = a + std::min(i + 2, m - 1) * lda;
-      const float* x3 = a + std::min(i + 3, m - 1) * lda;
-      float s00 = 0, s10 = 0, s20 = 0, s30 = 0, s01 = 0, s11 = 0, s21 = 0, s31 = 0;
-#pragma omp simd reduction(+ : s00, s10, s20, s30, s01, s11, s21, s31)
-      for (int64_t kk = 0; kk < K; ++kk) {
-        const float u = w0[kk], v = w1[kk];
-        s00 += x0[kk] * u;
-        s10 += x1[kk] * u;
-        s20 += x2[kk] * u;
-        s30 += x3[kk] * u;
-        s01 += x0[kk] * v;
-        s11 += x1[kk] * v;
-        s21 += x2[kk] * v;
-        s31 += x3[kk] * v;
-      }
-      const float r0[4] = {s00, s10, s20, s30}, r1[4] = {s01, s11, s21, s31};
-      for (int64_t q = 0; q < 4 && i + q < m; ++q) {
-        c[(i + q) * ldc + j] = r0[q];
-        if (j1 != j) c[(i + q) * ldc + j1] = r1[q];
-      }
-    }
-  }
-}
-
 #if EF_HAVE_AVX2_COPY
 EF_AVX2 void silu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
 EF_AVX2 void gelu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { gelu_mul_body(g, u, o, n); }
 EF_AVX2 void silu_inplace_avx2(float* x, int64_t n) { silu_inplace_body(x, n); }
 EF_AVX2 void gelu_inplace_avx2(float* x, int64_t n) { gelu_inplace_body(x, n); }
-EF_AVX2 void skinny_avx2(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float* c, int64_t ldc) {
-  skinny_body(m, n, K, a, lda, b, ldb, c, ldc);
-}
 
 // AVX-512 gated activations with explicit intrinsics (GCC leaves the scalar bodies above unvectorised because of
 // the clamps and floor, so these were scalar: the gated epilogue was ~8% of fused_experts at 128 rows per expert).
@@ -174,42 +121,6 @@ EF_AVX512_ACT void gelu_mul_avx512(const float* g, const float* u, float* o, int
 EF_AVX512_ACT void silu_inplace_avx512(float* x, int64_t n) { act512<false, false>(x, nullptr, x, n); }
 EF_AVX512_ACT void gelu_inplace_avx512(float* x, int64_t n) { act512<true, false>(x, nullptr, x, n); }
 
-// The widest instruction set this CPU supports, capped by EUREKA_FAST_CPU_ISA=baseline|avx2|avx512 (read once;
-// lets tests and benchmarks run the narrower copies on a wide machine).
-CpuIsa detect_cpu_isa() {
-  CpuIsa isa = CpuIsa::Baseline;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = CpuIsa::Avx2;
-  if (isa == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    isa = CpuIsa::Avx512;
-  if (const char* cap = std::getenv("EUREKA_FAST_CPU_ISA")) {
-    const std::string v(cap);
-    const CpuIsa limit = v == "baseline" ? CpuIsa::Baseline : v == "avx2" ? CpuIsa::Avx2 : CpuIsa::Avx512;
-    isa = std::min(isa, limit);
-  }
-  return isa;
-}
-bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::Avx2; }
-#define EF_DISPATCH(avx2_call, base_call) \
-  do {                                    \
-    if (cpu_has_avx2_fma()) {             \
-      avx2_call;                          \
-    } else {                              \
-      base_call;                          \
-    }                                     \
-  } while (0)
-#define EF_DISPATCH3(avx512_call, avx2_call, base_call) \
-  do {                                                   \
-    if (cpu_isa() == CpuIsa::Avx512) {                   \
-      avx512_call;                                       \
-    } else {                                             \
-      EF_DISPATCH(avx2_call, base_call);                 \
-    }                                                    \
-  } while (0)
-#else
-CpuIsa detect_cpu_isa() { return CpuIsa::Baseline; }
-#define EF_DISPATCH(avx2_call, base_call) base_call
-#define EF_DISPATCH3(avx512_call, avx2_call, base_call) base_call
 #endif
 
 }  // namespace
@@ -226,50 +137,6 @@ void silu_inplace(float* x, int64_t n) {
 void gelu_inplace(float* x, int64_t n) {
   EF_DISPATCH3(gelu_inplace_avx512(x, n), gelu_inplace_avx2(x, n), gelu_inplace_body(x, n));
 }
-CpuIsa cpu_isa() {
-  static const CpuIsa isa = detect_cpu_isa();
-  return isa;
-}
-
-bool cpu_has_bf16_matmul() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
-
-SkinnyRows skinny_rows() {
-  // AVX2 and the scalar copy: 4-row blocks waste work below 4 rows, the BLAS wins back its packing above 8
-  return cpu_isa() == CpuIsa::Avx512 ? SkinnyRows{1, kSkinnyMaxRowsAvx512} : SkinnyRows{4, 8};
-}
-
-void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
-                     float* c, int64_t ldc) {
-#if EF_HAVE_AVX2_COPY
-  if (cpu_isa() == CpuIsa::Avx512) {
-    skinny_gemm_abt_avx512(m, n, K, a, lda, b, ldb, c, ldc);
-    return;
-  }
-#endif
-  EF_DISPATCH(skinny_avx2(m, n, K, a, lda, b, ldb, c, ldc), skinny_body(m, n, K, a, lda, b, ldb, c, ldc));
-}
-
-void widen_to_float(const uint16_t* src, int64_t n, WeightFormat format, float* dst) {
-#if EF_HAVE_AVX2_COPY
-  if (cpu_isa() == CpuIsa::Avx512) {
-    widen_to_float_avx512(src, n, format, dst);
-    return;
-  }
-#endif
-  if (format == WeightFormat::BFloat16) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
-  }
-}
-
 void silu_mul(const double* gate, const double* up, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = silu_d(gate[i]) * up[i];
 }

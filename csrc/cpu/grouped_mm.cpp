@@ -1,6 +1,5 @@
-// Grouped GEMM over expert row blocks (forward with a fused gated activation, and backward) and the whole routed
-// expert layer (fused_experts) built from the plan, a contiguous gather, two grouped GEMMs and a deterministic
-// combine.
+// grouped_mm and grouped_mm_backward on the CPU: GEMMs over expert row blocks (forward with a fused gated
+// activation, and backward), plus the grouped GEMM building blocks fused_experts.cpp composes.
 #include <torch/library.h>
 
 #include <cmath>
@@ -120,14 +119,16 @@ int64_t whole_rows_for(int64_t K, int64_t w_col_stride) {
   return whole_expert_min_rows(use_packed_gemm<scalar_t>(kRowBlock, K, w_col_stride));
 }
 
-// Whether every tile of expert e (gated, float, weights with column stride w_col_stride) packs its rows through
-// the AVX-512 many-rows GEMM, and so can take them from a RowGather instead of the dense rows.
+}  // namespace
+
 bool expert_tiles_pack(const std::vector<int64_t>& offsets, int64_t e, int64_t K, int64_t w_col_stride) {
   const int64_t rows = offsets[e + 1] - offsets[e];
   if (rows <= 0 || runs_whole(offsets, e, whole_rows_for<float>(K, w_col_stride))) return false;
   const int64_t per = row_block(rows), last = rows - per * ((rows - 1) / per);  // the shortest block
   return use_packed_gemm<float>(last, K, w_col_stride);
 }
+
+namespace {
 
 // One tile's product C = A B^T: the streaming kernel for a few rows of float with unit-stride weight rows, the
 // AVX-512 many-rows GEMM for more rows, the BLAS otherwise (a single row is a GEMV, which the BLAS already streams).
@@ -393,19 +394,14 @@ void grouped_gemm_forward_2byte(const float* a, int64_t lda, int64_t K, const ui
   });
 }
 
-// bf16 / fp16 weights with unit inner stride, when the compute dtype is float: read as stored.
+}  // namespace
+
 bool reads_2byte_weights(const at::Tensor& w, at::ScalarType cd) {
   const at::ScalarType t = w.scalar_type();
   return cd == at::kFloat && (t == at::kBFloat16 || t == at::kHalf) && (w.stride(2) == 1 || w.size(2) <= 1) &&
          (w.stride(1) >= w.size(2) || w.size(1) <= 1);
 }
 
-}  // namespace
-
-namespace {
-
-// w [E, N, K] in the compute dtype with strides the BLAS can take directly (one unit inner stride, the other at
-// least the matrix extent); anything else (expanded, overlapping, both strides non-unit) is copied.
 at::Tensor blas_ready_weight(const at::Tensor& w, at::ScalarType cd) {
   at::Tensor r = w.scalar_type() == cd ? w : w.to(cd);
   const int64_t N = r.size(1), K = r.size(2), sN = r.stride(1), sK = r.stride(2);
@@ -415,7 +411,6 @@ at::Tensor blas_ready_weight(const at::Tensor& w, at::ScalarType cd) {
   return r;
 }
 
-// Inner strides as gemm_abt wants them (it needs one of the two equal to 1).
 std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
   const int64_t N = w.size(1), K = w.size(2);
   int64_t sN = w.stride(1), sK = w.stride(2);
@@ -424,12 +419,10 @@ std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w) {
   return {sN, sK};
 }
 
-// One grouped GEMM (+ activation) over w as the caller passed it: 2-byte weights read in place, anything else via
-// a BLAS-ready copy in the compute dtype cd (the type of a and out).
 template <typename scalar_t>
 void grouped_forward_weights(const scalar_t* a, int64_t lda, int64_t K, const at::Tensor& w, at::ScalarType cd,
                              const std::vector<int64_t>& offsets, GatedActivation act, scalar_t* out, int64_t ldo,
-                             bool bf16_inputs, const RowGather* gather = nullptr) {
+                             bool bf16_inputs, const RowGather* gather) {
   const int64_t N = w.size(1);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (reads_2byte_weights(w, cd)) {
@@ -444,6 +437,15 @@ void grouped_forward_weights(const scalar_t* a, int64_t lda, int64_t K, const at
   grouped_gemm_forward<scalar_t>(a, lda, K, wc.data_ptr<scalar_t>(), wc.stride(0), sN, sK, N, offsets, act, out, ldo,
                                  gather);
 }
+
+template void grouped_forward_weights<float>(const float*, int64_t, int64_t, const at::Tensor&, at::ScalarType,
+                                             const std::vector<int64_t>&, GatedActivation, float*, int64_t, bool,
+                                             const RowGather*);
+template void grouped_forward_weights<double>(const double*, int64_t, int64_t, const at::Tensor&, at::ScalarType,
+                                              const std::vector<int64_t>&, GatedActivation, double*, int64_t, bool,
+                                              const RowGather*);
+
+namespace {
 
 void check_grouped_args(const at::Tensor& a, const at::Tensor& w, GatedActivation act) {
   check_float_tensor(a, 2, "a");
@@ -607,105 +609,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
 
 }  // namespace
 
-WorkspaceLease::WorkspaceLease(int64_t bytes) {
-  static std::mutex mutex;
-  static at::Tensor cached;
-  if (bytes <= kMaxCachedWorkspaceBytes && mutex.try_lock()) {
-    lock_ = std::unique_lock<std::mutex>(mutex, std::adopt_lock);
-    if (!cached.defined() || cached.numel() < bytes) {
-      cached = at::Tensor();  // release the old buffer before allocating the larger one
-      cached = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
-    }
-    data_ = cached.data_ptr();
-  } else {
-    own_ = empty_large_output({bytes}, at::TensorOptions().dtype(at::kByte));
-    data_ = own_.data_ptr();
-  }
-}
-
-namespace {
-
-at::Tensor fused_experts_cpu(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                             const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {
-  const GatedActivation act = parse_gated_activation(std::string(activation), true);
-  check_float_tensor(x, 2, "x");
-  check_float_tensor(w_gate_up, 3, "w_gate_up");
-  check_float_tensor(w_down, 3, "w_down");
-  check_float_tensor(weights, 2, "weights");
-  const int64_t T = x.size(0), H = x.size(1), E = w_gate_up.size(0), I2 = w_gate_up.size(1);
-  TORCH_CHECK(I2 % 2 == 0 && w_gate_up.size(2) == H, "w_gate_up must have shape [E, 2I, H=", H, "], got ",
-              w_gate_up.sizes());
-  const int64_t I = I2 / 2;
-  TORCH_CHECK(w_down.size(0) == E && w_down.size(1) == H && w_down.size(2) == I, "w_down must have shape [", E, ", ",
-              H, ", ", I, "], got ", w_down.sizes());
-  TORCH_CHECK(weights.size(0) == T, "weights must have ", T, " rows, got shape ", weights.sizes());
-  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.size(1) == weights.size(1), "ids must have the shape of weights ",
-              weights.sizes(), ", got ", ids.sizes());
-  const int64_t k = weights.size(1);
-  check_top_k(k, E, "weights and ids", "E = w_gate_up.size(0)");
-  at::Tensor ids_l = checked_ids(ids, E, "ids");
-  const at::ScalarType cd = compute_dtype(x.scalar_type());
-  at::Tensor out = empty_large_output({T, H}, x.options().dtype(cd));
-  if (T == 0 || H == 0) return out.to(x.scalar_type());
-  if (I == 0) return out.zero_().to(x.scalar_type());
-  const int64_t S = T * k;
-  std::vector<int64_t> counts(E), offsets(E + 1), padded(E + 1), sorted_rows(S), inverse_rows(S);
-  build_plan(ids_l.data_ptr<int64_t>(), S, E, 0, counts.data(), offsets.data(), padded.data(), sorted_rows.data(),
-             inverse_rows.data());
-  // bf16 layer on bf16 matmul hardware: stays in bf16 end to end (fused_experts_bf16.cpp)
-  if (fused_experts_bf16_applies(x, w_gate_up, w_down, offsets))
-    return fused_experts_bf16(x, w_gate_up, w_down, weights, offsets, sorted_rows, inverse_rows, k, act);
-  at::Tensor xc = rows_contiguous(x, cd);
-  at::Tensor wts = weights.to(cd).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(cd, "fused_experts", [&] {
-    // 1. gather token rows into expert-contiguous order (uninitialised scratch: every row is written below)
-    const int64_t xs_bytes = (S * H * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 * 64;
-    const WorkspaceLease workspace(xs_bytes + S * I * static_cast<int64_t>(sizeof(scalar_t)));
-    scalar_t* xs = workspace.at_offset<scalar_t>(0);
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const int64_t x_stride = xc.stride(0);
-    // Experts whose gate+up tiles run the AVX-512 many-rows GEMM pack their token rows straight from x (the
-    // gather fused into the packing: the dense copy was ~2% of the layer at T = 1024, E = 64 on one thread); the
-    // others (few rows, whole-expert BLAS, 2-byte or strided weights) read the dense rows gathered here.
-    const bool two_byte = reads_2byte_weights(w_gate_up, cd);
-    const at::Tensor wgu = two_byte ? w_gate_up : blas_ready_weight(w_gate_up, cd);
-    const bool fuse_gather = std::is_same_v<scalar_t, float> && !two_byte && inner_strides(wgu).second == 1;
-    std::vector<int64_t> token_of(S);  // x row of each expert-sorted row
-    for (int64_t s = 0; s < S; ++s) token_of[s] = sorted_rows[s] / k;
-    std::vector<char> dense(E, 1);
-    if (fuse_gather)
-      for (int64_t e = 0; e < E; ++e) dense[e] = !expert_tiles_pack(offsets, e, H, 1);
-    at::parallel_for(0, S, std::max<int64_t>(1, 4096 / H), [&](int64_t s0, int64_t s1) {
-      int64_t e = std::upper_bound(offsets.begin(), offsets.end(), s0) - offsets.begin() - 1;
-      for (int64_t s = s0; s < s1; ++s) {
-        while (s >= offsets[e + 1]) ++e;
-        if (dense[e]) std::memcpy(xs + s * H, xp + token_of[s] * x_stride, H * sizeof(scalar_t));
-      }
-    });
-    // 2. gate+up GEMM with the gated activation in the epilogue -> [S, I]
-    scalar_t* hidden = workspace.at_offset<scalar_t>(xs_bytes);
-    // bf16 activations: the hidden activations are rounded to bf16 before the down GEMM when that GEMM runs in
-    // bf16, as in the model's own bf16 layer.
-    const bool bf16_inputs = x.scalar_type() == at::kBFloat16;
-    // (the cast only type-checks the double instantiation, where fuse_gather is false)
-    const RowGather gather{reinterpret_cast<const float*>(xp), x_stride, token_of.data()};
-    grouped_forward_weights<scalar_t>(xs, H, H, wgu, cd, offsets, act, hidden, I, bf16_inputs,
-                                      fuse_gather ? &gather : nullptr);
-    // 3. down GEMM -> [S, H] (reuses the gather buffer)
-    grouped_forward_weights<scalar_t>(hidden, I, I, w_down, cd, offsets, GatedActivation::None, xs, H, bf16_inputs);
-    // 4. each token sums its own k rows in slot order: deterministic, no atomics
-    combine_rows<scalar_t, scalar_t>(xs, H, inverse_rows.data(), wts.data_ptr<scalar_t>(), T, k, H,
-                                     out.data_ptr<scalar_t>());
-  });
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(eureka_fast, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
-  m.impl("fused_experts", &fused_experts_cpu);
 }
 
 }  // namespace cpu

@@ -1,9 +1,11 @@
-// Building blocks shared between the CPU MoE kernels (plan.cpp, grouped_mm.cpp) and the C++ unit tests.
+// Building blocks shared between the CPU MoE kernels (moe_plan.cpp, permute_combine.cpp, grouped_mm.cpp,
+// fused_experts.cpp, skinny_gemm.cpp) and the C++ unit tests.
 #pragma once
 
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/common.h"
@@ -23,7 +25,7 @@ template <typename scalar_t, typename acc_t>
 void combine_rows(const scalar_t* y, int64_t y_stride, const int64_t* inverse_rows, const acc_t* w, int64_t T,
                   int64_t k, int64_t H, scalar_t* out);
 
-// The AVX-512 copy of combine_rows<float, float> over tokens [t0, t1) (rows_avx512.cpp; call only when
+// The AVX-512 copy of combine_rows<float, float> over tokens [t0, t1) (combine_avx512.cpp; call only when
 // cpu_isa() == CpuIsa::Avx512).
 void combine_rows_avx512(const float* y, int64_t y_stride, const int64_t* inverse_rows, const float* w, int64_t t0,
                          int64_t t1, int64_t k, int64_t H, float* out);
@@ -52,6 +54,24 @@ void grouped_gemm_forward(const scalar_t* a, int64_t lda, int64_t K, const scala
                           int64_t w_row_stride, int64_t w_col_stride, int64_t N, const std::vector<int64_t>& offsets,
                           GatedActivation act, scalar_t* out, int64_t ldo, const RowGather* gather = nullptr);
 
+// grouped_mm.cpp's pieces that fused_experts.cpp composes:
+// whether every tile of expert e (gated, float, weights with column stride w_col_stride) packs its rows through the
+// AVX-512 many-rows GEMM, and so can take them from a RowGather instead of the dense rows;
+bool expert_tiles_pack(const std::vector<int64_t>& offsets, int64_t e, int64_t K, int64_t w_col_stride);
+// bf16 / fp16 weights with unit inner stride, when the compute dtype cd is float: read as stored;
+bool reads_2byte_weights(const at::Tensor& w, at::ScalarType cd);
+// w [E, N, K] in cd with strides the BLAS can take directly (one unit inner stride, the other at least the matrix
+// extent); anything else (expanded, overlapping, both strides non-unit) is copied;
+at::Tensor blas_ready_weight(const at::Tensor& w, at::ScalarType cd);
+// w's inner strides (N, K) as gemm_abt wants them (one of the two equal to 1);
+std::pair<int64_t, int64_t> inner_strides(const at::Tensor& w);
+// one grouped GEMM (+ activation) over w as the caller passed it: 2-byte weights read in place, anything else via a
+// BLAS-ready copy in the compute dtype cd (the type of a and out). float and double.
+template <typename scalar_t>
+void grouped_forward_weights(const scalar_t* a, int64_t lda, int64_t K, const at::Tensor& w, at::ScalarType cd,
+                             const std::vector<int64_t>& offsets, GatedActivation act, scalar_t* out, int64_t ldo,
+                             bool bf16_inputs, const RowGather* gather = nullptr);
+
 // Gated activations on rows of `n` values: out = act(gate) * up.
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 void gelu_mul(const float* gate, const float* up, float* out, int64_t n);
@@ -61,6 +81,8 @@ void gelu_mul(const double* gate, const double* up, double* out, int64_t n);
 // EUREKA_FAST_CPU_ISA=baseline|avx2|avx512 (read once per process).
 enum class CpuIsa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 CpuIsa cpu_isa();
+// "baseline" | "avx2" | "avx512": cpu_isa() by name (build reports).
+const char* cpu_isa_name();
 
 // Row-major C[m, n] = A[m, K] * B[n, K]^T for a few rows (the weight-streaming regime: B rows contiguous, each
 // read once and reused from L1 by every row of A; BLAS packs B first).
@@ -68,7 +90,7 @@ void skinny_gemm_abt(int64_t m, int64_t n, int64_t K, const float* a, int64_t ld
                      float* c, int64_t ldc);
 // Row counts [min, max] for which skinny_gemm_abt beats MKL's sgemm on this CPU: AVX2 4..8 (below 4 its 4-row
 // blocks waste work, above 8 the BLAS wins back its packing cost); AVX-512 1..kSkinnyMaxRowsAvx512.
-// The AVX-512 copy (skinny_avx512.cpp); call only when cpu_isa() == CpuIsa::Avx512.
+// The AVX-512 copy (skinny_gemm_avx512.cpp); call only when cpu_isa() == CpuIsa::Avx512.
 void skinny_gemm_abt_avx512(int64_t m, int64_t n, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
                             float* c, int64_t ldc);
 // The same with 2-byte weights (bf16 / fp16, widened in registers: half the bytes streamed, no fp32 copy).
@@ -112,7 +134,7 @@ T* thread_scratch(int64_t elements) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
 }
 
-// fused_experts' scratch for its row buffers (grouped_mm.cpp), kept between calls: a fresh allocation of that size
+// fused_experts' scratch for its row buffers (fused_experts.cpp), kept between calls: a fresh allocation of that size
 // is mmapped and page-faulted on every call (page-fault system time was about 7% of the fp32 layer at T = 1024-4096
 // on one thread). One buffer per process, shared by the fp32 and bf16 paths and used by one call at a time (a
 // concurrent call, or one over kMaxCachedWorkspaceBytes, allocates its own), so a long prefill pins at most that.

@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(tc::THREADS, 1) tc_grouped_kernel(const GemmAr
 // cp.async (token gather fused), 4 stages. Forward only (A and B k-contiguous). Gated tiles hold BN/2 gate rows then
 // the BN/2 matching up rows, so every thread owns matching gate/up accumulators (n8 chunks i and i + BN/16).
 // Opt-in for now (EUREKA_FAST_GEMM=wgmma, or EUREKA_FAST_WGMMA=1 for the automatic choice) until a GPU run has
-// validated it; compiled to an empty body for targets other than sm_90a and never launched there.
+// measured it; compiled to an empty body for targets other than sm_90a and never launched there.
 // ---------------------------------------------------------------------------------------------------------------
 namespace wg {
 constexpr int BM = 128, BK = 64, STAGES = 4, THREADS = 256;
@@ -417,54 +417,48 @@ __device__ __forceinline__ void wg_fence_operand(float& r) { asm volatile("" : "
 
 template <int N, typename T>
 __device__ __forceinline__ void wgmma_m64nk16(float (&d)[N / 2], uint64_t da, uint64_t db);
-template <>
-__device__ __forceinline__ void wgmma_m64nk16<128, __nv_bfloat16>(float (&d)[64], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "n"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nk16<128, __half>(float (&d)[64], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "n"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nk16<256, __nv_bfloat16>(float (&d)[128], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "n"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64nk16<256, __half>(float (&d)[128], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "n"(1));
-}
+
+// The specialisations are generated: wgmma takes its N / 2 fp32 accumulators as N / 2 separate "+f" operands
+// %0 .. %(N/2 - 1), followed by the two descriptors and the scale-d immediate.
+// EF_WG_REG(t, u) is the operand name "%tu" (t may be empty: "%u"); EF_WG_DECADE(t) names %t0 .. %t9.
+#define EF_WG_REG(t, u) "%" #t #u
+#define EF_WG_DECADE(t)                                                                                           \
+  EF_WG_REG(t, 0) ", " EF_WG_REG(t, 1) ", " EF_WG_REG(t, 2) ", " EF_WG_REG(t, 3) ", " EF_WG_REG(t, 4) ", "          \
+  EF_WG_REG(t, 5) ", " EF_WG_REG(t, 6) ", " EF_WG_REG(t, 7) ", " EF_WG_REG(t, 8) ", " EF_WG_REG(t, 9)
+// "%0, ..., %63" and "%0, ..., %127"
+#define EF_WG_REGS_64                                                                                             \
+  EF_WG_DECADE() ", " EF_WG_DECADE(1) ", " EF_WG_DECADE(2) ", " EF_WG_DECADE(3) ", " EF_WG_DECADE(4) ", "           \
+  EF_WG_DECADE(5) ", " EF_WG_REG(6, 0) ", " EF_WG_REG(6, 1) ", " EF_WG_REG(6, 2) ", " EF_WG_REG(6, 3)
+#define EF_WG_REGS_128                                                                                            \
+  EF_WG_DECADE() ", " EF_WG_DECADE(1) ", " EF_WG_DECADE(2) ", " EF_WG_DECADE(3) ", " EF_WG_DECADE(4) ", "           \
+  EF_WG_DECADE(5) ", " EF_WG_DECADE(6) ", " EF_WG_DECADE(7) ", " EF_WG_DECADE(8) ", " EF_WG_DECADE(9) ", "          \
+  EF_WG_DECADE(10) ", " EF_WG_DECADE(11) ", " EF_WG_REG(12, 0) ", " EF_WG_REG(12, 1) ", " EF_WG_REG(12, 2) ", "     \
+  EF_WG_REG(12, 3) ", " EF_WG_REG(12, 4) ", " EF_WG_REG(12, 5) ", " EF_WG_REG(12, 6) ", " EF_WG_REG(12, 7)
+// the accumulators d[i] .. d[i + 15] as "+f" operands, and all 64 / 128 of them
+#define EF_WG_ACC4(i) "+f"(d[(i)]), "+f"(d[(i) + 1]), "+f"(d[(i) + 2]), "+f"(d[(i) + 3])
+#define EF_WG_ACC16(i) EF_WG_ACC4(i), EF_WG_ACC4((i) + 4), EF_WG_ACC4((i) + 8), EF_WG_ACC4((i) + 12)
+#define EF_WG_ACC_64 EF_WG_ACC16(0), EF_WG_ACC16(16), EF_WG_ACC16(32), EF_WG_ACC16(48)
+#define EF_WG_ACC_128 EF_WG_ACC_64, EF_WG_ACC16(64), EF_WG_ACC16(80), EF_WG_ACC16(96), EF_WG_ACC16(112)
+// One specialisation: N output columns, C++ element type CT with PTX type name PTX_T; DA, DB, SCALE_D are the
+// operand numbers of the two descriptors and of the scale-d immediate (N / 2, N / 2 + 1, N / 2 + 2).
+#define EF_WGMMA_SPECIALISATION(N, CT, PTX_T, REGS, ACCS, DA, DB, SCALE_D)                                        \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_m64nk16<N, CT>(float(&d)[N / 2], uint64_t da, uint64_t db) {              \
+    asm volatile(                                                                                                 \
+        "{\n"                                                                                                     \
+        ".reg .pred p;\n"                                                                                         \
+        "setp.ne.b32 p, %" #SCALE_D ", 0;\n"                                                                      \
+        "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_T "." PTX_T " "                                     \
+        "{" REGS "}, %" #DA ", %" #DB ", p, 1, 1, 0, 0;\n"                                                        \
+        "}\n"                                                                                                     \
+        : ACCS                                                                                                    \
+        : "l"(da), "l"(db), "n"(1));                                                                              \
+  }
+
+EF_WGMMA_SPECIALISATION(128, __nv_bfloat16, "bf16", EF_WG_REGS_64, EF_WG_ACC_64, 64, 65, 66)
+EF_WGMMA_SPECIALISATION(128, __half, "f16", EF_WG_REGS_64, EF_WG_ACC_64, 64, 65, 66)
+EF_WGMMA_SPECIALISATION(256, __nv_bfloat16, "bf16", EF_WG_REGS_128, EF_WG_ACC_128, 128, 129, 130)
+EF_WGMMA_SPECIALISATION(256, __half, "f16", EF_WG_REGS_128, EF_WG_ACC_128, 128, 129, 130)
 #endif
 
 template <typename T, int BN, bool GATED, bool GATHER>

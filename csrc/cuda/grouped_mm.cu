@@ -1,13 +1,16 @@
-// grouped_mm, grouped_mm_backward and fused_experts on CUDA: host-side problem setup and kernel choice.
+// grouped_mm and grouped_mm_backward on CUDA: host-side problem setup and kernel choice (run_group_m is shared with
+// fused_experts.cu).
 //
-// Kernel choice (shapes only, never data): bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or
-// the weight-streaming kernel when there are few rows per expert (S <= 4 E, or S <= 16); everything else (fp32,
-// fp64, odd sizes, odd strides) takes the SIMT kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one path
-// where it applies (tests and benchmarks use it to cover every kernel on the same inputs); the Hopper wgmma kernel
-// is opt-in (EUREKA_FAST_WGMMA=1) until a GPU run has validated it.
+// Kernel choice (shapes only, never data), among the regimes the dispatch policy allows (gemm_regimes.h):
+// bf16/fp16 with 16-byte friendly shapes take the tensor-core kernel, or the weight-streaming kernel when there are
+// few rows per expert (S <= 4 E, or S <= 16); everything else (fp32, fp64, odd sizes, odd strides) takes the SIMT
+// kernel. EUREKA_FAST_GEMM=stream|tiled|wgmma|simt forces one allowed path where it applies (tests and benchmarks
+// use it to cover every kernel on the same inputs); the Hopper wgmma kernel is opt-in (EUREKA_FAST_WGMMA=1) until a
+// GPU run has measured it against the tiled kernel.
 #include <atomic>
 
 #include "gemm_kernels.cuh"
+#include "gemm_regimes.h"
 #include "ops.cuh"
 
 namespace eureka_fast {
@@ -64,8 +67,9 @@ void launch_wg(const GemmArgs& p, int64_t nout, int64_t tiles_m) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// ---- GROUP_M problems: forward (optionally gated / gathered) and dA ----
-// a_rows: number of logical rows S. B_e(n, kk) described by (b_es, b_sn, b_sk).
+}  // namespace
+
+// ---- GROUP_M problems: forward (optionally gated / gathered) and dA (declared in ops.cuh) ----
 void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div, int64_t S, const at::Tensor& w,
                  int64_t b_es, int64_t b_sn, int64_t b_sk, int64_t N, int64_t Kred, const at::Tensor& offsets, int E,
                  int act, at::Tensor& out, bool allow_stream) {
@@ -98,29 +102,33 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   const bool b_k = b_sk == 1 && vec_ok(w, {b_sn, b_es, Kred});
   const bool b_n = b_sn == 1 && vec_ok(w, {b_sk, b_es, N, gated ? N / 2 : 0});
   const int64_t tiles_m = ceil_div(S, tc::BM) + E;
-  const bool tc_ok = a_ok && (b_k || b_n) && tiles_m <= 65535;
-  const bool stream_ok = a_ok && b_k && std::min<int64_t>(E, S) <= 65535;
+  const bool tc_ok = a_ok && (b_k || b_n) && tiles_m <= 65535 && gemm_regime_allowed(kGemmTiled);
+  const bool stream_ok =
+      a_ok && b_k && std::min<int64_t>(E, S) <= 65535 && allow_stream && gemm_regime_allowed(kGemmStream);
+  const bool simt_ok = gemm_regime_allowed(kGemmSimt);
 
   const std::string force = env_choice("EUREKA_FAST_GEMM");
   // wgmma (sm_90a) forward kernel: opt-in until validated on a GPU (EUREKA_FAST_GEMM=wgmma or EUREKA_FAST_WGMMA=1)
   const bool wg_ok = a_ok && b_k && tiles_m <= 65535 && (force == "wgmma" || env_choice("EUREKA_FAST_WGMMA") == "1") &&
-                     wgmma_available();
+                     gemm_regime_allowed(kGemmWgmma) && wgmma_available();
   Path path;
-  if (force == "simt") {
+  if (force == "simt" && simt_ok) {
     path = Path::kSimt;
-  } else if (force == "stream" && stream_ok && allow_stream) {
+  } else if (force == "stream" && stream_ok) {
     path = Path::kStream;
   } else if (force == "tiled" && tc_ok) {
     path = Path::kTiled;
   } else if (force == "wgmma" && wg_ok) {
     path = Path::kWgmma;
-  } else if (stream_ok && allow_stream && (S <= 4 * static_cast<int64_t>(E) || S <= 16)) {
+  } else if (stream_ok && (S <= 4 * static_cast<int64_t>(E) || S <= 16)) {
     path = Path::kStream;
   } else if (wg_ok) {
     path = Path::kWgmma;
   } else if (tc_ok) {
     path = Path::kTiled;
   } else {
+    TORCH_CHECK(simt_ok, "grouped GEMM: none of the CUDA GEMM regimes allowed by the dispatch policy takes this ",
+                "problem (the SIMT fallback is not allowed); see EUREKA_FAST_CUDA_KERNELS");
     path = Path::kSimt;
   }
 
@@ -211,6 +219,8 @@ void run_group_m(const at::Tensor& a, const int64_t* gather, int64_t gather_div,
   });
 }
 
+namespace {
+
 // ---- GROUP_K problem (dW): out[e] [M, Nn] = sum over rows r of expert e of A(m, r) * B(n, r) ----
 void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows, const at::Tensor& b, int64_t b_sn,
                  int64_t b_sk, int64_t M, int64_t Nn, const at::Tensor& offsets, int E, at::Tensor& out) {
@@ -237,7 +247,8 @@ void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows
   const auto dt = a.scalar_type();
   const bool half = is_half_type(dt) && b.scalar_type() == dt && out.scalar_type() == dt;
   const bool tc_ok = half && a_sm == 1 && b_sn == 1 && vec_ok(a, {a_sk, M}) && vec_ok(b, {b_sk, Nn}) &&
-                     ceil_div(M, tc::BM) <= 65535 && E <= 65535 && env_choice("EUREKA_FAST_GEMM") != "simt";
+                     ceil_div(M, tc::BM) <= 65535 && E <= 65535 && gemm_regime_allowed(kGemmTiled) &&
+                     !(env_choice("EUREKA_FAST_GEMM") == "simt" && gemm_regime_allowed(kGemmSimt));
   if (tc_ok) {
     const dim3 grid(static_cast<unsigned>(ceil_div(Nn, tc::BN)), static_cast<unsigned>(ceil_div(M, tc::BM)),
                     static_cast<unsigned>(E));
@@ -245,6 +256,8 @@ void run_group_k(const at::Tensor& a, int64_t a_sm, int64_t a_sk, int64_t a_rows
     else launch_tc<__half, true, true, true, false, false>(p, grid);
     return;
   }
+  TORCH_CHECK(gemm_regime_allowed(kGemmSimt), "grouped_mm_backward: the weight gradient needs the tiled or the SIMT ",
+              "CUDA GEMM regime, and the dispatch policy allows neither for this problem; see EUREKA_FAST_CUDA_KERNELS");
   TORCH_CHECK(ceil_div(M, simt::BM) <= 65535 && E <= 65535, "grouped_mm_backward: problem too large for SIMT path");
   const dim3 grid(static_cast<unsigned>(ceil_div(Nn, simt::BN)), static_cast<unsigned>(ceil_div(M, simt::BM)),
                   static_cast<unsigned>(E));
@@ -265,7 +278,8 @@ void zero_uncovered_rows(at::Tensor& out, const at::Tensor& offsets, int E) {
   });
 }
 
-// The weight as B_e(n, kk) strides; non-unit inner strides on both sides -> contiguous copy.
+}  // namespace
+
 at::Tensor weight_view(const at::Tensor& w, int64_t& es, int64_t& sn, int64_t& sk) {
   at::Tensor ww = w;
   if (!(ww.stride(2) == 1 || ww.stride(1) == 1)) ww = ww.contiguous();
@@ -278,6 +292,8 @@ at::Tensor weight_view(const at::Tensor& w, int64_t& es, int64_t& sn, int64_t& s
   if (ww.size(0) == 1) es = 0;
   return ww;
 }
+
+namespace {
 
 void check_common(const at::Tensor& a, const at::Tensor& w, const at::Tensor& offsets, const char* op) {
   TORCH_CHECK(a.is_cuda() && w.is_cuda() && offsets.is_cuda(), op, ": a, w and offsets must be CUDA tensors");
@@ -366,60 +382,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   return {grad_a, grad_w};
 }
 
-at::Tensor fused_experts_cuda(const at::Tensor& x_in, const at::Tensor& w_gate_up_in, const at::Tensor& w_down_in,
-                              const at::Tensor& weights, const at::Tensor& ids, c10::string_view activation) {
-  TORCH_CHECK(x_in.dim() == 2, "fused_experts: x must be [T, H]");
-  TORCH_CHECK(w_gate_up_in.dim() == 3 && w_down_in.dim() == 3, "fused_experts: weights must be 3-D");
-  TORCH_CHECK(ids.dim() == 2 && weights.sizes() == ids.sizes(), "fused_experts: ids and weights must be [T, k]");
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const std::string act_s(activation);
-  const int act = parse_gated_activation(act_s, "fused_experts");
-  TORCH_CHECK(act != kActNone, "fused_experts: activation must be 'silu' or 'gelu'");
-  const int64_t T = x_in.size(0), H = x_in.size(1), E = w_gate_up_in.size(0), N1 = w_gate_up_in.size(1);
-  const int64_t k = ids.size(1), I = N1 / 2;
-  TORCH_CHECK(N1 % 2 == 0 && w_gate_up_in.size(2) == H, "fused_experts: w_gate_up must be [E, 2I, H]");
-  TORCH_CHECK(w_down_in.size(0) == E && w_down_in.size(1) == H && w_down_in.size(2) == I,
-              "fused_experts: w_down must be [E, H, I]");
-  TORCH_CHECK(ids.size(0) == T, "fused_experts: ids must have T rows");
-  TORCH_CHECK(k >= 1 && k <= E, "fused_experts: weights and ids must have between 1 and E = ", E,
-              " columns (top-k), got k = ", k);
-  if (T == 0 || H == 0) return at::zeros({T, H}, x_in.options());
-  const auto dt = x_in.scalar_type();
-  at::Tensor x = x_in.contiguous();
-  at::Tensor w1 = w_gate_up_in.scalar_type() == dt ? w_gate_up_in : w_gate_up_in.to(dt);
-  at::Tensor w2 = w_down_in.scalar_type() == dt ? w_down_in : w_down_in.to(dt);
-  auto plan = moe_plan_cuda(ids, E, 0);
-  const at::Tensor& offsets = std::get<1>(plan);
-  const at::Tensor& sorted_rows = std::get<3>(plan);
-  const at::Tensor& inverse_rows = std::get<4>(plan);
-  const int64_t S = T * k;
-  if (S == 0) return at::zeros({T, H}, x_in.options());
-  int64_t es1, sn1, sk1, es2, sn2, sk2;
-  w1 = weight_view(w1, es1, sn1, sk1);
-  w2 = weight_view(w2, es2, sn2, sk2);
-  // GEMM 1 with the token gather in its prologue and act(gate) * up in its epilogue: h [S, I]
-  at::Tensor h = at::empty({S, I}, x.options());
-  if (I > 0 && H > 0) {
-    run_group_m(x, sorted_rows.data_ptr<int64_t>(), k, S, w1, es1, sn1, sk1, N1, H, offsets, static_cast<int>(E), act,
-                h, true);
-  } else {
-    h.zero_();
-  }
-  // GEMM 2: y [S, H]
-  at::Tensor y = at::empty({S, H}, x.options());
-  if (I > 0) {
-    run_group_m(h, nullptr, 1, S, w2, es2, sn2, sk2, H, I, offsets, static_cast<int>(E), kActNone, y, true);
-  } else {
-    y.zero_();
-  }
-  // deterministic weighted combine (slot order, fp32)
-  return combine_cuda(y, inverse_rows, weights);
-}
-
 TORCH_LIBRARY_IMPL(eureka_fast, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_mm_backward", &grouped_mm_backward_cuda);
-  m.impl("fused_experts", &fused_experts_cuda);
 }
 
 }  // namespace cuda

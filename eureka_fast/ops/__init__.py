@@ -2,15 +2,18 @@
 
 Each op runs on the compiled kernels in ``eureka_fast._C`` (``torch.ops.eureka_fast.*``) when they are built and
 on the pure-PyTorch references in ``eureka_fast.ops.reference`` otherwise (with a one-time warning).
-``backend()`` says which. Pass ``use_reference=True`` to force the reference path.
+``backend()`` says which; ``backend_report(device)`` says, per op, which path runs and why (CUDA kernels run only
+where ``cuda_policy`` allows). Pass ``use_reference=True`` to force the reference path.
 
-Modules: ``registry`` (loading the extension, which kernels it has, the kernel-or-reference decision), ``moe``
+Modules: ``registry`` (loading the extension, which kernels it has, the kernel-or-reference decision), ``cuda_policy``
+(which CUDA kernel paths are validated on hardware or opted in), ``moe``
 (routing, plan, permute, combine, grouped GEMM, fused experts), ``stack_norm_project`` (the downsampler),
 ``attention``, ``rowwise`` and ``packed_linear`` (the Whisper encoder's kernels), ``mel`` (the log-mel front end's
 power -> mel step), ``reference`` (the pure-PyTorch references), ``checks`` and ``activations`` (shared by the ops).
 """
 from . import attention, mel, packed_linear, reference, registry, rowwise  # noqa: F401
 from .moe import MoEPlan, combine, fused_experts, grouped_mm, moe_aux_loss, moe_plan, permute, route_topk  # noqa: F401
+from .cuda_policy import backend_report  # noqa: F401
 from .registry import backend  # noqa: F401
 from .stack_norm_project import stack_norm_project  # noqa: F401
 

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import cuda_policy
+
 __all__ = ["load_extension", "backend", "has_kernel", "use_kernel", "cpu_kernel_runs", "on_load"]
 
 _EXT: Optional[bool] = None
@@ -39,11 +41,13 @@ def load_extension() -> bool:
             _EXT = True
             for register, kernel_ops in _ON_LOAD:
                 _loaded(register, kernel_ops)
+            cuda_policy.sync_extension()  # the CUDA GEMM regimes the validation policy allows
     return _EXT
 
 
 def backend() -> str:
-    """'compiled' when eureka_fast._C is loaded, else 'reference'."""
+    """'compiled' when eureka_fast._C is loaded, else 'reference'. Per op and device (CUDA kernels run only where
+    the validation policy allows them): ``ops.backend_report(device)``."""
     return "compiled" if load_extension() else "reference"
 
 
@@ -65,8 +69,11 @@ def has_kernel(op_name: str, device: torch.device) -> bool:
 
 
 def use_kernel(op_name: str, device: torch.device, use_reference: bool = False) -> bool:
-    """The decision each op makes for tensors on ``device``: True runs the compiled kernel, False the reference."""
-    return not use_reference and load_extension() and has_kernel(op_name, device)
+    """The decision each op makes for tensors on ``device``: True runs the compiled kernel, False the reference.
+    CUDA kernels run only where the validation policy (``cuda_policy``) allows them."""
+    if use_reference or not load_extension() or not has_kernel(op_name, device):
+        return False
+    return device.type != "cuda" or cuda_policy.kernel_allowed(op_name)
 
 
 def cpu_kernel_runs(op_name: str, x: torch.Tensor) -> bool:

@@ -34,6 +34,16 @@ if not _has_cuda_kernels():  # skip at module level: no 1600-case collection on 
 
 pytestmark = [pytest.mark.cuda]
 
+
+@pytest.fixture(autouse=True)
+def _every_cuda_kernel_path():
+    """These tests are of the kernels themselves: every GEMM regime may run, whatever the validation policy."""
+    from eureka_fast.ops import cuda_policy
+
+    cuda_policy.configure("all")
+    yield
+    cuda_policy.configure()
+
 ops = torch.ops.eureka_fast
 DEV = "cuda"
 PATHS = ["auto", "stream", "tiled", "wgmma", "simt"]  # wgmma falls back to auto where it does not apply

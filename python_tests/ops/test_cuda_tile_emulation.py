@@ -437,7 +437,7 @@ def test_wgmma_forward_tile_math(bn, gated, gather):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# moe_plan (csrc/cuda/plan.cu): warp histogram, per-warp prefix, warp scan of offsets, stable warp scatter with
+# moe_plan (csrc/cuda/moe_plan.cu): warp histogram, per-warp prefix, warp scan of offsets, stable warp scatter with
 # __match_any_sync ranks. Both launch paths (one block; three launches over chunks) are replayed warp by warp.
 # ---------------------------------------------------------------------------------------------------------------
 def warp_scatter(ids, r0, r1, E, cursor, sorted_rows, inverse_rows):

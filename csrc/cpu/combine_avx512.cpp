@@ -1,5 +1,5 @@
 // AVX-512 copy of the weighted combine of each token's k expert rows (combine and fused_experts' last step).
-// Compiled with a target attribute and called only when cpu_isa() == CpuIsa::Avx512 (plan.cpp dispatches).
+// Compiled with a target attribute and called only when cpu_isa() == CpuIsa::Avx512 (permute_combine.cpp dispatches).
 // (Streaming stores for large permute outputs were tried: no faster, the fresh output's pages are just zeroed.)
 #include <cstdint>
 

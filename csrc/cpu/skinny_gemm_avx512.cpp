@@ -1,6 +1,6 @@
 // AVX-512 copy of the few-rows GEMM C[m, n] = A[m, K] * B[n, K]^T (the weight-streaming regime of grouped_mm:
 // a handful of token rows per expert, every weight row read from memory once). Compiled with a target attribute
-// and chosen at run time (activations.cpp, skinny_gemm_abt), so the library still runs on CPUs without AVX-512.
+// and chosen at run time (skinny_gemm.cpp, skinny_gemm_abt), so the library still runs on CPUs without AVX-512.
 // Self-contained (no ATen) so a stand-alone micro-benchmark can include it.
 #include <algorithm>
 #include <cstdint>
