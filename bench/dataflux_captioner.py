@@ -40,12 +40,12 @@ def main(argv=None):
 
     from eureka_fast.dataflux.asr import get_asr, word_error_rate
     from eureka_fast.dataflux.captioner import analyse
-    from eureka_fast.dataflux.synthetic import labelled_grid, write_clips
+    from eureka_fast.dataflux.synthetic import KnownTextASR, labelled_grid, write_clips
 
     t = time.perf_counter()
     clips = labelled_grid(limit=args.limit)
     gen_s = time.perf_counter() - t
-    asr = KnownText(clips) if args.asr == "known" else get_asr(args.asr)
+    asr = KnownTextASR(clips) if args.asr == "known" else get_asr(args.asr)
     asr.transcribe(clips[0].audio)  # warm-up (model load) outside the timing
     correct = defaultdict(list)
     by_cond = defaultdict(lambda: defaultdict(list))
@@ -109,33 +109,16 @@ def main(argv=None):
     return 0
 
 
-class KnownText:
-    """`--asr known`: the clip's known text as the transcript (signal analysis alone, no ASR model)."""
-
-    name = "known-text"
-
-    def __init__(self, clips):
-        self.by_len = {c.audio.size: c.text for c in clips}
-
-    def transcribe(self, audio):
-        return self.by_len[audio.size]
-
-
 def answerer_gender(clips):
-    """Gender accuracy of built-in answerers a and b (their own measurements), transcript = the known text."""
+    """Gender accuracy of built-in answerers a and b (their own measurements, no transcript)."""
     from eureka_fast.dataflux.builtin_roles import MeasuringAnswerer
-
-    class KnownText:
-        name, text = "known-text", ""
-
-        def transcribe(self, audio):
-            return self.text
+    from eureka_fast.dataflux.synthetic import KnownTextASR
 
     class Ctx:
         def __init__(self, audio):
             self.audio, self.cache = audio, {}
 
-    asr = KnownText()
+    asr = KnownTextASR()  # transcript "": the answerers measure the signal alone
     out = {}
     for method in ("a", "b"):
         ans = MeasuringAnswerer(method, asr, [])

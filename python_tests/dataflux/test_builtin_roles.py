@@ -10,20 +10,11 @@ from eureka_fast.dataflux.captioner import BuiltinCaptioner
 from eureka_fast.dataflux.pipeline import Settings, process_clip
 from eureka_fast.dataflux.roles import BuiltinGeneratorRole, BuiltinJudgeRole, ClipContext, Roles
 from eureka_fast.dataflux.schemas import LETTERS, format_question, parse_question, parse_trace, validate_generator_output
+from eureka_fast.dataflux.synthetic import KnownTextASR
 from eureka_fast.dataflux.taxonomy import load_taxonomy
 
 TAX = load_taxonomy()
 CAT = {c.id: c for c in TAX}
-
-
-class KnownText:
-    name = "known-text"
-
-    def __init__(self, clips):
-        self.by_len = {c.audio.size: c.text for c in clips}
-
-    def transcribe(self, audio):
-        return self.by_len.get(audio.size, "")
 
 
 FACTS = {"has_speech": True, "gender": "female", "pitch_level": "high", "speaking_rate": "normal",
@@ -97,7 +88,7 @@ def test_rule_judge_weak_match_near_threshold():
 
 def test_answerers_measure_labelled_clips(small_clips):
     clips, _, _ = small_clips
-    asr = KnownText(clips)
+    asr = KnownTextASR(clips)
     answerers = [MeasuringAnswerer(m, asr, TAX) for m in ("a", "b")]
     hits = Counter()
     clips = [clips[i] for i in (0, 3, 5, 6)]  # both genders, clean / 5 dB / 5 dB / 30 dB
@@ -120,7 +111,7 @@ def test_answerers_measure_labelled_clips(small_clips):
 
 def test_closed_loop_builtin_roles(small_clips):
     clips, paths, _ = small_clips
-    asr = KnownText(clips)
+    asr = KnownTextASR(clips)
 
     class Cap:
         name = "builtin-captioner+known-text"
@@ -152,7 +143,7 @@ def test_closed_loop_builtin_roles(small_clips):
 def test_role_bugs_are_recorded_not_fatal(small_clips):
     """An exception inside a role (not a backend error) costs only the affected items, each with a reason."""
     clips, paths, _ = small_clips
-    asr = KnownText(clips)
+    asr = KnownTextASR(clips)
 
     class Cap:
         name = "cap"

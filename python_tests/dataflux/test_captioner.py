@@ -15,22 +15,10 @@ from eureka_fast.dataflux.captioner import BuiltinCaptioner, analyse
 ATTRS = ("gender", "pitch_level", "speaking_rate", "noise")
 
 
-class KnownText:
-    """Stands in for ASR with the clip's known text, so these tests measure the signal analysis alone (fast)."""
-
-    name = "known-text"
-
-    def __init__(self, clips):
-        self.by_len = {c.audio.size: c.text for c in clips}
-
-    def transcribe(self, audio):
-        return self.by_len[audio.size]
-
-
 @pytest.fixture(scope="module")
 def captions(small_clips):
     clips, _, _ = small_clips
-    cap = BuiltinCaptioner(KnownText(clips))
+    cap = BuiltinCaptioner(synthetic.KnownTextASR(clips))
     return [(c, *cap.caption(c.audio)) for c in clips]
 
 
