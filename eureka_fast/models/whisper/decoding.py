@@ -274,6 +274,34 @@ class WhisperModel(nn.Module):
         begin_suppress[[i for i in tokenizer.suppress_begin if 0 <= i < self.dims.n_vocab]] = True
         return suppress, begin_suppress
 
+    def _decode_start(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None):
+        """What every batched decode starts from: the tokenizer, the token budget, a fresh KV cache over the windows,
+        the prompt repeated per row, and the (suppress, begin_suppress) logit masks."""
+        tokenizer = self._require_tokenizer()
+        device = audio_features.device
+        tokens = torch.tensor([prompt] * audio_features.shape[0], dtype=torch.long, device=device)
+        return (tokenizer, self._token_budget(prompt, max_new_tokens), self.decoder.new_cache(audio_features), tokens,
+                self._suppress_masks(device))
+
+    @staticmethod
+    def _accept_token(row: int, token: int, logprob: float, eot: int, outputs: list[list[int]], sums: list[float],
+                      stops: list[str], repetition: tuple[int, int] | None) -> bool:
+        """Adds one decoded token to `row`'s output (its log-probability to the row's sum); False when the row ends
+        here: the end token, or an n-gram loop that `repetition` cuts back to one copy."""
+        sums[row] += logprob
+        if token == eot:
+            stops[row] = "eot"
+            return False
+        outputs[row].append(token)
+        if repetition is not None:
+            loop = repeated_suffix(outputs[row], *repetition)
+            if loop is not None:
+                period, copies = loop
+                del outputs[row][len(outputs[row]) - (copies - 1) * period:]
+                stops[row] = "repetition"
+                return False
+        return True
+
     @torch.inference_mode()
     def sample_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None,
                       temperature: float = 0.0, generator: torch.Generator | None = None,
@@ -282,13 +310,9 @@ class WhisperModel(nn.Module):
 
         Returns per item (new ids, sum of token log-probabilities including the end token, stop reason).
         `repetition` = (min_repeats, min_tokens) enables the n-gram loop stop (see `repeated_suffix`)."""
-        tokenizer = self._require_tokenizer()
-        device = audio_features.device
-        batch = audio_features.shape[0]
-        budget = self._token_budget(prompt, max_new_tokens)
-        cache = self.decoder.new_cache(audio_features)
-        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
-        suppress, begin_suppress = self._suppress_masks(device)
+        tokenizer, budget, cache, tokens, (suppress, begin_suppress) = self._decode_start(audio_features, prompt,
+                                                                                         max_new_tokens)
+        device, batch = audio_features.device, audio_features.shape[0]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
         stops = ["length"] * batch
@@ -303,19 +327,9 @@ class WhisperModel(nn.Module):
                 next_ids = logits.argmax(-1)
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].tolist()
             for b, token in enumerate(next_ids.tolist()):
-                if finished[b]:
-                    continue
-                sums[b] += logprobs[b]
-                if token == tokenizer.eot:
-                    finished[b], stops[b] = True, "eot"
-                    continue
-                outputs[b].append(token)
-                if repetition is not None:
-                    loop = repeated_suffix(outputs[b], *repetition)
-                    if loop is not None:
-                        period, copies = loop
-                        del outputs[b][len(outputs[b]) - (copies - 1) * period:]
-                        finished[b], stops[b] = True, "repetition"
+                if not finished[b]:
+                    finished[b] = not self._accept_token(b, token, logprobs[b], tokenizer.eot, outputs, sums, stops,
+                                                         repetition)
             if all(finished):
                 break
             tokens = torch.where(torch.tensor(finished, device=device), torch.full_like(next_ids, tokenizer.eot),
@@ -564,13 +578,9 @@ class WhisperModel(nn.Module):
         """Greedy decoding of a batch of windows whose rows leave the batch as they finish: each step runs only the
         unfinished rows, their self-attention caches and cross-attention k/v selected down with them. Per row the
         same steps, suppression and stop rules as `sample_decode` at temperature 0."""
-        tokenizer = self._require_tokenizer()
-        device = audio_features.device
-        batch = audio_features.shape[0]
-        budget = self._token_budget(prompt, max_new_tokens)
-        cache = self.decoder.new_cache(audio_features)
-        tokens = torch.tensor([prompt] * batch, dtype=torch.long, device=device)
-        suppress, begin_suppress = self._suppress_masks(device)
+        tokenizer, budget, cache, tokens, (suppress, begin_suppress) = self._decode_start(audio_features, prompt,
+                                                                                         max_new_tokens)
+        device, batch = audio_features.device, audio_features.shape[0]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
         stops = ["length"] * batch
@@ -582,19 +592,8 @@ class WhisperModel(nn.Module):
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].tolist()
             keep = []
             for position, (row, token) in enumerate(zip(active, next_ids.tolist())):
-                sums[row] += logprobs[position]
-                if token == tokenizer.eot:
-                    stops[row] = "eot"
-                    continue
-                outputs[row].append(token)
-                if repetition is not None:
-                    loop = repeated_suffix(outputs[row], *repetition)
-                    if loop is not None:
-                        period, copies = loop
-                        del outputs[row][len(outputs[row]) - (copies - 1) * period:]
-                        stops[row] = "repetition"
-                        continue
-                keep.append(position)
+                if self._accept_token(row, token, logprobs[position], tokenizer.eot, outputs, sums, stops, repetition):
+                    keep.append(position)
             if not keep:
                 break
             if len(keep) < len(active):
