@@ -518,3 +518,26 @@ def read_corpus(corpus_dir: str) -> list[dict]:
             row["audio_path"] = os.path.normpath(audio if os.path.isabs(audio) else os.path.join(corpus_dir, audio))
             rows.append(row)
     return rows
+
+
+def _main(argv=None) -> int:
+    """python -m eureka_fast.recipe.corpus OUT [--quick] [--seed N] [--workers N]: build the corpus alone."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m eureka_fast.recipe.corpus", description=_main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("--quick", action="store_true", help="toy size (24 train, 12 held-out clips)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    args = p.parse_args(argv)
+    try:
+        summary = build_corpus(args.out_dir, quick=args.quick, seed=args.seed, workers=args.workers)
+    except (CorpusError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -285,10 +285,9 @@ def build_manifests(corpus_dir: str, dataflux_dir: str, out_dir: str, *, seed: i
     align, joint, sft and, when the corpus has a held-out split, eval_asr, eval_mc and eval_caption. seed orders the
     records and shuffles the eval question options. reasoning: sft question targets are DataFlux's answer traces
     instead of the option letter and text."""
-    from ..dataflux.taxonomy import load_taxonomy
-    from ..inference import task_messages
-
     _, captions, kept, run_config = _open_dataflux(dataflux_dir)
+    from ..dataflux.taxonomy import load_taxonomy
+    from ..inference import task_messages  # the official prompts (imports torch: after the cheap checks)
     corpus_file = os.path.join(corpus_dir, "corpus.jsonl")
     rows = read_corpus(corpus_dir) if os.path.exists(corpus_file) else None
     os.makedirs(out_dir, exist_ok=True)
