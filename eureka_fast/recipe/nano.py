@@ -393,7 +393,8 @@ def run_evaluation(layout: Layout, manifests: dict, *, quick: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = EurekaAudioForCausalLM.from_pretrained(layout.model, dtype=torch.float32).to(device).eval()
     processor = EurekaAudioProcessor.from_pretrained(layout.model)
-    install_encoder_cache(model, layout.encoder_cache)  # the encoder is frozen: held-out clips are encoded once
+    model.audio_encoder.requires_grad_(False)  # evaluation trains nothing; frozen, its outputs can be cached
+    install_encoder_cache(model, layout.encoder_cache)  # held-out clips are encoded once for every run in DIR
     meter = RouterLoadMeter(model.adapter) if hasattr(model.adapter, "num_experts") else None
     limit = QUICK_EVAL_LIMIT if quick else None
     os.makedirs(layout.eval, exist_ok=True)

@@ -78,7 +78,7 @@ def write_run_report(layout, data_state: dict, state: dict) -> dict:
     evaluation = read_json(os.path.join(layout.eval, "metrics.json"))
     metrics = evaluation["metrics"]
     flat = flatten(metrics)
-    targets = [{"metric": key, "what": what, "target": f"{op} {threshold:g}", "value": flat.get(key),
+    targets = [{"metric": key, "what": what, "target": f"{op} {100 * threshold:g}%", "value": flat.get(key),
                 "met": _met(flat.get(key), op, threshold)} for key, op, threshold, what in TARGETS]
     steps = {s: {"seconds": data_state["steps"][s]["seconds"], "shared": True,
                  "load_avg_1min": data_state["steps"][s].get("load_avg_1min")} for s in DATA_STEPS
