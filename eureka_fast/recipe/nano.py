@@ -33,14 +33,9 @@ DATA_SEED = 0
 STATE_VERSION = 1
 
 # --quick: every step at toy size, to check the wiring in a few minutes (what the tests and CI run).
-QUICK_OVERRIDES = {
-    "align": ["train.max_steps=4", "train.micro_batch_size=4", "optim.warmup_steps=1", "output.save_every=0",
-              "output.log_every=1"],
-    "joint": ["train.max_steps=4", "train.micro_batch_size=4", "optim.warmup_steps=1", "output.save_every=0",
-              "output.log_every=1"],
-    "sft": ["train.max_steps=6", "train.micro_batch_size=4", "optim.warmup_steps=1", "output.save_every=0",
-            "output.log_every=1"],
-}
+_QUICK_COMMON = ["train.micro_batch_size=4", "optim.warmup_steps=1", "output.save_every=0", "output.log_every=1"]
+QUICK_OVERRIDES = {"align": ["train.max_steps=3", *_QUICK_COMMON], "joint": ["train.max_steps=3", *_QUICK_COMMON],
+                   "sft": ["train.max_steps=4", *_QUICK_COMMON]}
 # Evaluation: greedy decoding; longest answer per set, in tokens.
 EVAL_MAX_NEW_TOKENS = {"eval_asr": 48, "eval_mc": 8, "eval_caption": 64}
 EVAL_BATCH = 16

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    # one intra-op thread per process, as the other command tests: on a shared 2-core machine more only contend
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("EUREKA_AUDIO_DEBUG", None)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
