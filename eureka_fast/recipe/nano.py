@@ -199,10 +199,13 @@ _DATA_STEP_FUNCS = {"corpus": _corpus_step, "dataflux": _dataflux_step, "manifes
 
 
 # ---------------------------------------------------------------------------------------------------- training --
-def stage_overrides(layout: Layout, stage: str, manifest: str, *, adapter: str, seed: int, quick: bool) -> list[str]:
+def stage_overrides(layout: Layout, stage: str, manifests: dict, *, adapter: str, seed: int,
+                    quick: bool) -> list[str]:
     """The `--set` overrides the recipe adds to the bundled stage config (the rest is the YAML as shipped)."""
-    out = [f"data.train.0.path={_quoted(manifest)}", f"output.dir={_quoted(layout.stage_dir(stage))}",
+    out = [f"data.train.0.path={_quoted(manifests[stage])}", f"output.dir={_quoted(layout.stage_dir(stage))}",
            f"train.seed={seed}", f"train.encoder_cache_dir={_quoted(layout.encoder_cache)}"]
+    if stage == "sft":  # sft.yaml's second source: the ASR records again, for the paper's ASR-heavy SFT mix
+        out.append(f"data.train.1.path={_quoted(manifests['align'])}")
     if stage == "align":
         out.append(f"model.overrides.adapter_config.adapter_type={adapter}")
     else:
@@ -266,7 +269,7 @@ def run_stage(layout: Layout, stage: str, manifests: dict, *, adapter: str, seed
     from ..train.trainer import run_training
 
     cfg = load_config(stage_config_path(stage),
-                      stage_overrides(layout, stage, manifests[stage], adapter=adapter, seed=seed, quick=quick))
+                      stage_overrides(layout, stage, manifests, adapter=adapter, seed=seed, quick=quick))
     resume = "auto" if ckpt.latest_checkpoint(cfg.output.dir) else None
     if resume is None and os.path.exists(os.path.join(cfg.output.dir, "metrics.jsonl")):
         os.remove(os.path.join(cfg.output.dir, "metrics.jsonl"))  # a stage restarted from step 0 logs afresh
