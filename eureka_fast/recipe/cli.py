@@ -116,8 +116,9 @@ def add_subcommand(subparsers) -> None:
     nano.add_argument("--workers", type=_positive, default=max(1, min(4, os.cpu_count() or 1)),
                       help="processes for the corpus synthesis and the DataFlux signal analysis (default: the "
                            "cores, at most 4)")
-    # Stops cleanly after the named step (for tests of resuming); the same command without it continues.
-    nano.add_argument("--stop-after", choices=STEPS, help=argparse.SUPPRESS)
+    nano.add_argument("--stop-after", choices=STEPS, metavar="STEP",
+                      help="stop cleanly after this step (one of: " + ", ".join(STEPS) + "); the same command "
+                           "without it continues, e.g. --stop-after manifests builds only the shared data")
     nano.set_defaults(func=run_nano_command)
 
     report = sub.add_parser("report", help="aggregate every run of a recipe directory: mean and spread per "
