@@ -24,15 +24,18 @@ Audio paths in the manifests are relative to the manifest directory, so the whol
 file is read back with the trainer's reader before it is returned; a record it would skip is an error. summary.json
 in out_dir counts the records and how often DataFlux's facts agree with the corpus labels.
 
-From a folder of my wavs to manifests. Put the files under MY/audio/train/ (and held-out ones under
-MY/audio/heldout/), and write MY/corpus.jsonl with one row per file: {"id", "audio": "audio/train/x.wav" (relative
-to MY), "split": "train" | "heldout", "text": the transcript}, plus optionally the labels "gender" (male | female),
-"pitch_level" (low | medium | high), "speaking_rate" (slow | normal | fast) and "noise" (clean | noisy) for the
-held-out checks. Then `run_dataflux("MY", "MY/dataflux")` (or `eureka-audio dataflux run --audio-dir MY/audio/train
---out MY/dataflux --config dataflux.yaml` with a copy of the recipe's dataflux.yaml, edited at will) and
-`build_manifests("MY", "MY/dataflux", "MY/manifests")`. Without a corpus.jsonl, every file DataFlux captioned is a
-training clip and its ASR target is DataFlux's transcript where the second recogniser confirmed it (clips whose
-transcript is unconfirmed get captions and questions but no ASR record); no eval manifests are written then.
+From a folder of my wavs to manifests. Put the files under MY/audio/train/ (held-out ones under MY/audio/heldout/)
+and write MY/corpus.jsonl, one row per file: {"id", "audio": "audio/train/x.wav" (relative to MY), "split": "train" |
+"heldout", "text": the transcript}, optionally with the labels "gender" (male | female), "pitch_level" (low | medium
+| high), "speaking_rate" (slow | normal | fast) and "noise" (clean | noisy) for the held-out checks. Copy
+eureka_fast/recipe/nano/dataflux.yaml, edit it (categories, rounds; any role can be an OpenAI-compatible model
+server), and run DataFlux over the training audio: `eureka-audio dataflux run --audio-dir MY/audio/train --out
+MY/dataflux --config my_dataflux.yaml`, or `run_dataflux("MY", "MY/dataflux", config="my_dataflux.yaml")`. Then
+`python -m eureka_fast.recipe.manifests MY MY/dataflux MY/manifests` (or `build_manifests("MY", "MY/dataflux",
+"MY/manifests")`) writes align, joint, sft and, with a held-out split, the eval manifests. Without a corpus.jsonl,
+every file DataFlux captioned is a training clip, its ASR target is DataFlux's transcript where the second recogniser
+confirmed it (a clip with an unconfirmed transcript gets captions and questions but no ASR record), and no eval
+manifests are written.
 """
 from __future__ import annotations
 
@@ -282,13 +285,12 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 def build_manifests(corpus_dir: str, dataflux_dir: str, out_dir: str, *, seed: int = 0,
                     reasoning: bool = False) -> dict[str, str]:
     """Write the training and evaluation manifests (module docstring) into out_dir and return {name: path} for
-    align, joint, sft and, when the corpus has a held-out split, eval_asr, eval_mc and eval_caption. seed orders the
-    records and shuffles the eval question options. reasoning: sft question targets are DataFlux's answer traces
-    instead of the option letter and text."""
-    from ..dataflux.taxonomy import load_taxonomy
-    from ..inference import task_messages
-
+    align, joint, sft and, when the corpus has a held-out split, eval_asr, eval_caption and (for clips with labels)
+    eval_mc. seed orders the records and shuffles the eval question options. reasoning: sft question targets are
+    DataFlux's answer traces instead of the option letter and text."""
     _, captions, kept, run_config = _open_dataflux(dataflux_dir)
+    from ..dataflux.taxonomy import load_taxonomy
+    from ..inference import task_messages  # the official prompts (imports torch: after the cheap checks)
     corpus_file = os.path.join(corpus_dir, "corpus.jsonl")
     rows = read_corpus(corpus_dir) if os.path.exists(corpus_file) else None
     os.makedirs(out_dir, exist_ok=True)
@@ -362,13 +364,15 @@ def build_manifests(corpus_dir: str, dataflux_dir: str, out_dir: str, *, seed: i
             for r in heldout]
     paths = {}
     for name, records in manifests.items():
+        if not records and name.startswith("eval_"):
+            continue  # e.g. eval_mc of a held-out split without labels
         if not records:
             raise ManifestError(f"the {name} manifest would be empty (inputs: {corpus_dir}, {dataflux_dir})")
         path = os.path.join(out_abs, f"{name}.jsonl")
         _write_jsonl(path, records)
         _check_readable(path, len(records))
         paths[name] = path
-    summary = {"records": {name: len(recs) for name, recs in manifests.items()},
+    summary = {"records": {name: len(recs) for name, recs in manifests.items() if name in paths},
                "dataflux_questions": len(questions), "captions": len(captions_out), "asr": len(asr),
                "dataflux_vs_labels": {a: {**v, "share": round(v["agree"] / v["compared"], 3) if v["compared"]
                                           else None} for a, v in agreement.items()},

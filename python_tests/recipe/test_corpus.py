@@ -175,3 +175,19 @@ def test_corpus_rows_are_json_lines(corpus):
     keys = {"id", "audio", "split", "text", "voice", "variant", "gender", "pitch_level", "speaking_rate", "noise",
             "snr_db", "espeak_pitch", "espeak_speed_wpm", "duration_s"}
     assert all(keys <= set(r) for r in rows)
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "c"
+    proc = subprocess.run([sys.executable, "-m", "eureka_fast.recipe.corpus", str(out), "--quick", "--workers", "0"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: workers must be at least 1, got 0"
+    assert not (out / "corpus.jsonl").exists()
+    proc = subprocess.run([sys.executable, "-m", "eureka_fast.recipe.manifests", str(out), str(tmp_path / "none"),
+                           str(tmp_path / "m")], capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 1 and "no DataFlux run there" in proc.stderr and "Traceback" not in proc.stderr

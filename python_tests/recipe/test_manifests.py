@@ -237,3 +237,39 @@ def test_manifests_refuse_foreign_or_unfinished_dataflux_output(recipe_data, tmp
     shutil.copytree(recipe_data["corpus"], other)
     with pytest.raises(ManifestError, match="not training clips"):
         build_manifests(other, recipe_data["flux"], str(tmp_path / "m3"))
+
+
+@needs_espeak
+@pytest.mark.slow
+def test_a_folder_of_wavs_without_corpus_file_or_labels(recipe_data, tmp_path):
+    """The user path: no corpus.jsonl -> DataFlux's captioned clips train, with confirmed transcripts as ASR
+    targets and no eval manifests; a corpus.jsonl without labels -> eval manifests without eval_mc."""
+    from eureka_fast.recipe.manifests import build_manifests
+    from eureka_fast.train.data import SkipCounter, read_manifest
+
+    paths = build_manifests(str(tmp_path / "no-corpus-here"), recipe_data["flux"], str(tmp_path / "m1"))
+    assert set(paths) == {"align", "joint", "sft"}
+    with open(os.path.join(recipe_data["flux"], "captions.jsonl"), encoding="utf-8") as fh:
+        captions = [json.loads(line) for line in fh]
+    confirmed = {os.path.realpath(c["audio"]): c["facts"]["transcript"] for c in captions
+                 if c["facts"].get("transcript_check", {}).get("verified")}
+    skips = SkipCounter()
+    align = read_manifest(paths["align"], skips)
+    assert skips.total == 0 and len(align) == len(confirmed) > 0
+    for rec in align:
+        assert rec.answer == confirmed[os.path.realpath(rec.audio[0])]
+    assert len([r for r in _read(paths["joint"]) if r["task"] == "caption"]) == len(captions)
+
+    bare = tmp_path / "bare"
+    (bare / "audio").mkdir(parents=True)
+    rows = list(_corpus_rows(recipe_data["corpus"]).values())
+    import shutil
+
+    shutil.copytree(os.path.join(recipe_data["corpus"], "audio", "heldout"), bare / "audio" / "heldout")
+    with open(bare / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for r in rows:
+            audio = r["audio"] if r["split"] == "heldout" else r["audio_path"]  # train clips: where DataFlux saw them
+            fh.write(json.dumps({"id": r["id"], "audio": audio, "split": r["split"], "text": r["text"]}) + "\n")
+    paths = build_manifests(str(bare), recipe_data["flux"], str(tmp_path / "m2"))
+    assert set(paths) == {"align", "joint", "sft", "eval_asr", "eval_caption"}
+    assert all(r["labels"] == {} for r in _read(paths["eval_caption"]))
