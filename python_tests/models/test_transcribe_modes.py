@@ -73,16 +73,16 @@ def pooled_wer(references, hypotheses):
 
 
 def test_trimmed_frames():
-    # the audio's frames plus 2 s of padding, in whole seconds, at most the 30 s window
-    assert trimmed_frames(1) == 300
-    assert trimmed_frames(16000 * 3) == 500
-    assert trimmed_frames(16000 * 3 + 1) == 600
-    assert trimmed_frames(16000 * 5 - 160 * 30) == 700  # 470 frames + 200 -> 700
-    assert trimmed_frames(16000 * 28) == 3000
+    # the audio's frames plus 3 s of padding, in whole seconds, at most the 30 s window
+    assert trimmed_frames(1) == 400
+    assert trimmed_frames(16000 * 3) == 600
+    assert trimmed_frames(16000 * 3 + 1) == 700
+    assert trimmed_frames(16000 * 5 - 160 * 30) == 800  # 470 frames + 300 -> 800
+    assert trimmed_frames(16000 * 27) == 3000
     assert trimmed_frames(16000 * 30) == 3000
-    for samples in (1, 999, 16000, 47999, 96001, 16000 * 27):
+    for samples in (1, 999, 16000, 47999, 96001, 16000 * 26):
         frames = trimmed_frames(samples)
-        assert frames % 100 == 0 and frames * 160 >= samples + 32000 and frames - 100 < -(-samples // 160) + 200
+        assert frames % 100 == 0 and frames * 160 >= samples + 48000 and frames - 100 < -(-samples // 160) + 300
 
 
 @pytest.mark.parametrize("seconds", [0.3, 3.0, 4.77, 12.5, 29.0])
@@ -174,7 +174,7 @@ def test_trimmed_windows_of_a_long_clip():
 
     samples = SAMPLES_PER_WINDOW * 2 + 16000 * 4
     pieces = [min(SAMPLES_PER_WINDOW, samples - start) for start in range(0, samples, SAMPLES_PER_WINDOW)]
-    assert [trimmed_frames(n) for n in pieces] == [3000, 3000, 600]
+    assert [trimmed_frames(n) for n in pieces] == [3000, 3000, 700]
 
 
 @needs_tiny

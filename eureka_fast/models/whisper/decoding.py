@@ -26,7 +26,8 @@ __all__ = ["WhisperDecoder", "WhisperModel", "WhisperTokenizer", "WindowDecoding
 WINDOW_MODES = ("full", "trimmed")
 COMPUTE_TYPES = ("float32", "int8")
 TRIM_STEP_FRAMES = 100  # a trimmed window is a whole number of seconds of mel frames (100 per second)...
-TRIM_MARGIN_FRAMES = 200  # ...with at least 2 s of Whisper's silence padding after the audio (1 s loses words)
+TRIM_MARGIN_FRAMES = 300  # ...with at least 3 s of Whisper's silence padding (with 1-2 s tiny.en dropped words
+# or said a sentence twice)
 
 
 def trimmed_frames(samples: int) -> int:
@@ -40,7 +41,7 @@ def trimmed_frames(samples: int) -> int:
 
 def _trimmed_log_mel(waveform, n_mels: int, frames: int) -> Tensor:
     """The first `frames` columns of log_mel(waveform, mode="whisper") without computing the other 30 s: the
-    waveform zero-padded to frames * 160 samples gives the same STFT frames (trimmed_frames leaves >= 2 s of zeros
+    waveform zero-padded to frames * 160 samples gives the same STFT frames (trimmed_frames leaves >= 3 s of zeros
     after the audio, so the reflect padding at the end reflects zeros too) and the same max for the dynamic-range
     clamp (the dropped frames are all at the log floor)."""
     from ...audio import FRAMES_PER_WINDOW, HOP_LENGTH, log_mel
@@ -748,8 +749,8 @@ class WhisperModel(nn.Module):
 
         Speed options (the same for one clip and a list; docs/audio.md#transcription compares them):
         - `window="full"` (default) encodes every window as 30 s, as Whisper was trained and openai-whisper /
-          faster-whisper run it. "trimmed" encodes a window only as far as its audio plus 2-3 s of Whisper's silence
-          padding (trimmed_frames: whole seconds, at most 30 s): a 3-6 s clip is encoded as 5-8 s instead of 30 s.
+          faster-whisper run it. "trimmed" encodes a window only as far as its audio plus 3-4 s of Whisper's silence
+          padding (trimmed_frames: whole seconds, at most 30 s): a 3-6 s clip is encoded as 6-9 s instead of 30 s.
           The model then attends to fewer padding frames than in training, so transcripts can differ from the full
           window's; a list's windows are batched longest first.
         - `compute_type="int8"` runs the encoder layers' and decoder's projections (and the decoder's output
