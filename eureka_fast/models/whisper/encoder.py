@@ -9,7 +9,7 @@ MLP hidden in per-thread scratch buffers. Inputs shorter than 3000 frames are ac
 `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
 
 Inside `int8_linears()` the transformer layers' projections (and the decoder's, see decoding.py) run as dynamic int8
-GEMMs instead: weights quantised once per output channel, activations per call (fbgemm / oneDNN's
+GEMMs instead: weights quantised once per output channel, activations per row on each call (torch's
 `quantized::linear_dynamic`), the convolution stem, LayerNorms and attention staying float32.
 """
 
