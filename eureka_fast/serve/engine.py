@@ -26,16 +26,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..inference import OFFICIAL_DECODING
 from .metrics import Metrics
 
 log = logging.getLogger("eureka_fast.serve")
 
-# The official decoding defaults (eureka_fast.inference.OFFICIAL_DECODING).
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.8
-DEFAULT_TOP_K = 20
-DEFAULT_REPETITION_PENALTY = 1.05
-DEFAULT_MAX_TOKENS = 512
+# The official decoding defaults, read from their one definition (a request's fields override them).
+DEFAULT_TEMPERATURE = float(OFFICIAL_DECODING["temperature"])
+DEFAULT_TOP_P = float(OFFICIAL_DECODING["top_p"])
+DEFAULT_TOP_K = int(OFFICIAL_DECODING["top_k"])
+DEFAULT_REPETITION_PENALTY = float(OFFICIAL_DECODING["repetition_penalty"])
+DEFAULT_MAX_TOKENS = int(OFFICIAL_DECODING["max_new_tokens"])
 
 
 class EngineError(RuntimeError):
