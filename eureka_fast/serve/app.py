@@ -35,6 +35,7 @@ class ServeOptions:
     max_body_mb: float = 64.0
     allow_local_audio: str | None = None
     allow_remote_audio: bool = False
+    remote_audio_timeout_s: float = 30.0
     retry_after_s: int = 1
 
     @property
@@ -105,7 +106,8 @@ class Server:
         self.engine = engine
         self.options = options
         self.policy = AudioPolicy(max_seconds=options.max_audio_seconds, max_bytes=options.max_body_bytes,
-                                  local_dir=options.allow_local_audio, allow_remote=options.allow_remote_audio)
+                                  local_dir=options.allow_local_audio, allow_remote=options.allow_remote_audio,
+                                  remote_timeout_s=options.remote_audio_timeout_s)
         self.names = (options.served_model_name,)
         self.created = int(time.time())
 
