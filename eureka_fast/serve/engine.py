@@ -401,15 +401,16 @@ class Engine:
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             self._positions = self._positions.index_select(0, index)
             self._last = self._last.index_select(0, index)
+            # the gauge first: a reader that sees the smaller batch must not see the older gauge
+            self.metrics.running = len(keep)
             self._running = [self._running[i] for i in keep]
-            self.metrics.running = len(self._running)
 
     def _reset_batch(self) -> None:
+        self.metrics.running = 0  # before the batch empties: num_running() == 0 implies the gauge reads 0
         self._running = []
         if self._kv is not None:
             self._kv.clear()
         self._positions = self._last = None
-        self.metrics.running = 0
 
     # --- sampling and output --------------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
