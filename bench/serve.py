@@ -7,10 +7,12 @@ The server runs in a child process (this script with --worker: the same seeded r
 a free port); async streaming clients (httpx) in this process keep `c` requests in flight (closed loop). Each request
 holds 1-4 s of audio and a question and generates exactly its number of tokens (0.5x to 1.5x --tokens; min_tokens =
 max_tokens), so that the sequential baseline, ``EurekaAudio.generate(..., greedy=True, min_new_tokens=N,
-max_new_tokens=N)`` on the same conversations in this process (timed before and after the sweep), does the same
-work. Reported: requests/s, generated tokens/s (and its ratio to the
-sequential rate), time to first token and latency p50/p99. TTFT percentiles leave out the first c requests (they
-arrive together at t = 0: start-up, not steady load).
+max_new_tokens=N)`` on the same conversations in this process, does the same work. The host is shared and its
+load drifts, so the baseline runs before the sweep and again after every level (the server idles meanwhile), and
+each level is compared with the mean of the two baseline runs around it. Reported: requests/s, generated tokens/s
+(and its ratio to the sequential rate), time to first token and latency p50/p99, the 1-minute load average before
+and after the level. TTFT percentiles leave out the first c requests (they arrive together at t = 0: start-up, not
+steady load).
 """
 from __future__ import annotations
 
@@ -217,8 +219,7 @@ def sweep(config: str, args) -> dict:
     model, processor = build(config)
     reference = EurekaAudio(model, processor)
     work = workload(max(args.sequential, int(args.rounds * max(args.concurrency))))
-    # sequential baseline, same conversations and token counts; timed before and after the sweep (the host is
-    # shared: the faster of the two is the one the ratios use)
+    # the sequential baseline: the same conversations and token counts through EurekaAudio.generate
     reference.generate(work[0][1], greedy=True, max_new_tokens=4)  # warm-up
 
     def sequential():
@@ -227,41 +228,51 @@ def sweep(config: str, args) -> dict:
                  for i, (_, conv) in enumerate(work[:args.sequential])]
         return texts, time.perf_counter() - start
 
+    # The host is shared and its load drifts: the sequential baseline runs before the sweep and again after every
+    # level, and each level is compared with the mean of the two baseline runs around it.
     expected, seq_wall = sequential()
+    seq_walls = [seq_wall]
+    seq_tokens = sum(tokens_for(i) for i in range(args.sequential))
     out = {"config": config, "tokens": args.tokens}
-    child = Child(config, args.max_num_seqs)
+
+    def level(child, c):
+        n = max(args.sequential, int(args.rounds * c))
+        jobs = [(lambda client, m=work[i][0], t=tokens_for(i): one_request(client, child.url, config, m, t))
+                for i in range(n)]
+        load_before = os.getloadavg()[0]
+        results, wall = asyncio.run(closed_loop(child.url, config, jobs, c))
+        load_after = os.getloadavg()[0]
+        assert all(r[0] == 200 for r in results), [r[0] for r in results]
+        mismatches = sum(1 for i, r in enumerate(results) if i < len(expected) and r[1] != expected[i])
+        tokens = sum(r[4] for r in results)
+        steady = results[c:] if len(results) > c else results
+        ttft = [r[2] for r in steady]
+        latency = [r[3] for r in results]
+        again, seq_wall = sequential()
+        assert again == expected
+        seq_walls.append(seq_wall)
+        seq_tps = seq_tokens / ((seq_walls[-2] + seq_walls[-1]) / 2)
+        row = {"concurrency": c, "requests": n, "wall_s": wall, "req_s": n / wall, "gen_tok_s": tokens / wall,
+               "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+               "latency_p50": pct(latency, 50), "latency_p99": pct(latency, 99),
+               "text_mismatches_vs_generate": mismatches, "sequential_gen_tok_s": seq_tps,
+               "vs_sequential": tokens / wall / seq_tps, "load_1min": [load_before, load_after]}
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = []
+    child = Child(config, args.max_num_seqs)  # idle (no CPU) while the baseline runs
     try:
-        rows = []
         warm = [(lambda client, m=work[i][0]: one_request(client, child.url, config, m, 4)) for i in range(2)]
         asyncio.run(closed_loop(child.url, config, warm, 2))
         for c in args.concurrency:
-            n = max(args.sequential, int(args.rounds * c))
-            jobs = [(lambda client, m=work[i][0], t=tokens_for(i): one_request(client, child.url, config, m, t))
-                    for i in range(n)]
-            results, wall = asyncio.run(closed_loop(child.url, config, jobs, c))
-            assert all(r[0] == 200 for r in results), [r[0] for r in results]
-            mismatches = sum(1 for i, r in enumerate(results) if i < len(expected) and r[1] != expected[i])
-            tokens = sum(r[4] for r in results)
-            steady = results[c:] if len(results) > c else results
-            ttft = [r[2] for r in steady]
-            latency = [r[3] for r in results]
-            row = {"concurrency": c, "requests": n, "wall_s": wall, "req_s": n / wall, "gen_tok_s": tokens / wall,
-                   "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-                   "latency_p50": pct(latency, 50), "latency_p99": pct(latency, 99),
-                   "text_mismatches_vs_generate": mismatches}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        out["rows"] = rows
+            rows.append(level(child, c))
     finally:
         child.stop()
-    again, seq_wall_after = sequential()
-    assert again == expected
-    best = min(seq_wall, seq_wall_after)
-    seq_tps = sum(tokens_for(i) for i in range(args.sequential)) / best
-    out["sequential"] = {"requests": args.sequential, "wall_s_before": seq_wall, "wall_s_after": seq_wall_after,
-                         "req_s": args.sequential / best, "gen_tok_s": seq_tps}
-    for row in rows:
-        row["vs_sequential"] = row["gen_tok_s"] / seq_tps
+    out["rows"] = rows
+    mean_wall = sum(seq_walls) / len(seq_walls)
+    out["sequential"] = {"requests": args.sequential, "wall_s": seq_walls, "req_s": args.sequential / mean_wall,
+                         "gen_tok_s": seq_tokens / mean_wall}
     return out
 
 
@@ -355,14 +366,18 @@ def main() -> int:
             json.dump(results, fh, indent=1)
     for s in results["sweeps"]:
         seq = s["sequential"]
-        print(f"\n{s['config']}: sequential EurekaAudio.generate {seq['req_s']:.2f} req/s, "
-              f"{seq['gen_tok_s']:.1f} gen tok/s ({s['tokens']} tokens per request on average)")
-        print("| c | req/s | gen tok/s | vs sequential | TTFT p50 / p99 (s) | latency p50 / p99 (s) | text = generate |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n{s['config']}: sequential EurekaAudio.generate {seq['req_s']:.3f} req/s, "
+              f"{seq['gen_tok_s']:.2f} gen tok/s over {len(seq['wall_s'])} runs ({s['tokens']} tokens per request "
+              f"on average)")
+        print("| c | req/s | gen tok/s | sequential gen tok/s | vs sequential | TTFT p50 / p99 (s) | "
+              "latency p50 / p99 (s) | text = generate | load (1 min) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in s["rows"]:
-            print(f"| {r['concurrency']} | {r['req_s']:.2f} | {r['gen_tok_s']:.1f} | {r['vs_sequential']:.2f}x | "
-                  f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
-                  f"{'yes' if r['text_mismatches_vs_generate'] == 0 else 'NO (%d)' % r['text_mismatches_vs_generate']} |")
+            print(f"| {r['concurrency']} | {r['req_s']:.3f} | {r['gen_tok_s']:.2f} | {r['sequential_gen_tok_s']:.2f} | "
+                  f"{r['vs_sequential']:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+                  f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
+                  f"{'yes' if r['text_mismatches_vs_generate'] == 0 else 'NO (%d)' % r['text_mismatches_vs_generate']} | "
+                  f"{r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f} |")
     return 0
 
 

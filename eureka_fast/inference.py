@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
-OFFICIAL_DECODING = dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
-                         max_new_tokens=512)
+# Read-only: the server and the CLI read their defaults from here, so no caller may change them for the others.
+OFFICIAL_DECODING = MappingProxyType(dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                                          repetition_penalty=1.05, max_new_tokens=512))
 
 ASR_SYSTEM_PROMPT = "You are an advanced ASR (Automatic Speech Recognition) AI assistant."
 CAPTION_PROMPT = "Please provide a comprehensive description of the input audio, covering all details."

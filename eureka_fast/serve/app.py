@@ -24,6 +24,8 @@ from .protocol import APIError, bad, check_model, parse_chat, sampling_params
 log = logging.getLogger("eureka_fast.serve")
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+MAX_TRANSCRIPTION_PROMPT_TOKENS = 224  # Whisper's limit on its prompt
+TRANSCRIPTION_CONTEXT = "Context (the text before this audio, or names and terms it may contain): "
 _POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 
 
@@ -35,6 +37,7 @@ class ServeOptions:
     max_body_mb: float = 64.0
     allow_local_audio: str | None = None
     allow_remote_audio: bool = False
+    remote_audio_timeout_s: float = 30.0
     retry_after_s: int = 1
 
     @property
@@ -105,7 +108,8 @@ class Server:
         self.engine = engine
         self.options = options
         self.policy = AudioPolicy(max_seconds=options.max_audio_seconds, max_bytes=options.max_body_bytes,
-                                  local_dir=options.allow_local_audio, allow_remote=options.allow_remote_audio)
+                                  local_dir=options.allow_local_audio, allow_remote=options.allow_remote_audio,
+                                  remote_timeout_s=options.remote_audio_timeout_s)
         self.names = (options.served_model_name,)
         self.created = int(time.time())
 
@@ -325,6 +329,7 @@ class Server:
         finally:
             await form.close()
         check_model(fields, self.names)
+        context = fields.get("prompt", "").strip()
         fmt = fields.get("response_format", "json")
         if fmt not in TRANSCRIPTION_FORMATS:
             raise bad(f"'response_format' must be one of {', '.join(TRANSCRIPTION_FORMATS)}; got {fmt[:40]!r}",
@@ -339,13 +344,14 @@ class Server:
         params, _ = sampling_params(body, self.engine.max_model_len, temperature_default=0.0)
 
         def prepare():
-            from ..inference import task_messages
-
+            if context and len(self.engine.processor.tokenizer.encode(context)) > MAX_TRANSCRIPTION_PROMPT_TOKENS:
+                raise bad(f"'prompt' is longer than {MAX_TRANSCRIPTION_PROMPT_TOKENS} tokens (as Whisper, this "
+                          f"server takes at most {MAX_TRANSCRIPTION_PROMPT_TOKENS})", "prompt")
             try:
                 samples = self.policy.decode(data, "uploaded file", "file")
             except AudioInputError as exc:
                 raise bad(str(exc), exc.param, exc.code) from None
-            prompt = self._prepare(task_messages("asr", samples), params, False)
+            prompt = self._prepare(transcription_messages(samples, context), params, False)
             return prompt, len(samples) / 16000
 
         prompt, duration = await run_in_threadpool(prepare)
@@ -379,6 +385,19 @@ class Server:
 
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def transcription_messages(samples, context: str = "") -> list:
+    """The conversation a transcription request asks: the official ASR prompt for the audio, and when the request
+    has a ``prompt`` (in Whisper's API: the text that came before this audio, or the spelling of names and terms),
+    that text as context at the end of the system turn. The model reads it as part of its instruction (Whisper
+    reads it as earlier decoder text); the answer is the model's text alone, the context is not prepended."""
+    from ..inference import task_messages
+
+    messages = task_messages("asr", samples)
+    if context:
+        messages[0]["content"] = f"{messages[0]['content']}\n{TRANSCRIPTION_CONTEXT}{context}"
+    return messages
 
 
 def _timestamp(seconds: float, sep: str) -> str:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import re
+import socket
 import stat
+import time
 import urllib.parse
 
 import numpy as np
@@ -22,6 +25,7 @@ from ..audio import AudioError, load_audio
 
 INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 _BLOCK_SECONDS = 10
+_MAX_REDIRECTS = 5
 
 
 class AudioInputError(ValueError):
@@ -104,16 +108,59 @@ class AudioPolicy:
             return fh.read(self.max_bytes + 1)
 
     def _fetch(self, url: str, param: str) -> bytes:
-        import urllib.request
+        """The body at an http(s) URL: at most max_bytes of it, within remote_timeout_s in all (connecting,
+        redirects and a slowly dripping body included), following at most 5 redirects, to http(s) only."""
+        deadline = time.monotonic() + self.remote_timeout_s
+        limit_mib = f"{self.max_bytes / (1 << 20):g} MiB"
+
+        def failed(message: str, code: str = "audio_download_failed") -> AudioInputError:
+            return AudioInputError(message, param, code=code)
 
         try:
-            with urllib.request.urlopen(url, timeout=self.remote_timeout_s) as response:
-                data = response.read(self.max_bytes + 1)
-        except Exception as exc:  # network errors of every kind end the same way for the client
-            raise AudioInputError(f"could not download the audio ({type(exc).__name__})", param) from None
-        if len(data) > self.max_bytes:
-            raise AudioInputError(f"the downloaded audio is larger than {self.max_bytes >> 20} MiB", param)
-        return data
+            for _ in range(_MAX_REDIRECTS + 1):
+                parsed = urllib.parse.urlsplit(url)
+                if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                    raise failed(f"the audio URL redirected to {url[:80]!r}, which is not an http(s) URL")
+                connection_class = http.client.HTTPSConnection if parsed.scheme == "https" else \
+                    http.client.HTTPConnection
+                connection = connection_class(parsed.hostname, parsed.port, timeout=_left(deadline))
+                try:
+                    target = parsed.path or "/"
+                    if parsed.query:
+                        target += "?" + parsed.query
+                    connection.request("GET", target, headers={"User-Agent": "eureka-audio-serve",
+                                                               "Accept-Encoding": "identity"})
+                    sock = connection.sock  # the response reads from it (getresponse may drop the connection's)
+                    response = connection.getresponse()
+                    if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                        url = urllib.parse.urljoin(url, response.getheader("Location"))
+                        continue
+                    if response.status != 200:
+                        raise failed(f"the audio URL answered HTTP {response.status} ({response.reason})")
+                    declared = (response.getheader("Content-Length") or "").strip()
+                    if declared.isdigit() and int(declared) > self.max_bytes:
+                        raise failed(f"the audio at the URL is {int(declared)} bytes, larger than {limit_mib}",
+                                     "audio_too_large")
+                    chunks, size = [], 0
+                    while size <= self.max_bytes:
+                        sock.settimeout(_left(deadline))
+                        chunk = response.read1(min(1 << 16, self.max_bytes + 1 - size))
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        size += len(chunk)
+                    if size > self.max_bytes:
+                        raise failed(f"the audio at the URL is larger than {limit_mib}", "audio_too_large")
+                    return b"".join(chunks)
+                finally:
+                    connection.close()
+            raise failed(f"the audio URL redirected more than {_MAX_REDIRECTS} times")
+        except AudioInputError:
+            raise
+        except (TimeoutError, socket.timeout):
+            raise failed(f"downloading the audio took longer than {self.remote_timeout_s:g} s") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # refused, unresolvable, cut short...
+            raise failed(f"could not download the audio ({type(exc).__name__})") from None
 
     # --- decoding -------------------------------------------------------------------------------------------------
     def decode(self, data: bytes, what: str, param: str) -> np.ndarray:
@@ -163,6 +210,14 @@ class AudioPolicy:
             if decoded > limit:
                 raise AudioInputError(f"the {what} decodes to more than {self.max_seconds:g} s of audio "
                                       f"(--max-audio-seconds)", param, code="audio_too_long")
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before the deadline; past it, a timeout."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 def _b64(text: str, param: str) -> bytes:

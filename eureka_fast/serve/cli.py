@@ -32,6 +32,8 @@ def add_subcommand(subparsers) -> None:
                    help="let audio_url parts name files (paths or file://) under DIR; nothing outside it")
     p.add_argument("--allow-remote-audio", action="store_true",
                    help="let audio_url parts be http(s) URLs that the server downloads")
+    p.add_argument("--remote-audio-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds an http(s) audio download may take in all (default 30)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -55,7 +57,7 @@ def _check_args(args) -> str | None:
         return f"--model {args.model!r} is not a directory"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
-    for name in ("max_num_seqs", "max_audio_seconds", "max_body_mb", "queue_timeout"):
+    for name in ("max_num_seqs", "max_audio_seconds", "max_body_mb", "queue_timeout", "remote_audio_timeout"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
     if args.max_queue < 0:
@@ -92,7 +94,8 @@ def serve_options(args):
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return ServeOptions(served_model_name=name, api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
                         max_audio_seconds=args.max_audio_seconds, max_body_mb=args.max_body_mb,
-                        allow_local_audio=args.allow_local_audio, allow_remote_audio=args.allow_remote_audio)
+                        allow_local_audio=args.allow_local_audio, allow_remote_audio=args.allow_remote_audio,
+                        remote_audio_timeout_s=args.remote_audio_timeout)
 
 
 def _run_serve(args) -> int:

@@ -4,10 +4,10 @@ Each loop iteration: drop finished / cancelled rows, admit waiting requests into
 their prompts prefilled together, one forward), then one decode step for every running row. Requests therefore join
 and leave the running batch at decode-step boundaries.
 
-KV cache: one batched transformers ``DynamicCache`` whose rows are the running sequences, right-aligned (left
-padding). A new prefill is left-padded to the batch's length (or the batch to its), and rows are removed with an index
-select; columns that have become padding in every row are trimmed. Each row carries its own attention mask and
-position ids, so a row computes the same attention as it would alone (see docs/serving.md).
+KV cache: ``kv.BatchKV``, one buffer per layer whose rows are the running sequences, right-aligned (left padding);
+a decode step writes its column in place. A new prefill is left-padded to the batch's length (or the batch to its),
+rows that leave are compacted out, and columns that have become padding in every row are given up. Each row carries
+its own attention mask and position ids, so a row computes the same attention as it would alone (docs/serving.md).
 
 Sampling follows transformers' ``generate``: repetition penalty over the prompt and generated ids, then temperature,
 top-k, top-p; greedy (temperature 0) is the argmax after the repetition penalty, as ``EurekaAudio.generate(...,
@@ -24,18 +24,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from ..inference import OFFICIAL_DECODING
+from .kv import BatchKV
 from .metrics import Metrics
 
 log = logging.getLogger("eureka_fast.serve")
 
-# The official decoding defaults (eureka_fast.inference.OFFICIAL_DECODING).
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.8
-DEFAULT_TOP_K = 20
-DEFAULT_REPETITION_PENALTY = 1.05
-DEFAULT_MAX_TOKENS = 512
+# The official decoding defaults, read from their one definition (a request's fields override them).
+DEFAULT_TEMPERATURE = float(OFFICIAL_DECODING["temperature"])
+DEFAULT_TOP_P = float(OFFICIAL_DECODING["top_p"])
+DEFAULT_TOP_K = int(OFFICIAL_DECODING["top_k"])
+DEFAULT_REPETITION_PENALTY = float(OFFICIAL_DECODING["repetition_penalty"])
+DEFAULT_MAX_TOKENS = int(OFFICIAL_DECODING["max_new_tokens"])
 
 
 class EngineError(RuntimeError):
@@ -111,6 +112,7 @@ class Request:
     finished: bool = False
     # scheduler-owned
     seen: torch.Tensor | None = None  # ids the repetition penalty applies to (prompt + generated), unique
+    seen_ids: set = field(default_factory=set)  # the same ids, for membership tests without a host sync
     generator: torch.Generator | None = None
 
 
@@ -148,8 +150,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: list[Request] = []
         self._running: list[Request] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
+        self._kv: BatchKV | None = None  # the running rows' keys, values and attention mask
         self._positions: torch.Tensor | None = None  # [B] position of the next token
         self._last: torch.Tensor | None = None  # [B] last sampled token
         self._stopping = False
@@ -315,8 +316,8 @@ class Engine:
                 self._prefill([request])
             return
         for request in requests:
-            seen = torch.tensor(sorted(set(request.prompt.input_ids)), dtype=torch.long, device=self.device)
-            request.seen = seen
+            request.seen_ids = set(request.prompt.input_ids)
+            request.seen = torch.tensor(sorted(request.seen_ids), dtype=torch.long, device=self.device)
             if not request.params.greedy:
                 request.generator = torch.Generator(device=self.device)
                 seed = request.params.seed
@@ -352,11 +353,10 @@ class Engine:
         return out.cache, mask.to(dev), out.logits[:, -1, :].float()
 
     def _decode_step(self) -> None:
-        batch = len(self._running)
-        mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
+        mask = self._kv.step()
         try:
             out = self.model.language_model(input_ids=self._last[:, None], attention_mask=mask,
-                                            position_ids=self._positions[:, None], cache=self._cache,
+                                            position_ids=self._positions[:, None], cache=self._kv.cache,
                                             use_cache=True)
         except Exception as exc:
             # A decode step serves every running row at once: they all fail, the queue goes on.
@@ -365,32 +365,25 @@ class Engine:
                 self._fail(request, f"the model failed during decoding ({type(exc).__name__})")
             self._reset_batch()
             return
-        self._cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        self._mask = mask
+        self._kv.advance()
         self._positions = self._positions + 1
         tokens = self._sample(out.logits[:, -1, :].float(), self._running)
         self._accept(self._running, tokens, offset=0)
 
     # --- batch cache ----------------------------------------------------------------------------------------------
-    def _layers(self, cache):
-        return cache.layers
-
     def _merge(self, requests, cache, mask, positions) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever side is shorter."""
-        if not self._running or self._cache is None:
-            self._cache, self._mask, self._positions = cache, mask, positions
-            self._last = torch.zeros(len(requests), dtype=torch.long, device=self.device)
-            self._running = list(requests)
+        """Append prefilled rows to the running batch (the shorter side gets padding on the left)."""
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if self._kv is None:
+            self._kv = BatchKV(len(layers), self.max_num_seqs)
+        self._kv.append(layers, mask)
+        last = torch.zeros(len(requests), dtype=torch.long, device=self.device)
+        if not self._running:
+            self._positions, self._last = positions, last
         else:
-            t_old, t_new = self._mask.shape[1], mask.shape[1]
-            length = max(t_old, t_new)
-            for old, new in zip(self._layers(self._cache), self._layers(cache)):
-                old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
-                old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
-            self._mask = torch.cat([F.pad(self._mask, (length - t_old, 0)), F.pad(mask, (length - t_new, 0))])
             self._positions = torch.cat([self._positions, positions])
-            self._last = torch.cat([self._last, torch.zeros(len(requests), dtype=torch.long, device=self.device)])
-            self._running.extend(requests)
+            self._last = torch.cat([self._last, last])
+        self._running.extend(requests)
         self.metrics.running = len(self._running)
 
     def _drop_finished(self) -> None:
@@ -404,47 +397,68 @@ class Engine:
             if not keep:
                 self._reset_batch()
                 return
+            self._kv.keep(keep)
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            mask = self._mask.index_select(0, index)
-            # columns that are padding in every remaining row are dropped
-            start = int(mask.any(0).long().argmax())
-            for layer in self._layers(self._cache):
-                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-                layer.values = layer.values.index_select(0, index)[:, :, start:]
-            self._mask = mask[:, start:]
             self._positions = self._positions.index_select(0, index)
             self._last = self._last.index_select(0, index)
+            # the gauge first: a reader that sees the smaller batch must not see the older gauge
+            self.metrics.running = len(keep)
             self._running = [self._running[i] for i in keep]
-            self.metrics.running = len(self._running)
 
     def _reset_batch(self) -> None:
+        self.metrics.running = 0  # before the batch empties: num_running() == 0 implies the gauge reads 0
         self._running = []
-        self._cache = self._mask = self._positions = self._last = None
-        self.metrics.running = 0
+        if self._kv is not None:
+            self._kv.clear()
+        self._positions = self._last = None
 
     # --- sampling and output --------------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        tokens = []
+        """Next token of every row of logits [B, V] (changed in place): the repetition penalty and min_tokens for
+        all rows at once, one argmax for the greedy rows, then each sampling row through its filters and its own
+        generator. One host sync for the greedy rows, one per sampling row."""
+        self._penalize(logits, requests)
+        tokens = [0] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+        if greedy:
+            rows = logits if len(greedy) == len(requests) else logits[greedy]
+            for i, token in zip(greedy, rows.argmax(-1).tolist()):
+                tokens[i] = token
         for i, request in enumerate(requests):
-            scores = self.warp(logits[i], request)
-            if request.params.greedy:
-                tokens.append(int(scores.argmax()))
-            else:
-                tokens.append(int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator)))
+            if not request.params.greedy:
+                scores = self._filter(logits[i], request.params)
+                tokens[i] = int(torch.multinomial(scores.softmax(-1), 1, generator=request.generator))
         return tokens
 
+    def _penalize(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Repetition penalty (as transformers applies it: positive scores divided, negative multiplied, over each
+        row's distinct prompt and generated ids) and the min_tokens ban on end-of-turn tokens, in place."""
+        by_penalty: dict[float, list[int]] = {}
+        for i, request in enumerate(requests):
+            if request.params.repetition_penalty != 1.0:
+                by_penalty.setdefault(request.params.repetition_penalty, []).append(i)
+        for penalty, rows in by_penalty.items():  # a Python float, as transformers: the same rounding
+            seen = [requests[i].seen for i in rows]
+            row_index = torch.repeat_interleave(torch.tensor(rows, device=logits.device),
+                                                torch.tensor([len(s) for s in seen], device=logits.device))
+            ids = torch.cat(seen)
+            picked = logits[row_index, ids]
+            logits[row_index, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        early = [i for i, r in enumerate(requests) if len(r.generated) < r.params.min_tokens]
+        if early:
+            logits[torch.tensor(early, device=logits.device)[:, None],
+                   torch.tensor(self.eos_ids, device=logits.device)[None, :]] = float("-inf")
+
     def warp(self, scores: torch.Tensor, request: Request) -> torch.Tensor:
-        """One row's next-token scores after the repetition penalty, min_tokens and (sampling only) temperature,
-        top-k and top-p, in transformers' order. Greedy stops after the penalty."""
-        p = request.params
-        if p.repetition_penalty != 1.0:
-            seen = request.seen
-            picked = scores[seen]
-            scores[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if len(request.generated) < p.min_tokens:
-            scores[self.eos_ids] = float("-inf")
-        if p.greedy:
-            return scores
+        """One row's next-token scores [V] after the repetition penalty, min_tokens and (sampling only)
+        temperature, top-k and top-p, in transformers' order. Greedy stops after the penalty."""
+        scores = scores.clone()[None]
+        self._penalize(scores, [request])
+        return scores[0] if request.params.greedy else self._filter(scores[0], request.params)
+
+    @staticmethod
+    def _filter(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """Temperature, top-k and top-p of one row, in transformers' order."""
         scores = scores / p.temperature
         if p.top_k and p.top_k > 0:
             k = min(p.top_k, scores.shape[-1])
@@ -458,9 +472,8 @@ class Engine:
 
     def _accept(self, requests: list[Request], tokens: list[int], offset: int) -> None:
         now = time.monotonic()
-        for j, (request, token) in enumerate(zip(requests, tokens)):
-            row = offset + j
-            self._last[row] = token
+        self._last[offset:offset + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        for request, token in zip(requests, tokens):
             if request.finished:
                 continue
             p = request.params
@@ -469,7 +482,8 @@ class Engine:
                 request.first_token_at = now
                 self.metrics.observe_ttft(now - request.arrival)
             self.metrics.generation_tokens += 1
-            if token not in request.seen.tolist():
+            if token not in request.seen_ids:
+                request.seen_ids.add(token)
                 request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
             is_eos = token in self.eos_ids
             reason = None
@@ -534,8 +548,3 @@ class Engine:
         except Exception:  # a sink that cannot take the error has nobody to tell
             log.exception("could not deliver an error")
 
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H, length, D], zeros on the left."""
-    missing = length - tensor.shape[2]
-    return tensor if missing == 0 else F.pad(tensor, (0, 0, missing, 0))

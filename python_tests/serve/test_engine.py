@@ -110,6 +110,25 @@ def test_default_greedy_keeps_the_official_repetition_penalty(engine, reference)
     assert without == reference.generate(conv, greedy=True, max_new_tokens=24, repetition_penalty=1.0)
 
 
+def test_defaults_are_the_official_decoding_defaults_and_no_caller_can_change_them():
+    from eureka_fast.inference import OFFICIAL_DECODING
+    from eureka_fast.serve.protocol import sampling_params
+
+    params = SamplingParams()
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.max_tokens) == (
+        OFFICIAL_DECODING["temperature"], OFFICIAL_DECODING["top_p"], OFFICIAL_DECODING["top_k"],
+        OFFICIAL_DECODING["repetition_penalty"], OFFICIAL_DECODING["max_new_tokens"]) == (0.7, 0.8, 20, 1.05, 512)
+    # an HTTP request without sampling fields gets the same; temperature 0 keeps the penalty (the official CLI)
+    assert sampling_params({}, 32768)[0] == params
+    greedy = sampling_params({"temperature": 0}, 32768)[0]
+    assert (greedy.top_p, greedy.top_k, greedy.repetition_penalty) == (1.0, 0, 1.05)
+    # one shared mapping: a caller that edits it in place would change every later generate() in the process
+    with pytest.raises(TypeError):
+        OFFICIAL_DECODING["repetition_penalty"] = 1.0
+    with pytest.raises((TypeError, AttributeError)):
+        OFFICIAL_DECODING.pop("do_sample")
+
+
 def test_seeded_sampling_is_reproducible_and_matches_its_distribution(engine):
     prompt = engine.prepare(conversations(1)[0])
     params = SamplingParams(max_tokens=12, seed=1234, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)

@@ -173,6 +173,29 @@ def test_transcriptions_formats(client, served, reference, fmt):
         assert out == f"WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{expected}\n\n"
 
 
+def test_transcription_prompt_is_context_in_the_asr_instruction(client, served, reference):
+    data = wav_bytes(noise(1.0, seed=22))
+    context = "Names: Ada Lovelace, Charles Babbage."
+    audio = {"type": "audio", "audio": load_audio(data)}
+    # the official ASR system prompt, then the context on its own line; the user turn is the audio alone
+    with_context = [{"role": "system", "content": "You are an advanced ASR (Automatic Speech Recognition) AI "
+                                                  "assistant.\nContext (the text before this audio, or names and "
+                                                  "terms it may contain): " + context},
+                    {"role": "user", "content": [audio]}]
+    expected = reference.generate(with_context, greedy=True).strip()
+    assert expected != reference.generate(task_messages("asr", audio["audio"]), greedy=True).strip()  # it matters
+    out = client.audio.transcriptions.create(model=NAME, file=("clip.wav", data), prompt=context)
+    assert out.text == expected
+    # an empty prompt is no prompt
+    blank = client.audio.transcriptions.create(model=NAME, file=("clip.wav", data), prompt="  ")
+    assert blank.text == reference.generate(task_messages("asr", audio["audio"]), greedy=True).strip()
+    # Whisper's limit: 224 tokens
+    r = httpx.post(served.url + "/v1/audio/transcriptions", files={"file": ("clip.wav", data)},
+                   data={"model": NAME, "prompt": "word " * 300}, timeout=60)
+    assert_error(r, 400, param="prompt", match="longer than 224 tokens")
+    ok_request(served.url)
+
+
 def _chat(messages, **extra):
     return {"model": NAME, "messages": messages, "max_tokens": 2, **extra}
 
