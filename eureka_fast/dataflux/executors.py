@@ -120,6 +120,7 @@ class AnalysisPool:
         self.workers = max(0, int(workers))
         self._executor = None
         self._broken = False
+        self._closed = False
 
     def start(self):
         """Start the worker processes now (each imports the analysis code once) instead of at the first job."""
@@ -129,7 +130,7 @@ class AnalysisPool:
                 pool.submit(_worker_ready)
 
     def _pool(self):
-        if self._executor is None and self.workers > 0 and not self._broken:
+        if self._executor is None and self.workers > 0 and not self._broken and not self._closed:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -142,6 +143,8 @@ class AnalysisPool:
 
         from .pipeline import timed_call
 
+        if self._closed:  # the run is stopping: its clips will not be finished, so nothing is measured
+            return [RuntimeError("the analysis pool was closed")] * len(jobs)
         pool = self._pool()
         if pool is None:
             return await asyncio.gather(*(asyncio.to_thread(timed_call, fn, args) for fn, args in jobs),
@@ -149,9 +152,9 @@ class AnalysisPool:
         loop = asyncio.get_running_loop()
         out = await asyncio.gather(*(loop.run_in_executor(pool, timed_call, fn, args) for fn, args in jobs),
                                    return_exceptions=True)
-        if any(isinstance(r, BrokenProcessPool) for r in out):
+        if any(isinstance(r, BrokenProcessPool) for r in out) and not self._closed:
             self._broken = True
-            self.close()
+            self._shutdown()
             redo = [i for i, r in enumerate(out) if isinstance(r, BrokenProcessPool)]
             again = await asyncio.gather(*(asyncio.to_thread(timed_call, *jobs[i]) for i in redo),
                                          return_exceptions=True)
@@ -160,6 +163,11 @@ class AnalysisPool:
         return out
 
     def close(self):
+        """Stop the workers (each finishes the job it is on); no job runs after this."""
+        self._closed = True
+        self._shutdown()
+
+    def _shutdown(self):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
