@@ -56,7 +56,6 @@ def iter_local(items, config: dict, workers: int, batch_size: int = 1, timings: 
 
             await asyncio.gather(*(one(c) for c in ctxs))
 
-        pool.start()  # the workers start up while the first batch is read and transcribed
         previous = None
         try:
             for start in range(0, len(items), batch_size):
@@ -94,6 +93,8 @@ def iter_local(items, config: dict, workers: int, batch_size: int = 1, timings: 
         except BaseException as exc:  # surfaced in the caller's thread
             results.put(exc)
 
+    if pool is not None:
+        pool.start()  # the workers start up while the first batch is read and transcribed
     thread = threading.Thread(target=runner, name="dataflux-local-executor", daemon=True)
     thread.start()
     try:
@@ -123,11 +124,23 @@ class AnalysisPool:
         self._closed = False
 
     def start(self):
-        """Start the worker processes now (each imports the analysis code once) instead of at the first job."""
+        """Start the worker processes now (each imports the analysis code once) instead of at the first job.
+        Called from the main thread, the workers are started with Ctrl-C ignored, so that a Ctrl-C to the process
+        group while one is still starting up does not kill it mid-import; the driver stops them."""
+        import signal
+        import threading
+
         pool = self._pool()
-        if pool is not None:
-            for _ in range(self.workers):
+        if pool is None:
+            return
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for _ in range(self.workers):  # one process is started per job submitted while none is idle
                 pool.submit(_worker_ready)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
     def _pool(self):
         if self._executor is None and self.workers > 0 and not self._broken and not self._closed:
