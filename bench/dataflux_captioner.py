@@ -39,6 +39,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from eureka_fast.dataflux.asr import get_asr, word_error_rate
+    from eureka_fast.dataflux.acoustics import pitch_class
     from eureka_fast.dataflux.captioner import analyse
     from eureka_fast.dataflux.synthetic import KnownTextASR, labelled_grid, write_clips
 
@@ -53,6 +54,9 @@ def main(argv=None):
     wer = defaultdict(lambda: [0, 0])
     errors = []
     gender_confusion = defaultdict(Counter)
+    gender_rows = []  # per clip: the posterior, its sign and the label, for the reliability table
+    pitch_on_basis = defaultdict(list)
+    pitch_by_basis = defaultdict(list)  # label accuracy of the pitch level, split by the basis it was judged on
     asr_s = analyse_s = 0.0
     audio_s = 0.0
     for c in clips:
@@ -69,6 +73,17 @@ def main(argv=None):
         wer[cond][1] += n
         wer["all"][0] += e
         wer["all"][1] += n
+        gender_rows.append({"confidence": facts.get("gender_confidence"), "llr": facts.get("gender_llr"),
+                            "sex": c.labels["gender"], "condition": cond})
+        if facts.get("pitch_level"):
+            # the pitch fact on the basis it states: the sex's range when the sex was named (and right), else the
+            # absolute bands, applied to the label's reference F0
+            named = facts["gender"] if facts.get("gender") in ("male", "female") else None
+            ok = named in (None, c.labels["gender"]) and facts["pitch_level"] == pitch_class(
+                c.reference["f0_median_hz"], named)
+            pitch_on_basis[cond].append(ok)
+            pitch_on_basis["all"].append(ok)
+            pitch_by_basis[facts.get("pitch_level_basis")].append(facts["pitch_level"] == c.labels["pitch_level"])
         for a in ATTRS:
             ok = facts[a] == c.labels[a]
             correct[a].append(ok)
@@ -84,11 +99,15 @@ def main(argv=None):
                                "sps": facts.get("syllables_per_second"),
                                "ref_sps": round(c.reference["syllables_per_second"], 2), "snr": facts.get("snr_db")})
     acc = {a: sum(v) / len(v) for a, v in correct.items()}
+    from dataflux_real import reliability_table
     result = {
         "clips": len(clips), "asr": asr.name, "asr_fallback_redecodes": getattr(asr, "fallbacks", 0), "accuracy": acc,
         "accuracy_by_condition": {k: {a: sum(v) / len(v) for a, v in d.items()} for k, d in sorted(by_cond.items())},
         "gender_accuracy_by_voice": {v: sum(x) / len(x) for v, x in sorted(by_voice.items())},
         "gender_confusion": {k: dict(v) for k, v in gender_confusion.items()},
+        "gender_reliability": reliability_table(gender_rows),
+        "pitch_level_on_stated_basis": {k: sum(v) / len(v) for k, v in sorted(pitch_on_basis.items())},
+        "pitch_level_by_basis": {k: [sum(v), len(v)] for k, v in sorted(pitch_by_basis.items())},
         "clips_per_second_analysis": len(clips) / analyse_s, "clips_per_second_asr": len(clips) / asr_s,
         "wer": {k: e / n for k, (e, n) in wer.items()},
         "label_counts": {a: dict(Counter(c.labels[a] for c in clips)) for a in ATTRS},
@@ -204,6 +223,17 @@ def markdown(r):
     if answered:
         lines.append(f"Gender answered on {answered}/{r['clips']} clips ({100 * answered / r['clips']:.1f}%), correct "
                      f"on {right}/{answered} of those ({100 * right / answered:.1f}%)")
+    if "pitch_level_on_stated_basis" in r:
+        lines.append("Pitch level consistent on its stated basis (the named sex's range, or the absolute bands when "
+                     "the sex is unknown, applied to the reference F0): " + ", ".join(
+                         f"{k} {100 * v:.1f}%" for k, v in r["pitch_level_on_stated_basis"].items()))
+    if "pitch_level_by_basis" in r:
+        lines.append("Pitch level = label, by the basis it was judged on: " + ", ".join(
+            f"{k} {n}/{m}" for k, (n, m) in r["pitch_level_by_basis"].items()))
+    if "gender_reliability" in r:
+        from dataflux_real import reliability_markdown
+
+        lines += ["", "Gender posterior reliability:", "", reliability_markdown(r["gender_reliability"]), ""]
     s = r["seconds"]
     lines.append(f"Captioner time: ASR {s['asr']:.1f} s + analysis {s['analysis']:.1f} s for {s['audio']:.0f} s "
                  f"of audio ({r['clips_per_second_analysis']:.2f} clips/s signal analysis, "

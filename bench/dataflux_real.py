@@ -39,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--per-source", type=int, default=12)
     ap.add_argument("--asr", default="none")
     ap.add_argument("--json")
+    ap.add_argument("--no-answerers", action="store_true", help="the captioner only (the answerer columns stay empty)")
     args = ap.parse_args(argv)
 
     from eureka_fast.dataflux import real_speech as rs
@@ -67,14 +68,15 @@ def main(argv=None):
     for c in clips:
         facts = analyse(c.audio, asr.transcribe(c.audio))
         ctx = Ctx(c.audio)
-        meas = {m: a.measure(ctx) for m, a in answerers.items()}
+        meas = {m: ({} if args.no_answerers else a.measure(ctx)) for m, a in answerers.items()}
         basis = facts["gender"] if facts.get("gender") in ("male", "female") else None
         cond = c.condition.split(" (")[0]
         cond = {"studio": "clean", "wideband": "clean", "telephone": "band-limited"}.get(cond, cond)
         cond = "noisy" if cond.startswith("noisy") else cond
         rows.append({"source": c.source.id, "path": c.path, "condition": cond, "sex": c.source.sex,
                      "language": c.source.language, "gender": facts.get("gender"),
-                     "confidence": facts.get("gender_confidence"), "f0": facts.get("f0_median_hz"),
+                     "confidence": facts.get("gender_confidence"), "llr": facts.get("gender_llr"),
+                     "f0": facts.get("f0_median_hz"),
                      "dispersion": facts.get("formant_dispersion_hz"), "bandwidth": facts.get("bandwidth_hz"),
                      "pitch_level": facts.get("pitch_level"),
                      "pitch_ref": reference_pitch_level(c.audio, c.source.sex, basis),
@@ -83,10 +85,13 @@ def main(argv=None):
                      "gender_a": meas["a"].get("gender"), "gender_b": meas["b"].get("gender")})
     secs = time.perf_counter() - t0
     table = summarise(rows)
+    reliability = reliability_table(rows)
     print(markdown(table, len(rows), secs, args.asr))
+    print()
+    print(reliability_markdown(reliability))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "table": table, "seconds": secs}, fh, indent=2)
+            json.dump({"rows": rows, "table": table, "reliability": reliability, "seconds": secs}, fh, indent=2)
     return 0
 
 
@@ -117,6 +122,33 @@ def summarise(rows):
             "answerer_a": side("gender_a"), "answerer_b": side("gender_b"),
         }
     return out
+
+
+RELIABILITY_BINS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0001)
+
+
+def reliability_table(rows, sex_key="sex"):
+    """Calibration of gender_confidence: per posterior bin, the clips whose evidence gave a posterior in the bin
+    (answered or not) and the share of them on which the likelier sex (the sign of gender_llr) is the true one.
+    Calibrated means that share is about the bin's posterior."""
+    out = []
+    for lo, hi in zip(RELIABILITY_BINS[:-1], RELIABILITY_BINS[1:]):
+        inbin = [r for r in rows if r.get("confidence") is not None and r.get("llr") is not None
+                 and lo <= r["confidence"] < hi]
+        right = sum(("female" if r["llr"] > 0 else "male") == r[sex_key] for r in inbin)
+        mean = sum(r["confidence"] for r in inbin) / len(inbin) if inbin else None
+        out.append({"bin": f"{lo:.2f}-{min(hi, 1.0):.2f}", "clips": len(inbin), "mean_confidence": mean,
+                    "right": right / len(inbin) if inbin else None})
+    return out
+
+
+def reliability_markdown(table):
+    lines = ["| posterior | clips | mean posterior | likelier sex right |", "|---|---|---|---|"]
+    for b in table:
+        lines.append(f"| {b['bin']} | {b['clips']} | " + ("-" if b["mean_confidence"] is None else
+                     f"{b['mean_confidence']:.3f}") + " | " + ("-" if b["right"] is None else
+                     f"{100 * b['right']:.0f}%") + " |")
+    return "\n".join(lines)
 
 
 def markdown(table, n, secs, asr):

@@ -27,6 +27,7 @@ _SUBCOMMAND_MODULES = {
     "dataflux": "eureka_fast.dataflux.cli",
     "serve": "eureka_fast.serve.cli",
     "doctor": "eureka_fast.doctor",
+    "recipe": "eureka_fast.recipe.cli",
 }
 DEBUG_ENV = "EUREKA_AUDIO_DEBUG"
 # Exit statuses of a command stopped by a signal, as a shell reports them (128 + signal number).

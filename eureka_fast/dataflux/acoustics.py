@@ -47,9 +47,17 @@ SEX_CUES = {
     "f0": {"male_hz": 120.0, "female_hz": 205.0, "log_sd": 0.15, "llr_cap": 2.0},
     "dispersion": {"male_hz": 1010.0, "female_hz": 1190.0, "log_sd": 0.08, "llr_cap": 3.0},
 }
-GENDER_MIN_CONFIDENCE = 0.9  # posterior probability needed to name a gender; below it the fact is "unknown"
+# The gender is named only where the posterior of the likelier sex reaches the accuracy the facts must have (90%
+# right where answered): with a calibrated posterior, a clip named from there on is right at least that often.
+# Calibration is checked, not fitted: bench/dataflux_real.py and bench/dataflux_captioner.py print reliability
+# tables (the share right per posterior bin); below it the fact is "unknown".
+GENDER_ACCURACY_TARGET = 0.9
+GENDER_MIN_CONFIDENCE = GENDER_ACCURACY_TARGET
 MIN_VOICED_FRAMES = 20  # 0.2 s of voiced 10 ms frames before the F0 median is read
 MIN_FORMANT_FRAMES = 8  # vowel frames with formants before the dispersion is read
+# A vowel formant is a resonance a few hundred Hz wide at most; a Burg pole broader than this is the tracker filling
+# a slot (merged formants, a missing one, the band edge), and its frame is left out of the formant medians.
+FORMANT_MAX_BANDWIDTH_HZ = 700.0
 FORMANT_MIN_BANDWIDTH_HZ = 3000.0  # below this not even F3 is in the band: no dispersion
 FOUR_FORMANT_BANDWIDTH_HZ = 4500.0  # F4 of a short vocal tract sits near 4.2 kHz: only above this is F4 read
 MAX_CLIPPED_FRACTION = 0.01  # more clipped samples than this: harmonics from the clipping distort the formants
@@ -400,7 +408,10 @@ def _formant_medians(values: np.ndarray, use: int) -> np.ndarray:
 
 def praat_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0, count: float = 5.0,
                    use: int = 4) -> np.ndarray:
-    """Median F1..F4 (Praat Burg) over the given (voiced) times; formants past `use` are NaN."""
+    """Median F1..F4 (Praat Burg) over the given (voiced) times; formants past `use` are NaN. A frame counts only
+    when each of its first `use` formants is a resonance (bandwidth under FORMANT_MAX_BANDWIDTH_HZ): a broad pole
+    is the tracker filling a slot (two formants merged, a missing one, the band edge), and reading it as F_i would
+    shift every formant above it by one place."""
     import parselmouth
 
     if len(times) == 0:
@@ -409,6 +420,11 @@ def praat_formants(audio: np.ndarray, times: np.ndarray, ceiling: float = 5500.0
     fm = snd.to_formant_burg(max_number_of_formants=count, maximum_formant=ceiling)
     vals = np.array([[fm.get_value_at_time(i, float(t)) for t in times] for i in range(1, use + 1)],
                     dtype=np.float64)
+    if FORMANT_MAX_BANDWIDTH_HZ > 0:
+        bws = np.array([[fm.get_bandwidth_at_time(i, float(t)) for t in times] for i in range(1, use + 1)],
+                       dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            vals[:, ~np.all(bws < FORMANT_MAX_BANDWIDTH_HZ, axis=0)] = np.nan
     return _formant_medians(vals, use)
 
 

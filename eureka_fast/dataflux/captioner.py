@@ -23,16 +23,12 @@ def _round(x, nd=2):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
-def loudest_voiced_times(seg: np.ndarray, voiced_times: np.ndarray, share: float = 0.3) -> np.ndarray:
-    """The loudest `share` of voiced frames (vowel nuclei, the best local SNR), at most MAX_FORMANT_FRAMES."""
-    if voiced_times.size == 0:
-        return voiced_times
-    power = ac.frame_power(seg)
-    energy = power[np.clip((voiced_times * 100).astype(int), 0, power.size - 1)]
-    picked = voiced_times[energy >= np.quantile(energy, 1.0 - share)]
-    if picked.size > MAX_FORMANT_FRAMES:
-        picked = picked[np.linspace(0, picked.size - 1, MAX_FORMANT_FRAMES).astype(int)]
-    return picked
+def formant_frame_times(voiced_times: np.ndarray) -> np.ndarray:
+    """All voiced frames (every vowel and voiced consonant the clip has, so the per-formant medians pool the whole
+    vowel space), evenly thinned to MAX_FORMANT_FRAMES."""
+    if voiced_times.size > MAX_FORMANT_FRAMES:
+        return voiced_times[np.linspace(0, voiced_times.size - 1, MAX_FORMANT_FRAMES).astype(int)]
+    return voiced_times
 
 
 def speaker_measurements(audio: np.ndarray, span: tuple[float, float], pitch_fn=None, formant_fn=None) -> dict:
@@ -61,7 +57,7 @@ def speaker_measurements(audio: np.ndarray, span: tuple[float, float], pitch_fn=
     elif clipped > ac.MAX_CLIPPED_FRACTION:
         dropped["dispersion"] = f"{100 * clipped:.1f}% of samples clipped"
     else:
-        vt = loudest_voiced_times(seg, times[voiced])
+        vt = formant_frame_times(times[voiced])
         # formants on a spectrally-subtracted copy: broadband noise drags F3/F4 (and so the dispersion) upward
         den = ac.spectral_subtract(audio, span)[lo:hi]
         formants = formant_fn(den, vt, *settings)

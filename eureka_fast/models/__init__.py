@@ -10,6 +10,7 @@ _EXPORTS = {
     "EurekaAudioCausalLMOutput": "modeling_eureka",
     "AudioInputError": "modeling_eureka",
     "MoEAdapter": "adapter",
+    "DenseAdapter": "adapter",
     "EurekaAudioProcessor": "processing_eureka",
     "MessageFormatError": "processing_eureka",
     "build_tiny_tokenizer": "processing_eureka",

@@ -47,6 +47,10 @@ class EurekaAdapterConfig(PreTrainedConfig):
         weights renormalised to sum to 1 over the kept experts. True (default) does that; False keeps the raw
         full-softmax probabilities of the kept experts (Mixtral-off / Qwen2-MoE style).
     aux_loss_coef: lambda in L = L_ntp + lambda * L_aux (not given in the paper; default 0.01).
+    adapter_type: "moe" (the paper's adapter, default) or "dense": the MoE-vs-dense ablation's adapter, where the
+        router, routed experts and shared experts are replaced by one SiLU-gated MLP of the same total parameter
+        count (width `dense_width`; the routing fields then only size it). Not in the paper; ours.
+    dense_intermediate_size: the dense MLP's width; None = matched to the MoE parameters (see `dense_width`).
     """
 
     model_type = "eureka_moe_adapter"
@@ -63,15 +67,33 @@ class EurekaAdapterConfig(PreTrainedConfig):
     aux_loss_coef: float = 0.01
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    adapter_type: str = "moe"
+    dense_intermediate_size: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.adapter_type not in ("moe", "dense"):
+            raise ValueError(f"adapter adapter_type must be 'moe' or 'dense', got {self.adapter_type!r}")
         if self.router_scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"adapter router_scoring must be 'softmax' or 'sigmoid', got {self.router_scoring!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"adapter top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.stack_factor < 1:
             raise ValueError(f"adapter stack_factor must be >= 1, got {self.stack_factor}")
+
+    def moe_mixing_parameters(self, width: int) -> int:
+        """Parameters of the MoE adapter's mixing part at adapter width d = `width`: router (d x E), routed experts
+        (E SiLU-gated FFNs, 3 d I each) and the fused shared experts (3 d I_shared)."""
+        shared = self.num_shared_experts * (self.shared_expert_intermediate_size or self.expert_intermediate_size)
+        return (width * self.num_experts + 3 * width * self.expert_intermediate_size * self.num_experts
+                + 3 * width * shared)
+
+    def dense_width(self, width: int) -> int:
+        """The dense adapter's MLP width at adapter width d = `width`: `dense_intermediate_size`, or the width whose
+        3 d I parameters come nearest to `moe_mixing_parameters(d)` (so both adapters have the same total)."""
+        if self.dense_intermediate_size:
+            return int(self.dense_intermediate_size)
+        return max(1, round(self.moe_mixing_parameters(width) / (3 * width)))
 
 
 _QWEN3_1_7B = dict(

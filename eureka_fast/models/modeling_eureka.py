@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .adapter import AdapterOutput, MoEAdapter, MoEExperts
+from .adapter import AdapterOutput, MoEExperts, build_adapter
 from .configuration_eureka import AUDIO_TOKEN_TYPE, EurekaAudioConfig, EurekaAudioEncoderConfig
 
 TRAINING_STAGES = ("align", "joint", "sft")
@@ -85,7 +85,7 @@ class EurekaAudioPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["MoEAdapter"]
+    _no_split_modules = ["MoEAdapter", "DenseAdapter"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -122,7 +122,7 @@ class EurekaAudioForCausalLM(EurekaAudioPreTrainedModel, GenerationMixin):
         if language_model is not None:
             _mark_initialized(language_model)
         self.audio_encoder = audio_encoder if audio_encoder is not None else build_audio_encoder(config.audio_config)
-        self.adapter = MoEAdapter(config.adapter_config, encoder_width=config.audio_config.n_audio_state,
+        self.adapter = build_adapter(config.adapter_config, encoder_width=config.audio_config.n_audio_state,
                                   llm_width=config.text_config.hidden_size)
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.text_config))

@@ -1,6 +1,6 @@
 """Non-causal multi-head attention for the Whisper encoder (inference): the compiled CPU kernel
 ``torch.ops.eureka_fast.attention`` (forward only), with ``scaled_dot_product_attention`` as the reference and as the
-path whenever autograd records the call.
+path whenever autograd records the call or the CPU has no AVX-512.
 
 ``attention(q, k, v, key_lengths=None, scale=None, *, q_bias=None, v_bias=None)`` takes q [B, H, Tq, dh], k and v
 [B, H, Tk, dh] (and optional [H * dh] biases to add to q and v) and returns
@@ -35,6 +35,16 @@ registry.on_load(_register_fakes, ("attention", "attention_out"))
 
 def _kernel_available(device: torch.device) -> bool:
     return registry.use_kernel("attention", device)
+
+
+# The kernel's fast path is AVX-512 code; its portable path computes exp one value at a time. On CPUs without
+# AVX-512, ATen's SDPA (vectorised for the host) ran 1.4-3x faster at the Whisper encoder's shapes, masked or not
+# (docs/kernels.md), so `attention` takes SDPA there. True makes it take the portable kernel anyway (its tests).
+KERNEL_WITHOUT_AVX512 = False
+
+
+def _kernel_chosen(device: torch.device) -> bool:
+    return _kernel_available(device) and (KERNEL_WITHOUT_AVX512 or registry.cpu_isa() == "avx512")
 
 
 def _add_head_bias(t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -75,7 +85,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Op
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_bias, v_bias))
     if (use_reference or needs_grad or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-            or not _kernel_available(q.device)):
+            or not _kernel_chosen(q.device)):
         return reference_attention(q, k, v, key_lengths, scale, q_bias=q_bias, v_bias=v_bias)
     if (out is not None and q.dtype in (torch.float32, torch.float64) and out.dtype == q.dtype
             and out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and out.is_contiguous()

@@ -13,11 +13,12 @@ import torch
 
 from . import cuda_policy
 
-__all__ = ["load_extension", "backend", "has_kernel", "use_kernel", "cpu_kernel_runs", "on_load"]
+__all__ = ["load_extension", "backend", "has_kernel", "use_kernel", "cpu_kernel_runs", "cpu_isa", "on_load"]
 
 _EXT: Optional[bool] = None
 _WARNED = False
 _KERNEL_CACHE: dict = {}
+_CPU_ISA: Optional[str] = None
 _ON_LOAD: list = []  # (register, kernel_ops) in the order the op modules asked
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
@@ -80,6 +81,16 @@ def cpu_kernel_runs(op_name: str, x: torch.Tensor) -> bool:
     """For the CPU-only inference kernels (the Whisper encoder's): whether ``op_name``'s kernel takes ``x``, a
     float32 / float64 CPU tensor."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and use_kernel(op_name, x.device)
+
+
+def cpu_isa() -> Optional[str]:
+    """The CPU instruction set the compiled kernels picked at run time ("avx512", "avx2", ...), or None without the
+    extension. Ops whose fast path needs one ISA ask this to choose another path on other CPUs."""
+    global _CPU_ISA
+    if _CPU_ISA is None and load_extension():
+        from .. import _C
+        _CPU_ISA = str(_C.build_info().get("cpu_isa", "")) if hasattr(_C, "build_info") else ""
+    return _CPU_ISA or None
 
 
 def on_load(register: Optional[Callable[[], None]] = None, kernel_ops: tuple = ()) -> None:

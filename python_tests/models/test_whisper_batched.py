@@ -122,11 +122,21 @@ def test_bench_transcribe_smoke():
     pytest.importorskip("faster_whisper")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "transcribe.py"), "--clips", "1",
-                             "--batch-size", "1", "--threads", "1", "--no-warmup",
-                             "--engines", "ours-batched,ours-loop,fw-int8"],
-                            capture_output=True, text=True, timeout=120, env=env)
+                             "--real", "0", "--batch-size", "1", "--threads", "1", "--no-warmup",
+                             "--engines", "ours-batched,ours-loop,ours-trimmed-int8,fw-int8"],
+                            capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
-    assert set(rows) == {"engine", "ours-batched", "ours-loop", "fw-int8"}
-    assert rows["ours-loop"].rstrip().endswith("| 1/1 |") and rows["ours-batched"].rstrip().endswith("| 1/1 |")
-    assert "ours-batched vs the fastest faster-whisper engine (fw-int8)" in result.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in result.stdout.splitlines()
+            if line.startswith("| ")}
+    assert set(rows) == {"engine", "ours-batched", "ours-loop", "ours-trimmed-int8", "fw-int8"}
+    header = [cell.strip() for cell in rows["engine"]]
+    assert header == ["s", "clips/s", "speed vs fw-int8", "WER espeak", "WER recorded", "WER vs ours-loop",
+                      "transcripts equal to ours-loop"]
+    cells = {name: dict(zip(header, (c.strip() for c in row))) for name, row in rows.items() if name != "engine"}
+    for name in ("ours-loop", "ours-batched"):  # the exact engines agree with the reference, word for word
+        assert cells[name]["transcripts equal to ours-loop"] == "1/1"
+        assert cells[name]["WER vs ours-loop"] == "0.0%"
+    assert cells["fw-int8"]["speed vs fw-int8"] == "1.00x" and cells["fw-int8"]["WER recorded"] == "-"
+    assert cells["ours-batched"]["WER espeak"] == cells["ours-loop"]["WER espeak"]
+    assert all(row["WER espeak"].endswith("%") for row in cells.values())
+    assert "ours-trimmed-int8 vs the fastest faster-whisper engine (fw-int8)" in result.stdout

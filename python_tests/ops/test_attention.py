@@ -6,10 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from eureka_fast import ops
+from eureka_fast.ops import attention as attention_module
 from eureka_fast.ops.attention import _kernel_available, attention, reference_attention
 
 compiled = pytest.mark.skipif(ops.backend() != "compiled" or not _kernel_available(torch.device("cpu")),
                               reason="eureka_fast._C with the attention kernel is not built")
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_every_isa(monkeypatch):
+    """The wrapper takes SDPA on CPUs without AVX-512; these tests check the kernel itself on every host."""
+    monkeypatch.setattr(attention_module, "KERNEL_WITHOUT_AVX512", True)
 
 
 def qkv(B, H, Tq, Tk, dh, dtype=torch.float32, seed=0, scale=1.0, fused=False):
@@ -451,3 +458,24 @@ def test_out_variants_write_the_given_buffer(dtype):
     torch.library.opcheck(torch.ops.eureka_fast.attention_out,
                           (qs, ks, vs, None, 0.5, None, None, torch.empty(1, 6, 2, 4, dtype=torch.float64)),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@compiled
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_wrapper_takes_sdpa_without_avx512(monkeypatch, isa):
+    monkeypatch.setattr(attention_module, "KERNEL_WITHOUT_AVX512", False)
+    monkeypatch.setattr(attention_module.registry, "cpu_isa", lambda: isa)
+    calls = []
+    kernel = torch.ops.eureka_fast.attention
+    monkeypatch.setattr(attention_module.torch.ops.eureka_fast, "attention",
+                        lambda *a: calls.append(1) or kernel(*a), raising=False)
+    q, k, v = qkv(2, 3, 40, 40, 64)
+    with torch.inference_mode():
+        got = attention(q, k, v, torch.tensor([40, 13]))
+        expected = reference_attention(q, k, v, torch.tensor([40, 13]))
+    if isa == "avx512":
+        assert calls == [1]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    else:
+        assert calls == []
+        assert torch.equal(got, expected)  # SDPA itself, not an approximation of it

@@ -4,13 +4,15 @@
 """
 from .checkpoints import (load_whisper_encoder, load_whisper_model, load_whisper_state, read_ctranslate2_model_bin,
                           resolve_whisper_path)
-from .decoding import (COMPRESSION_RATIO_THRESHOLD, FALLBACK_TEMPERATURES, LOGPROB_THRESHOLD, WhisperDecoder,
-                       WhisperModel, WhisperTokenizer, WindowDecoding, compression_ratio, repeated_suffix)
-from .encoder import WhisperDims, WhisperEncoder, encoder_flops, sinusoids
+from .decoding import (COMPRESSION_RATIO_THRESHOLD, COMPUTE_TYPES, FALLBACK_TEMPERATURES, LOGPROB_THRESHOLD,
+                       WINDOW_MODES, WhisperDecoder, WhisperModel, WhisperTokenizer, WindowDecoding, compression_ratio,
+                       repeated_suffix, trimmed_frames)
+from .encoder import WhisperDims, WhisperEncoder, encoder_flops, int8_linears, sinusoids
 
 __all__ = [
     "WhisperDims", "WhisperEncoder", "WhisperDecoder", "WhisperModel", "WhisperTokenizer", "sinusoids",
     "load_whisper_encoder", "load_whisper_model", "load_whisper_state", "resolve_whisper_path",
     "read_ctranslate2_model_bin", "encoder_flops", "compression_ratio", "repeated_suffix", "WindowDecoding",
-    "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES",
+    "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES", "WINDOW_MODES", "COMPUTE_TYPES",
+    "trimmed_frames", "int8_linears",
 ]

@@ -16,10 +16,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import FusedSelfAttention, LayerNorm, WhisperDims, WhisperEncoder
+from .encoder import (FusedSelfAttention, LayerNorm, WhisperDims, WhisperEncoder, int8_enabled, int8_linear,
+                      int8_linears)
 
 __all__ = ["WhisperDecoder", "WhisperModel", "WhisperTokenizer", "WindowDecoding", "compression_ratio",
-           "repeated_suffix", "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD", "FALLBACK_TEMPERATURES"]
+           "repeated_suffix", "trimmed_frames", "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD",
+           "FALLBACK_TEMPERATURES", "WINDOW_MODES", "COMPUTE_TYPES"]
+
+WINDOW_MODES = ("full", "trimmed")
+COMPUTE_TYPES = ("float32", "int8")
+TRIM_STEP_FRAMES = 100  # a trimmed window is a whole number of seconds of mel frames (100 per second)...
+TRIM_MARGIN_FRAMES = 300  # ...with at least 3 s of Whisper's silence padding (with 1-2 s tiny.en dropped words
+# or said a sentence twice)
+
+
+def trimmed_frames(samples: int) -> int:
+    """Mel frames a window="trimmed" window encodes for `samples` of 16 kHz audio: the audio's frames plus
+    TRIM_MARGIN_FRAMES of Whisper's padding, rounded up to a multiple of TRIM_STEP_FRAMES, at most the full 3000."""
+    from ...audio import FRAMES_PER_WINDOW, HOP_LENGTH
+
+    frames = -(-int(samples) // HOP_LENGTH) + TRIM_MARGIN_FRAMES
+    return min(FRAMES_PER_WINDOW, -(-frames // TRIM_STEP_FRAMES) * TRIM_STEP_FRAMES)
+
+
+def _trimmed_log_mel(waveform, n_mels: int, frames: int) -> Tensor:
+    """The first `frames` columns of log_mel(waveform, mode="whisper") without computing the other 30 s: the
+    waveform zero-padded to frames * 160 samples gives the same STFT frames (trimmed_frames leaves >= 3 s of zeros
+    after the audio, so the reflect padding at the end reflects zeros too) and the same max for the dynamic-range
+    clamp (the dropped frames are all at the log floor)."""
+    from ...audio import FRAMES_PER_WINDOW, HOP_LENGTH, log_mel
+    from ...audio import features
+
+    if frames >= FRAMES_PER_WINDOW:
+        return log_mel(waveform, n_mels, mode="whisper")
+    tensor = features._as_tensor(waveform)
+    return features._clamp_and_scale_(features._log10_mel(tensor, n_mels, frames * HOP_LENGTH))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError("%s must be one of %s, got %r" % (name, ", ".join(repr(c) for c in choices), value))
+
+
+def _linear(module: nn.Module, name: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, or its dynamic int8 form inside `int8_linears()` (weights cached on `module` under `name`)."""
+    if int8_enabled():
+        return int8_linear(module, name, x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _load_clip(clip: Any, index: int):
@@ -54,15 +97,17 @@ class CrossAttention(nn.Module):
     def project_kv(self, audio: Tensor) -> tuple[Tensor, Tensor]:
         batch, length, d = audio.shape
         bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        kv = F.linear(audio, self.kv_weight, bias).view(batch, length, 2, self.n_head, d // self.n_head)
+        kv = _linear(self, "kv", audio, self.kv_weight, bias).view(batch, length, 2, self.n_head, d // self.n_head)
         kv = kv.permute(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """key_mask [B, 1, 1, T] (True: attend): the audio frames of each row, where rows' windows differ in length."""
         batch, length, d = x.shape
-        q = self.q(x).view(batch, length, self.n_head, d // self.n_head).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q, k, v)
-        return self.out(attended.transpose(1, 2).reshape(batch, length, d))
+        q = _linear(self, "q", x, self.q.weight, self.q.bias).view(batch, length, self.n_head, d // self.n_head)
+        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=key_mask)
+        return _linear(self, "out", attended.transpose(1, 2).reshape(batch, length, d), self.out.weight,
+                       self.out.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -78,7 +123,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cache: dict, index: int) -> Tensor:
         h = self.attn_norm(x)
-        q, k, v = self.attn.project_qkv(h)
+        if int8_enabled():
+            batch, length, d = h.shape
+            qkv = int8_linear(self.attn, "qkv", h, self.attn.qkv_weight, self.attn.qkv_bias())
+            q, k, v = qkv.view(batch, length, 3, self.attn.n_head, d // self.attn.n_head).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.attn.project_qkv(h)
         past = cache.get(("self", index))
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
@@ -89,10 +139,17 @@ class DecoderLayer(nn.Module):
         mask = None
         if new > 1:
             mask = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(diagonal=total - new)
-        x = x + self.attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if int8_enabled():
+            batch, _, length, head_dim = attended.shape
+            attended = attended.transpose(1, 2).reshape(batch, length, self.attn.n_head * head_dim)
+            x = x + int8_linear(self.attn, "out", attended, self.attn.out.weight, self.attn.out.bias)
+        else:
+            x = x + self.attn.merge_heads(attended)
         cross_k, cross_v = cache[("cross", index)]
-        x = x + self.cross_attn(self.cross_norm(x), cross_k, cross_v)
-        return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x))))
+        x = x + self.cross_attn(self.cross_norm(x), cross_k, cross_v, cache.get("cross_mask"))
+        hidden = F.gelu(_linear(self, "fc1", self.mlp_norm(x), self.fc1.weight, self.fc1.bias))
+        return x + _linear(self, "fc2", hidden, self.fc2.weight, self.fc2.bias)
 
 
 class WhisperDecoder(nn.Module):
@@ -105,10 +162,17 @@ class WhisperDecoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)])
         self.final_norm = LayerNorm(d)
 
-    def new_cache(self, audio_features: Tensor) -> dict:
-        cache: dict = {"length": 0}
+    def new_cache(self, audio_features: Tensor, lengths: Tensor | None = None) -> dict:
+        """A KV cache over encoded windows [B, T, d]; `lengths` [B] (encoder frames per row, None: all T) limits
+        each row's cross-attention to its own frames, as if it had been encoded and decoded alone."""
+        cache: dict = {"length": 0, "cross_mask": None}
         for index, layer in enumerate(self.layers):
             cache[("cross", index)] = layer.cross_attn.project_kv(audio_features)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=audio_features.device)
+            if bool((lengths < audio_features.shape[1]).any()):
+                frames = torch.arange(audio_features.shape[1], device=audio_features.device)
+                cache["cross_mask"] = (frames[None, :] < lengths[:, None])[:, None, None, :]
         return cache
 
     def forward(self, tokens: Tensor, cache: dict) -> Tensor:
@@ -121,6 +185,8 @@ class WhisperDecoder(nn.Module):
             x = layer(x, cache, index)
         cache["length"] = offset + tokens.shape[1]
         x = self.final_norm(x)
+        if int8_enabled():
+            return int8_linear(self, "logits", x, self.token_embedding.weight)
         return (x @ self.token_embedding.weight.to(x.dtype).t()).float()
 
 
@@ -274,14 +340,16 @@ class WhisperModel(nn.Module):
         begin_suppress[[i for i in tokenizer.suppress_begin if 0 <= i < self.dims.n_vocab]] = True
         return suppress, begin_suppress
 
-    def _decode_start(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None):
-        """What every batched decode starts from: the tokenizer, the token budget, a fresh KV cache over the windows,
-        the prompt repeated per row, and the (suppress, begin_suppress) logit masks."""
+    def _decode_start(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None,
+                      lengths: Tensor | None = None):
+        """What every batched decode starts from: the tokenizer, the token budget, a fresh KV cache over the windows
+        (`lengths`: each row's encoder frames, see WhisperDecoder.new_cache), the prompt repeated per row, and the
+        (suppress, begin_suppress) logit masks."""
         tokenizer = self._require_tokenizer()
         device = audio_features.device
         tokens = torch.tensor([prompt] * audio_features.shape[0], dtype=torch.long, device=device)
-        return (tokenizer, self._token_budget(prompt, max_new_tokens), self.decoder.new_cache(audio_features), tokens,
-                self._suppress_masks(device))
+        return (tokenizer, self._token_budget(prompt, max_new_tokens), self.decoder.new_cache(audio_features, lengths),
+                tokens, self._suppress_masks(device))
 
     @staticmethod
     def _accept_token(row: int, token: int, logprob: float, eot: int, outputs: list[list[int]], sums: list[float],
@@ -305,13 +373,15 @@ class WhisperModel(nn.Module):
     @torch.inference_mode()
     def sample_decode(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None = None,
                       temperature: float = 0.0, generator: torch.Generator | None = None,
-                      repetition: tuple[int, int] | None = None) -> list[tuple[list[int], float, str]]:
+                      repetition: tuple[int, int] | None = None,
+                      lengths: Tensor | None = None) -> list[tuple[list[int], float, str]]:
         """Greedy (temperature 0) or sampled decoding of a batch of encoded windows [B, T, d] from a shared prompt.
 
         Returns per item (new ids, sum of token log-probabilities including the end token, stop reason).
-        `repetition` = (min_repeats, min_tokens) enables the n-gram loop stop (see `repeated_suffix`)."""
+        `repetition` = (min_repeats, min_tokens) enables the n-gram loop stop (see `repeated_suffix`); `lengths`
+        [B]: each row's encoder frames where they differ (trimmed windows)."""
         tokenizer, budget, cache, tokens, (suppress, begin_suppress) = self._decode_start(audio_features, prompt,
-                                                                                         max_new_tokens)
+                                                                                         max_new_tokens, lengths)
         device, batch = audio_features.device, audio_features.shape[0]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
@@ -456,10 +526,11 @@ class WhisperModel(nn.Module):
         # best of the samples: not cut by the loop guard first, then sum log-probability / length
         return max(results, key=lambda r: (r.stop != "repetition", r.sum_logprob / max(1, len(r.tokens))))
 
-    def _settle_window(self, window: Tensor, first: WindowDecoding, generator: torch.Generator,
+    def _settle_window(self, window: Tensor | None, first: WindowDecoding, generator: torch.Generator,
                        options: dict) -> WindowDecoding:
         """The fallback chain for one encoded window [1, T, d] whose first attempt is `first`: beam search, then
-        sampling at each further temperature, until an attempt passes the quality tests."""
+        sampling at each further temperature, until an attempt passes the quality tests (`window` is read only
+        when `first` fails them)."""
         attempts = [first]
         if self._failed(first, options):
             retries: list[tuple[float, int]] = []
@@ -487,12 +558,30 @@ class WhisperModel(nn.Module):
         chosen.attempts = len(attempts)
         return chosen
 
-    def _encode_windows(self, waveforms: list, n_mels: int) -> Tensor:
-        from ...audio import log_mel
+    def _encode_windows(self, waveforms: list, n_mels: int, window: str = "full") -> tuple[Tensor, Tensor | None]:
+        """Encoded windows [B, T, d] and, where the rows' lengths differ, each row's encoder frames [B] (else None).
+        window="full": every window is 30 s (3000 mel frames, Whisper's padding after the audio); "trimmed": each
+        window keeps trimmed_frames(its samples) of them, the batch padded to its longest and the padding masked
+        (WhisperEncoder `lengths`), so each row equals its window encoded alone."""
+        from ...audio import PAD_VALUE, log_mel
 
         param = self.encoder.conv1.weight
-        mels = [log_mel(w, n_mels, mode="whisper") for w in waveforms]
-        return self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype))
+        if window == "full":
+            mels = [log_mel(w, n_mels, mode="whisper") for w in waveforms]
+            return self.encoder(torch.stack(mels).to(device=param.device, dtype=param.dtype)), None
+        frames = [trimmed_frames(len(w)) for w in waveforms]
+        mels = torch.full((len(waveforms), n_mels, max(frames)), PAD_VALUE)
+        for row, (waveform, count) in enumerate(zip(waveforms, frames)):
+            mels[row, :, :count] = _trimmed_log_mel(waveform, n_mels, count)
+        mel_lengths = None if len(set(frames)) == 1 else torch.tensor(frames, device=param.device)
+        features = self.encoder(mels.to(device=param.device, dtype=param.dtype), mel_lengths)
+        return features, None if mel_lengths is None else WhisperEncoder.output_lengths(mel_lengths)
+
+    @staticmethod
+    def _row_features(features: Tensor, lengths: Tensor | None, row: int) -> Tensor:
+        """One row of encoded windows as [1, T_row, d], cut to its own frames (what encoding it alone gives)."""
+        window = features[row:row + 1]
+        return window if lengths is None else window[:, :int(lengths[row])]
 
     @torch.inference_mode()
     def decode_windows(self, audio: Any, *, language: str = "en", task: str = "transcribe",
@@ -500,8 +589,19 @@ class WhisperModel(nn.Module):
                        temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
                        compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                        logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
-                       repetition_min_tokens: int = 16, seed: int = 0) -> list[WindowDecoding]:
+                       repetition_min_tokens: int = 16, seed: int = 0, window: str = "full",
+                       compute_type: str = "float32") -> list[WindowDecoding]:
         """Per-window decodes of `audio` (see `transcribe` for the options)."""
+        _check_choice("window", window, WINDOW_MODES)
+        _check_choice("compute_type", compute_type, COMPUTE_TYPES)
+        with int8_linears(compute_type == "int8"):
+            return self._decode_windows(audio, language, task, max_new_tokens, batch_windows, beam_size, temperatures,
+                                        best_of, compression_ratio_threshold, logprob_threshold, repetition_limit,
+                                        repetition_min_tokens, seed, window)
+
+    def _decode_windows(self, audio, language, task, max_new_tokens, batch_windows, beam_size, temperatures, best_of,
+                        compression_ratio_threshold, logprob_threshold, repetition_limit, repetition_min_tokens, seed,
+                        window) -> list[WindowDecoding]:
         from ...audio import SAMPLES_PER_WINDOW, load_audio
 
         waveform = load_audio(audio)
@@ -514,16 +614,19 @@ class WhisperModel(nn.Module):
         results: list[WindowDecoding] = []
         starts = list(range(0, len(waveform), SAMPLES_PER_WINDOW))
         for first in range(0, len(starts), batch_windows):
-            features = self._encode_windows([waveform[s:s + SAMPLES_PER_WINDOW]
-                                             for s in starts[first:first + batch_windows]], self.dims.n_mels)
+            features, lengths = self._encode_windows([waveform[s:s + SAMPLES_PER_WINDOW]
+                                                      for s in starts[first:first + batch_windows]], self.dims.n_mels,
+                                                     window)
             if first_t == 0:
-                decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition)
+                decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition, lengths)
                 batch_results = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in decodes]
             else:
-                batch_results = [self._sampled(features[w:w + 1], first_t, best_of, generator, options)
+                batch_results = [self._sampled(self._row_features(features, lengths, w), first_t, best_of, generator,
+                                               options)
                                  for w in range(features.shape[0])]
             for w, result in enumerate(batch_results):
-                results.append(self._settle_window(features[w:w + 1], result, generator, options))
+                results.append(self._settle_window(self._row_features(features, lengths, w), result, generator,
+                                                   options))
         return results
 
     @torch.inference_mode()
@@ -532,54 +635,71 @@ class WhisperModel(nn.Module):
                      temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
                      compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                      logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
-                     repetition_min_tokens: int = 16, seed: int = 0, batch_windows: int = 4
-                     ) -> list[list[WindowDecoding]]:
+                     repetition_min_tokens: int = 16, seed: int = 0, batch_windows: int = 4, window: str = "full",
+                     compute_type: str = "float32") -> list[list[WindowDecoding]]:
         """Per-window decodes of each clip in `clips`, `batch_size` windows (of any clips) per encoder call and
-        per greedy decode. Equal to `decode_windows` on each clip alone: every clip's windows are cut as there,
-        its fallbacks draw from its own generator seeded with `seed`, in window order. `batch_windows` matters only
-        for a sampled first pass (temperatures[0] > 0), which decodes clip by clip as `decode_windows` does."""
-        from ...audio import SAMPLES_PER_WINDOW
-
+        per greedy decode, longest windows first (with window="trimmed", windows of similar length share a batch).
+        Equal to `decode_windows` on each clip alone: every clip's windows are cut as there, and the windows that
+        fail the greedy pass take their fallbacks afterwards, clip by clip in window order, each clip drawing from
+        its own generator seeded with `seed`. `batch_windows` matters only for a sampled first pass
+        (temperatures[0] > 0), which decodes clip by clip as `decode_windows` does."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
+        _check_choice("window", window, WINDOW_MODES)
+        _check_choice("compute_type", compute_type, COMPUTE_TYPES)
         waveforms = [_load_clip(clip, index) for index, clip in enumerate(clips)]
         options = self._decode_options(language, task, max_new_tokens, beam_size, temperatures, best_of,
                                        compression_ratio_threshold, logprob_threshold, repetition_limit,
                                        repetition_min_tokens)
+        with int8_linears(compute_type == "int8"):
+            if options["temperatures"][0] != 0:
+                # A sampled first pass draws every window's samples before any fallback, from one generator per
+                # clip; keeping that order means decoding clip by clip.
+                return [self._decode_windows(w, language, task, max_new_tokens, batch_windows, beam_size,
+                                             temperatures, best_of, compression_ratio_threshold, logprob_threshold,
+                                             repetition_limit, repetition_min_tokens, seed, window)
+                        for w in waveforms]
+            return self._decode_clips_greedy_first(waveforms, batch_size, options, seed, window)
+
+    def _decode_clips_greedy_first(self, waveforms: list, batch_size: int, options: dict, seed: int,
+                                   window: str) -> list[list[WindowDecoding]]:
+        from ...audio import SAMPLES_PER_WINDOW
+
         device = self.encoder.conv1.weight.device
-        if options["temperatures"][0] != 0:
-            # A sampled first pass draws every window's samples before any fallback, from one generator per clip;
-            # keeping that order means decoding clip by clip.
-            return [self.decode_windows(w, language=language, task=task, max_new_tokens=max_new_tokens,
-                                        batch_windows=batch_windows, beam_size=beam_size, temperatures=temperatures,
-                                        best_of=best_of, compression_ratio_threshold=compression_ratio_threshold,
-                                        logprob_threshold=logprob_threshold, repetition_limit=repetition_limit,
-                                        repetition_min_tokens=repetition_min_tokens, seed=seed)
-                    for w in waveforms]
         windows = [(clip, start) for clip, waveform in enumerate(waveforms)
                    for start in range(0, len(waveform), SAMPLES_PER_WINDOW)]
+        pieces = [waveforms[clip][start:start + SAMPLES_PER_WINDOW] for clip, start in windows]
+        # Longest first (stable: full windows keep their order): a batch pads its rows to its longest window.
+        order = sorted(range(len(windows)), key=lambda i: -len(pieces[i]))
+        first_tries: dict[int, WindowDecoding] = {}
+        retry_features: dict[int, Tensor] = {}
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            features, lengths = self._encode_windows([pieces[i] for i in chunk], self.dims.n_mels, window)
+            decodes = self._greedy_rows(features, options["prompt"], options["max_new_tokens"], options["repetition"],
+                                        lengths)
+            for row, (i, (ids, lp, stop)) in enumerate(zip(chunk, decodes)):
+                first_tries[i] = self._window_result(ids, lp, stop, 0.0, 1)
+                if self._failed(first_tries[i], options):  # kept for its fallbacks, cut to its own frames
+                    retry_features[i] = self._row_features(features, lengths, row).clone()
         generators: dict[int, torch.Generator] = {}
         results: list[list[WindowDecoding]] = [[] for _ in waveforms]
-        for first in range(0, len(windows), batch_size):
-            chunk = windows[first:first + batch_size]
-            features = self._encode_windows([waveforms[c][s:s + SAMPLES_PER_WINDOW] for c, s in chunk],
-                                            self.dims.n_mels)
-            decodes = self._greedy_rows(features, options["prompt"], max_new_tokens, options["repetition"])
-            for w, ((clip, _), (ids, lp, stop)) in enumerate(zip(chunk, decodes)):
-                if clip not in generators:
-                    generators[clip] = torch.Generator(device=device).manual_seed(seed)
-                first_try = self._window_result(ids, lp, stop, 0.0, 1)
-                results[clip].append(self._settle_window(features[w:w + 1], first_try, generators[clip], options))
+        for i, (clip, _) in enumerate(windows):
+            if clip not in generators:
+                generators[clip] = torch.Generator(device=device).manual_seed(seed)
+            results[clip].append(self._settle_window(retry_features.pop(i, None), first_tries[i], generators[clip],
+                                                     options))
         return results
 
     @torch.inference_mode()
     def _greedy_rows(self, audio_features: Tensor, prompt: list[int], max_new_tokens: int | None,
-                     repetition: tuple[int, int] | None) -> list[tuple[list[int], float, str]]:
+                     repetition: tuple[int, int] | None,
+                     lengths: Tensor | None = None) -> list[tuple[list[int], float, str]]:
         """Greedy decoding of a batch of windows whose rows leave the batch as they finish: each step runs only the
-        unfinished rows, their self-attention caches and cross-attention k/v selected down with them. Per row the
-        same steps, suppression and stop rules as `sample_decode` at temperature 0."""
+        unfinished rows, their self-attention caches and cross-attention k/v (and key mask) selected down with them.
+        Per row the same steps, suppression and stop rules as `sample_decode` at temperature 0."""
         tokenizer, budget, cache, tokens, (suppress, begin_suppress) = self._decode_start(audio_features, prompt,
-                                                                                         max_new_tokens)
+                                                                                         max_new_tokens, lengths)
         device, batch = audio_features.device, audio_features.shape[0]
         outputs: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
@@ -602,6 +722,8 @@ class WhisperModel(nn.Module):
                     if isinstance(key, tuple):
                         k, v = cache[key]
                         cache[key] = (k.index_select(0, index), v.index_select(0, index))
+                if cache["cross_mask"] is not None:
+                    cache["cross_mask"] = cache["cross_mask"].index_select(0, index)
                 next_ids = next_ids.index_select(0, index)
                 active = [active[p] for p in keep]
             tokens = next_ids[:, None]
@@ -613,7 +735,8 @@ class WhisperModel(nn.Module):
                    temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES, best_of: int = 5,
                    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                    logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
-                   repetition_min_tokens: int = 16, seed: int = 0, batch_size: int = 8) -> str | list[str]:
+                   repetition_min_tokens: int = 16, seed: int = 0, batch_size: int = 8, window: str = "full",
+                   compute_type: str = "float32") -> str | list[str]:
         """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps; for a list
         of clips, the list of their transcripts.
 
@@ -623,6 +746,16 @@ class WhisperModel(nn.Module):
         own generator seeded with `seed`. Every transcript equals `transcribe` of that clip alone. A clip that is
         None, empty, NaN / infinite, of a non-numeric dtype or of an unreadable shape raises a ValueError naming its
         index in the list.
+
+        Speed options (the same for one clip and a list; docs/audio.md#transcription compares them):
+        - `window="full"` (default) encodes every window as 30 s, as Whisper was trained and openai-whisper /
+          faster-whisper run it. "trimmed" encodes a window only as far as its audio plus 3-4 s of Whisper's silence
+          padding (trimmed_frames: whole seconds, at most 30 s): a 3-6 s clip is encoded as 6-9 s instead of 30 s.
+          The model then attends to fewer padding frames than in training, so transcripts can differ from the full
+          window's; a list's windows are batched longest first.
+        - `compute_type="int8"` runs the encoder layers' and decoder's projections (and the decoder's output
+          projection over the vocabulary) as dynamic int8 GEMMs: int8 weights per output channel, activations
+          quantised per call, like faster-whisper's compute_type="int8"; "float32" (default) is exact.
 
         Audio longer than 30 s is cut into consecutive 30 s windows whose transcripts are joined with spaces;
         `batch_windows` windows go through the first (greedy) pass together. Each window, as in openai-whisper:
@@ -640,14 +773,10 @@ class WhisperModel(nn.Module):
             language=language, task=task, max_new_tokens=max_new_tokens, beam_size=beam_size,
             temperatures=temperatures, best_of=best_of, compression_ratio_threshold=compression_ratio_threshold,
             logprob_threshold=logprob_threshold, repetition_limit=repetition_limit,
-            repetition_min_tokens=repetition_min_tokens, seed=seed)
+            repetition_min_tokens=repetition_min_tokens, seed=seed, window=window, compute_type=compute_type)
         if isinstance(audio, list):
             return [" ".join(w.text for w in windows if w.text)
                     for windows in self.decode_clips(audio, batch_size=batch_size, batch_windows=batch_windows,
                                                      **options)]
-        windows = self.decode_windows(
-            audio, language=language, task=task, max_new_tokens=max_new_tokens, batch_windows=batch_windows,
-            beam_size=beam_size, temperatures=temperatures, best_of=best_of,
-            compression_ratio_threshold=compression_ratio_threshold, logprob_threshold=logprob_threshold,
-            repetition_limit=repetition_limit, repetition_min_tokens=repetition_min_tokens, seed=seed)
+        windows = self.decode_windows(audio, batch_windows=batch_windows, **options)
         return " ".join(w.text for w in windows if w.text)

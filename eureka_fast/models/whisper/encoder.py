@@ -7,11 +7,19 @@ without autograd updates the residual stream in place on the CPU kernels behind 
 q's and v's biases itself, packed-weight GEMMs with fused epilogues, bias + GELU, add + LayerNorm), with qkv and the
 MLP hidden in per-thread scratch buffers. Inputs shorter than 3000 frames are accepted (positions sliced); with
 `lengths`, padded frames are masked so each item's valid outputs equal running it alone, unpadded.
+
+Inside `int8_linears()` the transformer layers' projections (and the decoder's, see decoding.py) run as dynamic int8
+GEMMs instead: weights quantised once per output channel, activations per row on each call (torch's
+`quantized::linear_dynamic`), the convolution stem, LayerNorms and attention staying float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +30,8 @@ from ...ops import packed_linear, registry, rowwise
 from ...ops.attention import attention as attention_op
 from ...ops.scratch import scratch
 
-__all__ = ["WhisperDims", "WhisperEncoder", "sinusoids", "encoder_flops"]
+__all__ = ["WhisperDims", "WhisperEncoder", "sinusoids", "encoder_flops", "int8_linears", "int8_enabled",
+           "int8_linear"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -85,6 +94,85 @@ def encoder_flops(dims: WhisperDims, frames: int = 3000, batch: int = 1) -> floa
     conv = 2 * frames * n_mels * 3 * d + 2 * t * d * 3 * d
     per_layer = 2 * t * d * (3 * d + d + 8 * d) + 2 * 2 * t * t * d
     return float(batch * (conv + dims.n_audio_layer * per_layer))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dynamic int8 projections (opt-in, like faster-whisper's compute_type="int8")
+
+_INT8 = contextvars.ContextVar("eureka_fast_whisper_int8", default=False)
+
+
+@contextlib.contextmanager
+def int8_linears(enabled: bool = True):
+    """Within this block (this thread / task), Whisper's encoder layers and decoder run their projections as dynamic
+    int8 GEMMs (`int8_linear`). A context variable rather than a module flag: one model serves int8 and float32
+    calls side by side, and the Eureka model's encoder is never affected."""
+    token = _INT8.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _INT8.reset(token)
+
+
+def int8_enabled() -> bool:
+    return _INT8.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_range() -> bool:
+    """7-bit activations where int8 GEMMs use vpmaddubsw (its int16 sums can saturate with 8 bits), full 8 bits on
+    CPUs with VNNI (exact int32 dot products)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return True
+    return not ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
+def _int8_packed(module: nn.Module, name: str, weight: Tensor):
+    """`weight` [out, in] quantised to int8 per output channel (symmetric: scale = max |w| / 127) and prepacked for
+    `quantized::linear_dynamic`, cached on `module` and redone when the weight changes (like _packed_weight)."""
+    try:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    except RuntimeError:  # inference tensors have no version counter: key on the storage alone
+        key = (weight.data_ptr(), None, tuple(weight.shape))
+    cache = module.__dict__.setdefault("_int8_weights", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        w = weight.detach().float().contiguous()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).double()
+        with warnings.catch_warnings():  # torch 2.13 marks quantised tensors deprecated; they are what prepack takes
+            warnings.simplefilter("ignore", UserWarning)
+            quantised = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0,
+                                                   torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(quantised, None)
+    cache[name] = (key, packed)
+    return packed
+
+
+def int8_linear(module: nn.Module, name: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b with W in int8 (cached on `module` under `name`) and x quantised per call, per row; float32 out.
+    No autograd. The bias is added after the GEMM, so a bias built per call (the fused q/k/v one) does not defeat
+    the cache."""
+    packed = _int8_packed(module, name, weight)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    count, width = rows.shape
+    # linear_dynamic quantises its input with one range (min, max) per call. Each row is divided by its own max |x|
+    # (the output rows multiplied back), and one extra row [1, -1, 0, ...] pins that range to [-1, 1]: one scale
+    # per row, as CTranslate2 quantises, so Whisper's outlier rows do not flatten the others to a few levels, and a
+    # row's result does not depend on which rows share its batch.
+    row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+    scaled = rows.new_empty((count + 1, width))
+    torch.div(rows, row_scale, out=scaled[:count])
+    scaled[count].zero_()
+    scaled[count, :2] = torch.tensor([1.0, -1.0])[:width]
+    out = torch.ops.quantized.linear_dynamic(scaled, packed, _reduce_range())[:count].mul_(row_scale)
+    if bias is not None:
+        out.add_(bias.float())
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -290,6 +378,20 @@ class EncoderLayer(nn.Module):
             flat.addmm_(hidden, self.fc2.weight.t())
         return x
 
+    def _forward_int8(self, x: Tensor, key_lengths: Tensor | None) -> Tensor:
+        """The layer with its four projections as dynamic int8 GEMMs (`int8_linear`); LayerNorms, attention (our
+        kernel, masked by key_lengths) and GELU in float32. No autograd."""
+        batch, length, d = x.shape
+        n_head = self.attn.n_head
+        qkv = int8_linear(self, "qkv", self.attn_norm(x), self.attn.qkv_weight)
+        q, k, v = qkv.view(batch, length, 3, n_head, d // n_head).permute(2, 0, 3, 1, 4)
+        attended = attention_op(q, k, v, key_lengths, q_bias=self.attn.q_bias, v_bias=self.attn.v_bias)
+        attended = attended.transpose(1, 2).reshape(batch, length, d)
+        x = x + int8_linear(self, "out", attended, self.attn.out.weight, self.attn.out.bias)
+        hidden = int8_linear(self, "fc1", self.mlp_norm(x), self.fc1.weight)
+        rowwise.bias_gelu_(hidden.view(-1, hidden.shape[-1]), self.fc1.bias.float())
+        return x.add_(int8_linear(self, "fc2", hidden, self.fc2.weight, self.fc2.bias))
+
 
 class WhisperEncoder(nn.Module):
     """Whisper audio encoder. forward(mel [B, n_mels, F <= 2 * n_audio_ctx], lengths=None) -> [B, ceil(F/2), d].
@@ -362,6 +464,10 @@ class WhisperEncoder(nn.Module):
         if _needs_autograd(x, self.layers[0].fc1.weight if len(self.layers) else self.conv2.weight):
             for layer in self.layers:
                 x = layer(x, attn_mask, out_lengths)
+            return self.final_norm(x)
+        if int8_enabled():
+            for layer in self.layers:
+                x = layer._forward_int8(x, out_lengths)
             return self.final_norm(x)
         # inference: each layer's fc2 bias is added by the next LayerNorm's pass over the stream
         pending = None
