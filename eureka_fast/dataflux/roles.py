@@ -37,6 +37,8 @@ class ClipContext:
     seed: int = 0
     cache: dict = dataclasses.field(default_factory=dict)
     events: Counter = dataclasses.field(default_factory=Counter)
+    locks: dict = dataclasses.field(default_factory=dict)  # asyncio locks: a measurement is made once per clip
+    started: float | None = None  # time.perf_counter() when reading the clip began
 
     def wav_b64(self) -> str:
         if "wav_b64" not in self.cache:
@@ -61,6 +63,53 @@ async def _strict(client: OpenAIChatClient, ctx: ClipContext, messages, parse, j
 
 # ================================================================================================== captioner
 
+CAPTIONER_FACTS_KEY = "captioner-facts"  # ctx.cache entry of the built-in captioner's measured facts
+
+
+def transcript_key(asr) -> str:
+    """ctx.cache entry of a recogniser's transcript of the clip (the answerers read the same entry)."""
+    return f"asr:{getattr(asr, 'name', id(asr))}"
+
+
+def logprob_key(asr) -> str:
+    """ctx.cache entry of that transcript's mean token log-probability (None when the recogniser gives none)."""
+    return f"asr-logprob:{getattr(asr, 'name', id(asr))}"
+
+
+def cached_transcript(ctx, asr) -> tuple[str, float | None]:
+    """(transcript, mean token log-probability) of the clip by `asr`, transcribed once per clip."""
+    key = transcript_key(asr)
+    if ctx.cache.get(key) is None:
+        text = asr.transcribe(ctx.audio)
+        ctx.cache[logprob_key(asr)] = getattr(asr, "last_avg_logprob", None)
+        ctx.cache[key] = text
+    return ctx.cache[key], ctx.cache.get(logprob_key(asr))
+
+
+def caption_facts(audio, transcript: str, confidence, check_name, check_text) -> dict:
+    """The built-in captioner's facts of one clip given its recognisers' output: the signal analysis plus the
+    transcript's confidence and its check against the second recogniser (`check_name` None: none installed).
+    A plain function of its arguments, so the batched loop can run it in a worker process."""
+    from .asr import check_transcript
+    from .captioner import analyse
+
+    extra = {}
+    if transcript.strip():
+        if confidence is not None:
+            extra["transcript_avg_logprob"] = round(float(confidence), 3)
+        if check_name is not None:
+            extra["transcript_check"] = check_transcript(transcript, check_text, check_name)
+        else:
+            extra["transcript_check"] = {"recogniser": None, "verified": False,
+                                         "reason": "no second recogniser installed"}
+    # syllables from the text only when a second recogniser confirms it (or, with none, when the recogniser is
+    # confident): text in a language the recogniser does not know miscounts
+    check = extra.get("transcript_check")
+    reliable = (check["verified"] if check and check.get("recogniser")
+                else confidence is None or confidence > -1.0)
+    return {**analyse(audio, transcript, transcript_reliable=reliable), **extra}
+
+
 class BuiltinCaptionerRole:
     def __init__(self, asr="auto", **unknown):
         if unknown:
@@ -73,35 +122,36 @@ class BuiltinCaptionerRole:
         self._impl = BuiltinCaptioner(self.asr)
         self.name = self._impl.name
 
+    measures_signal = True
+
+    def recognisers(self) -> list:
+        return [a for a in (self.asr, self.check_asr) if a is not None]
+
+    def analysis_jobs(self, ctx) -> list:
+        """[(cache key, function, args)]: the facts, once the clip's transcripts are cached."""
+        if CAPTIONER_FACTS_KEY in ctx.cache or ctx.cache.get(transcript_key(self.asr)) is None:
+            return []
+        transcript, confidence = cached_transcript(ctx, self.asr)
+        check_name = check_text = None
+        if self.check_asr is not None and transcript.strip():
+            check_text = ctx.cache.get(transcript_key(self.check_asr))
+            if check_text is None:
+                return []
+            check_name = self.check_asr.name
+        return [(CAPTIONER_FACTS_KEY, caption_facts, (ctx.audio, transcript, confidence, check_name, check_text))]
+
     async def caption(self, ctx):
+        from .captioner import caption_from_facts
+
         def work():
-            from .asr import check_transcript
-            from .captioner import analyse, caption_from_facts
-
-            def transcribe(asr):
-                key = f"asr:{asr.name}"
-                if ctx.cache.get(key) is None:
-                    ctx.cache[key] = asr.transcribe(ctx.audio)
-                return ctx.cache[key]
-
-            transcript = transcribe(self.asr)
-            confidence = getattr(self.asr, "last_avg_logprob", None)
-            extra = {}
-            if transcript.strip():
-                if confidence is not None:
-                    extra["transcript_avg_logprob"] = round(float(confidence), 3)
-                if self.check_asr is not None:
-                    extra["transcript_check"] = check_transcript(transcript, transcribe(self.check_asr),
-                                                                 self.check_asr.name)
-                else:
-                    extra["transcript_check"] = {"recogniser": None, "verified": False,
-                                                 "reason": "no second recogniser installed"}
-            # syllables from the text only when a second recogniser confirms it (or, with none, when the
-            # recogniser is confident): text in a language the recogniser does not know miscounts
-            check = extra.get("transcript_check")
-            reliable = (check["verified"] if check and check.get("recogniser")
-                        else confidence is None or confidence > -1.0)
-            facts = {**analyse(ctx.audio, transcript, transcript_reliable=reliable), **extra}
+            facts = ctx.cache.get(CAPTIONER_FACTS_KEY)
+            if facts is None:
+                transcript, confidence = cached_transcript(ctx, self.asr)
+                check_name = check_text = None
+                if self.check_asr is not None and transcript.strip():
+                    check_name, check_text = self.check_asr.name, cached_transcript(ctx, self.check_asr)[0]
+                facts = caption_facts(ctx.audio, transcript, confidence, check_name, check_text)
+                ctx.cache[CAPTIONER_FACTS_KEY] = facts
             return caption_from_facts(facts), facts
 
         return await asyncio.to_thread(work)
@@ -116,6 +166,16 @@ class HTTPCaptionerRole:
         self.client = OpenAIChatClient("captioner", json_mode=True, **client_opts)
         self.builtin = BuiltinCaptionerRole(asr=asr) if builtin_facts else None
         self.name = self.client.name + ("+builtin-facts" if builtin_facts else "")
+
+    @property
+    def measures_signal(self) -> bool:
+        return self.builtin is not None
+
+    def recognisers(self) -> list:
+        return self.builtin.recognisers() if self.builtin is not None else []
+
+    def analysis_jobs(self, ctx) -> list:
+        return self.builtin.analysis_jobs(ctx) if self.builtin is not None else []
 
     async def caption(self, ctx):
         messages = [{"role": "user", "content": [audio_part(ctx.wav_b64()), {"type": "text", "text": self.PROMPT}]}]
@@ -190,6 +250,29 @@ class HTTPGeneratorRole:
 
 # ================================================================================================== answerers
 
+class _GivenTranscript:
+    """A recogniser that only knows the one transcript it was given (for measuring in a worker process)."""
+
+    name = "given-transcript"
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def transcribe(self, audio) -> str:
+        return self.text
+
+
+def answerer_measurements(method: str, audio, transcript: str, clip_id: str, path: str, seed: int) -> dict:
+    """A built-in answerer's measurements of one clip, given the transcript its recogniser made. A plain function
+    of its arguments, so the batched loop can run it in a worker process."""
+    from .builtin_roles import MeasuringAnswerer
+
+    given = _GivenTranscript(transcript)
+    ctx = ClipContext(clip_id=clip_id, path=path, audio=audio, seed=seed)
+    ctx.cache[transcript_key(given)] = transcript
+    return MeasuringAnswerer(method, given, None).measure(ctx)
+
+
 class BuiltinAnswererRole:
     def __init__(self, role, taxonomy, method=None, asr="auto", **unknown):
         if unknown:
@@ -201,7 +284,28 @@ class BuiltinAnswererRole:
         self._impl = MeasuringAnswerer(method, get_asr(asr), taxonomy)
         self.name = self._impl.name
 
+    measures_signal = True
+
+    @property
+    def _measure_key(self) -> str:
+        return f"answerer-{self._impl.method}"  # where MeasuringAnswerer.measure keeps its result
+
+    def recognisers(self) -> list:
+        return [self._impl.asr]
+
+    def analysis_jobs(self, ctx) -> list:
+        transcript = ctx.cache.get(transcript_key(self._impl.asr))
+        if self._measure_key in ctx.cache or transcript is None:
+            return []
+        return [(self._measure_key, answerer_measurements,
+                 (self._impl.method, ctx.audio, transcript, ctx.clip_id, ctx.path, ctx.seed))]
+
     async def answer(self, ctx, question):
+        # the questions of a clip are answered concurrently; its measurements are made once, not once per question
+        if self._measure_key not in ctx.cache:
+            async with ctx.locks.setdefault(self._measure_key, asyncio.Lock()):
+                if self._measure_key not in ctx.cache:
+                    await asyncio.to_thread(self._impl.measure, ctx)
         return await asyncio.to_thread(self._impl.answer, ctx, question)
 
 
@@ -282,6 +386,27 @@ class Roles:
 
     def names(self) -> dict:
         return {r: getattr(self, r).name for r in ROLE_NAMES}
+
+    def measures_signal(self) -> bool:
+        """Whether any role analyses the audio itself (and so has analysis jobs for a batch)."""
+        return any(getattr(getattr(self, r), "measures_signal", False) for r in ROLE_NAMES)
+
+    def recognisers(self) -> list:
+        """The speech recognisers the roles read transcripts from, one per cache entry."""
+        found = {}
+        for r in ROLE_NAMES:
+            for asr in getattr(getattr(self, r), "recognisers", lambda: [])():
+                found.setdefault(transcript_key(asr), asr)
+        return list(found.values())
+
+    def analysis_jobs(self, ctx) -> list:
+        """[(cache key, function, args)]: the roles' per-clip signal analysis, each a plain function of picklable
+        arguments whose result the role reads from ctx.cache[key] instead of measuring itself."""
+        jobs = {}
+        for r in ROLE_NAMES:
+            for key, fn, args in getattr(getattr(self, r), "analysis_jobs", lambda _ctx: [])(ctx):
+                jobs.setdefault(key, (key, fn, args))
+        return list(jobs.values())
 
     async def aclose(self):
         for r in ROLE_NAMES:

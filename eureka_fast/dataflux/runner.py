@@ -13,8 +13,8 @@ from ..cli import Interrupted
 
 DEFAULT_CONFIG = {
     "pipeline": {"rounds": 3, "questions_per_category": 5, "shard_size": 200, "executor": "local", "workers": 2,
-                 "seed": 0, "taxonomy": None, "categories": None, "ray_address": None, "ray_num_cpus": None,
-                 "ray_batch_size": 4},
+                 "batch_size": 8, "seed": 0, "taxonomy": None, "categories": None, "ray_address": None,
+                 "ray_num_cpus": None, "ray_batch_size": 4},
     "roles": {},
 }
 PIPELINE_KEYS = set(DEFAULT_CONFIG["pipeline"]) | {"workers_per_task"}
@@ -47,6 +47,10 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
     unknown = set(cfg["pipeline"]) - PIPELINE_KEYS
     if unknown:
         raise ConfigError(f"unknown pipeline option(s) {sorted(unknown)}")
+    for key in ("batch_size", "workers"):
+        value = cfg["pipeline"][key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"pipeline.{key} must be an integer >= 1, got {value!r}")
     if cfg["pipeline"]["executor"] not in ("local", "ray"):
         raise ConfigError(f"pipeline.executor must be local or ray, got {cfg['pipeline']['executor']!r}")
     if cfg["pipeline"]["taxonomy"]:
@@ -76,12 +80,13 @@ def check_run_arguments(audio_dir: str, out_dir: str) -> list[str]:
 
 
 def run_dataflux(audio_dir: str | None, out_dir: str, config: dict | None = None, *, resume: bool = False,
-                 progress: bool = True, limit: int | None = None, log=None) -> dict:
+                 progress: bool = True, limit: int | None = None, log=None, timings: dict | None = None) -> dict:
     """Run (or resume) a DataFlux job. Returns the stats dict.
 
     A new run checks its arguments before it writes anything; if it then fails before any clip is committed,
     the files it made are removed again (an empty or half-made --out would refuse the next run). Ctrl-C / SIGTERM
-    (KeyboardInterrupt) stops it with every finished clip committed and raises RunInterrupted."""
+    (KeyboardInterrupt) stops it with every finished clip committed and raises RunInterrupted. `timings`, if given,
+    collects the seconds the batched local loop spent per stage (transcription per recogniser, analysis per kind)."""
     from .store import RunStore
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -105,7 +110,7 @@ def run_dataflux(audio_dir: str | None, out_dir: str, config: dict | None = None
         made = _created_paths(store.out)
         store.create({"config": config, "audio_dir": audio_dir})
     try:
-        return _run(store, audio_dir, config, files, progress, limit, log)
+        return _run(store, audio_dir, config, files, progress, limit, log, timings)
     except KeyboardInterrupt as exc:
         done = len(store.manifest["done"])
         raise RunInterrupted(f"{done} clip(s) committed in {store.out}; continue with: eureka-audio dataflux "
@@ -140,7 +145,7 @@ def _remove(out: str, paths):
                 os.remove(os.path.join(out, fn))
 
 
-def _run(store, audio_dir, config, files, progress, limit, log) -> dict:
+def _run(store, audio_dir, config, files, progress, limit, log, timings=None) -> dict:
     from .audio_io import list_audio_files
     from .pipeline import clip_id_for
     from .stats import format_table, write_stats
@@ -156,8 +161,10 @@ def _run(store, audio_dir, config, files, progress, limit, log) -> dict:
     done = store.done_ids
     todo = [it for it in items if it[0] not in done]
     p = config["pipeline"]
+    batch_size = int(p.get("batch_size") or DEFAULT_CONFIG["pipeline"]["batch_size"])
     log(f"dataflux: {len(items)} clips in {audio_dir}, {len(items) - len(todo)} already done, {len(todo)} to do; "
-        f"executor={p['executor']} workers={p['workers']} out={store.out}")
+        f"executor={p['executor']} workers={p['workers']}"
+        + (f" batch_size={batch_size}" if p["executor"] == "local" else "") + f" out={store.out}")
     store.mark_complete(False)
     t0 = time.perf_counter()
     if todo:
@@ -169,7 +176,7 @@ def _run(store, audio_dir, config, files, progress, limit, log) -> dict:
         else:
             from .executors import iter_local
 
-            stream = iter_local(todo, config, int(p["workers"]))
+            stream = iter_local(todo, config, int(p["workers"]), batch_size=batch_size, timings=timings)
         _drain(stream, store, int(p["shard_size"]), len(todo), progress)
     elapsed = time.perf_counter() - t0
     store.mark_complete(True)
