@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from ..fsutil import atomic_write  # also used by stats.py
 
@@ -28,6 +29,9 @@ MANIFEST = "manifest.json"
 LEDGERS = ("captions.jsonl", "clips.jsonl")
 SHARD_DIRS = ("data", "rejected")
 _CRASH_ENV = "EUREKA_DATAFLUX_CRASH_AT"  # test hook: "<point>:<n>" exits hard at the n-th time `point` is reached
+# test hook: "<point>:<n>:<seconds>" sleeps at the n-th time `point` is reached, so an interrupt test can signal a
+# run that is certainly still going (a batch commits its clips within milliseconds of each other)
+_PAUSE_ENV = "EUREKA_DATAFLUX_PAUSE_AT"
 
 
 def jsonl_bytes(records) -> bytes:
@@ -38,7 +42,16 @@ _crash_counts: dict = {}
 
 
 def crash_point(name: str):
-    """Test hook for kill-at-any-point tests; a no-op unless EUREKA_DATAFLUX_CRASH_AT names this point."""
+    """Test hooks for kill-at-any-point and interrupt tests; no-ops unless EUREKA_DATAFLUX_CRASH_AT or
+    EUREKA_DATAFLUX_PAUSE_AT names this point."""
+    pause = os.environ.get(_PAUSE_ENV)
+    if pause:
+        point, nth, seconds = (pause.split(":") + ["1", "30"])[:3]
+        if point == name:
+            key = "pause:" + name
+            _crash_counts[key] = _crash_counts.get(key, 0) + 1
+            if _crash_counts[key] == int(nth or 1):
+                time.sleep(float(seconds))
     spec = os.environ.get(_CRASH_ENV)
     if not spec:
         return

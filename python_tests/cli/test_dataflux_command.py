@@ -120,8 +120,10 @@ def test_interrupt_commits_finished_clips_and_resume_continues(sig, code, word, 
     for i in range(n):
         write_tone(audio / f"c{i}.wav", 2.0, 120 + 30 * i)
     out = tmp_path / "out"
+    # the run pauses after committing its first clip: otherwise its batch commits the rest within milliseconds
+    # and may finish before the signal arrives
     proc = popen_cli("dataflux", "run", "--audio-dir", audio, "--out", out, "--config", offline_config,
-                     "--no-progress")
+                     "--no-progress", env_extra={"EUREKA_DATAFLUX_PAUSE_AT": "after_manifest:1:60"})
     try:
         if not _wait_for_committed(out, 1, proc):
             pytest.skip("the run finished (or stalled) before it could be interrupted")

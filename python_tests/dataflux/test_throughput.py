@@ -214,7 +214,9 @@ def test_ctrl_c_to_the_process_group_keeps_finished_clips_then_resume(no_asr_run
     audio_dir, cfg, reference = no_asr_run
     out = str(tmp_path / "out")
     # its own session, so the signal reaches the run and its analysis workers, as Ctrl-C in a terminal does
-    proc = _cli(["run", "--audio-dir", audio_dir, "--out", out, "--config", cfg], start_new_session=True)
+    # paused after its first commit, so the signal certainly finds it running (a batch commits within milliseconds)
+    proc = _cli(["run", "--audio-dir", audio_dir, "--out", out, "--config", cfg], start_new_session=True,
+                env=dict(os.environ, EUREKA_DATAFLUX_PAUSE_AT="after_manifest:1:60"))
     manifest = os.path.join(out, "manifest.json")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
