@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,7 +33,15 @@ def run_cli(*args, timeout: float = 240, env_extra: dict | None = None, cwd=None
                           env=cli_env(**(env_extra or {})), cwd=cwd)
 
 
+def default_sigint() -> None:
+    """preexec_fn for commands a test interrupts: a shell without job control starts background jobs with SIGINT
+    ignored, and a Python started that way never turns Ctrl-C into KeyboardInterrupt; a terminal's Ctrl-C reaches
+    a command with the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_cli(*args, env_extra: dict | None = None, **kwargs) -> subprocess.Popen:
+    kwargs.setdefault("preexec_fn", default_sigint)
     return subprocess.Popen(cli_command() + [str(a) for a in args], env=cli_env(**(env_extra or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 

@@ -123,12 +123,12 @@ def test_interrupt_commits_finished_clips_and_resume_continues(sig, code, word, 
     # the run pauses after committing its first clip: otherwise its batch commits the rest within milliseconds
     # and may finish before the signal arrives
     proc = popen_cli("dataflux", "run", "--audio-dir", audio, "--out", out, "--config", offline_config,
-                     "--no-progress", env_extra={"EUREKA_DATAFLUX_PAUSE_AT": "after_manifest:1:60"})
+                     "--no-progress", env_extra={"EUREKA_DATAFLUX_PAUSE_AT": "after_manifest:1:5"})
     try:
         if not _wait_for_committed(out, 1, proc):
             pytest.skip("the run finished (or stalled) before it could be interrupted")
         proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
