@@ -213,10 +213,9 @@ def test_crash_mid_batch_then_resume(no_asr_run, tmp_path):
 def test_ctrl_c_to_the_process_group_keeps_finished_clips_then_resume(no_asr_run, tmp_path):
     audio_dir, cfg, reference = no_asr_run
     out = str(tmp_path / "out")
-    # its own session, so the signal reaches the run and its analysis workers, as Ctrl-C in a terminal does
-    # paused after its first commit, so the signal certainly finds it running (a batch commits within milliseconds)
-    # SIGINT at its default disposition, as a terminal's Ctrl-C finds it (a shell without job control starts
-    # background jobs with it ignored, and a Python started that way never raises KeyboardInterrupt)
+    # As Ctrl-C in a terminal finds it: its own process group (the signal reaches the analysis workers too) and
+    # SIGINT at its default disposition (a shell without job control starts background jobs with it ignored). The
+    # run pauses after its first commit, so the signal finds it running: a batch commits within milliseconds.
     proc = _cli(["run", "--audio-dir", audio_dir, "--out", out, "--config", cfg], start_new_session=True,
                 env=dict(os.environ, EUREKA_DATAFLUX_PAUSE_AT="after_manifest:1:5"),
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
