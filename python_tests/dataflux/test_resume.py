@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -13,6 +12,7 @@ from mock_openai import MockOpenAIServer, http_roles
 
 from eureka_fast.dataflux.runner import load_config, run_dataflux
 from eureka_fast.dataflux.store import RunStore
+from run_helpers import wait_for_committed
 
 
 def snapshot(out):
@@ -93,15 +93,8 @@ def test_sigkill_offline_run_then_resume(tiny_audio_dir, tmp_path):
                              "--out", out, "--config", str(cfg), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = os.path.join(out, "manifest.json")
-    deadline = time.time() + 180
     # kill once a clip is committed (so the kill lands mid-run, between or inside commits)
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.load(open(manifest))["done"]) >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_for_committed(manifest, 1, proc)
     if proc.poll() is not None:
         pytest.skip("run finished before it could be killed")
     os.kill(proc.pid, signal.SIGKILL)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from eureka_fast.dataflux import asr as asr_module
 from eureka_fast.dataflux.executors import AnalysisPool
 from eureka_fast.dataflux.runner import ConfigError, load_config, run_dataflux
 from eureka_fast.dataflux.store import RunStore
+from run_helpers import wait_for_committed
 
 CATEGORIES = ["speaker_gender", "background_noise", "spoken_word"]
 
@@ -220,14 +220,7 @@ def test_ctrl_c_to_the_process_group_keeps_finished_clips_then_resume(no_asr_run
                 env=dict(os.environ, EUREKA_DATAFLUX_PAUSE_AT="after_manifest:1:5"),
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = os.path.join(out, "manifest.json")
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.load(open(manifest))["done"]) >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_for_committed(manifest, 1, proc)
     if proc.poll() is not None:
         pytest.skip("run finished before it could be interrupted")
     os.killpg(proc.pid, signal.SIGINT)
