@@ -63,11 +63,14 @@ FOUR_FORMANT_BANDWIDTH_HZ = 4500.0  # F4 of a short vocal tract sits near 4.2 kH
 MAX_CLIPPED_FRACTION = 0.01  # more clipped samples than this: harmonics from the clipping distort the formants
 
 # Pitch level: against the speaker's sex when the sex is known with confidence (bands around the reference medians,
-# about one between-speaker spread either side), else against absolute bands of the adult population (below the
-# usual female range, above the usual male range).
+# about one between-speaker spread either side), else against absolute bands. The absolute bands are the outer edges
+# of the two sexes' bands: below 95 Hz a voice is low for a man and far below any woman's range, above 235 Hz high for
+# a woman and far above any man's, so an absolute "low" or "high" is what the sex-relative scale says whichever the
+# sex; in between the sex-relative level depends on the sex, and the absolute level is "medium" (within the adult
+# speaking range, Baken 2000: men about 85-155 Hz, women about 165-255 Hz).
 MALE_PITCH_BANDS = (95.0, 130.0)
 FEMALE_PITCH_BANDS = (175.0, 235.0)
-ABSOLUTE_PITCH_BANDS = (110.0, 250.0)
+ABSOLUTE_PITCH_BANDS = (MALE_PITCH_BANDS[0], FEMALE_PITCH_BANDS[1])
 
 # Speaking rate: syllables per second over the speech span (first to last speech, pauses inside included), the unit
 # of the published norms (docs/dataflux-facts.md): British English runs at about 140 (lectures) to 210 (conversation)
