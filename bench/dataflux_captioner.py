@@ -8,7 +8,14 @@ x 3 speeds = 108 clips, noise conditions round-robin (none, 30, 10, 5 dB SNR; wh
 sentences. Labels come from the captioner's documented classes applied to reference measurements on the clean
 signal (see synthetic.py), not from the espeak settings. The speaker-sex model takes its reference values from the
 phonetics literature (docs/dataflux-facts.md) and was fitted to no set; gender "unknown" counts as not correct in
-the accuracy, and the answered share and accuracy where answered are reported beside it.
+the accuracy, and the answered share and accuracy where answered are reported beside it. The pitch labels are
+relative to the voice's sex, which the captioner uses only where it names the sex: the bench reports the pitch level
+against the label where the sex is named and, where it is unknown, against the reference F0's class on the absolute
+bands, each with its share of the clips.
+
+--languages measures gender and speaking rate on espeak-ng voices speaking other languages (no recogniser:
+syllables counted in the signal), against references that need no language knowledge: the variant's sex and the
+syllables of espeak-ng's own phoneme transcription over the clean speech span.
 
 --noise-cross additionally measures the signal-only attributes (gender, pitch, noise; transcript = the known text,
 no ASR) on the grid with every clip in every noise condition (432 clips). --answerers measures the two built-in
@@ -24,6 +31,8 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 
+import numpy as np
+
 ATTRS = ("gender", "pitch_level", "speaking_rate", "noise")
 TARGETS = {"gender": 0.95, "speaking_rate": 0.90, "pitch_level": 0.85, "noise": 0.90}
 
@@ -36,7 +45,15 @@ def main(argv=None):
     ap.add_argument("--throughput-clips", type=int, default=12)
     ap.add_argument("--noise-cross", action="store_true")
     ap.add_argument("--answerers", action="store_true")
+    ap.add_argument("--languages", action="store_true", help="only the other-language check (see above)")
     args = ap.parse_args(argv)
+    if args.languages:
+        result = language_check()
+        print(language_markdown(result))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+        return 0
 
     from eureka_fast.dataflux.asr import get_asr, word_error_rate
     from eureka_fast.dataflux.acoustics import pitch_class
@@ -57,6 +74,10 @@ def main(argv=None):
     gender_rows = []  # per clip: the posterior, its sign and the label, for the reliability table
     pitch_on_basis = defaultdict(list)
     pitch_by_basis = defaultdict(list)  # label accuracy of the pitch level, split by the basis it was judged on
+    # The labels are relative to the voice's sex, and with the sex unknown the captioner states no sex-relative level:
+    # per condition, [clips, sex named, sex right, pitch = label where named, unknown, pitch = absolute class of the
+    # reference F0 where unknown], so the answer rate and the accuracy where answered are reported apart.
+    split = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
     asr_s = analyse_s = 0.0
     audio_s = 0.0
     for c in clips:
@@ -84,6 +105,18 @@ def main(argv=None):
             pitch_on_basis[cond].append(ok)
             pitch_on_basis["all"].append(ok)
             pitch_by_basis[facts.get("pitch_level_basis")].append(facts["pitch_level"] == c.labels["pitch_level"])
+        named = facts.get("gender") in ("male", "female")
+        for key in (cond, "all"):
+            row = split[key]
+            row[0] += 1
+            if named:
+                row[1] += 1
+                row[2] += facts["gender"] == c.labels["gender"]
+                row[3] += facts.get("pitch_level") == c.labels["pitch_level"]
+            else:
+                row[4] += 1
+                row[5] += bool(facts.get("pitch_level")) and facts["pitch_level"] == pitch_class(
+                    c.reference["f0_median_hz"], None)
         for a in ATTRS:
             ok = facts[a] == c.labels[a]
             correct[a].append(ok)
@@ -108,6 +141,7 @@ def main(argv=None):
         "gender_reliability": reliability_table(gender_rows),
         "pitch_level_on_stated_basis": {k: sum(v) / len(v) for k, v in sorted(pitch_on_basis.items())},
         "pitch_level_by_basis": {k: [sum(v), len(v)] for k, v in sorted(pitch_by_basis.items())},
+        "answered_split": dict(sorted(split.items(), key=lambda kv: kv[0] == "all")),
         "clips_per_second_analysis": len(clips) / analyse_s, "clips_per_second_asr": len(clips) / asr_s,
         "wer": {k: e / n for k, (e, n) in wer.items()},
         "label_counts": {a: dict(Counter(c.labels[a] for c in clips)) for a in ATTRS},
@@ -128,6 +162,83 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0
+
+
+# One everyday sentence per language (a train timetable announcement), written for this check.
+LANGUAGE_TEXTS = {
+    "en-us": "The train to the city leaves tomorrow morning at seven from the central station.",
+    "de": "Der Zug in die Stadt fährt morgen früh um sieben Uhr vom Hauptbahnhof ab.",
+    "fr": "Le train pour la ville part demain matin à sept heures de la gare centrale.",
+    "es": "El tren a la ciudad sale mañana por la mañana a las siete desde la estación central.",
+    "it": "Il treno per la città parte domani mattina alle sette dalla stazione centrale.",
+    "pl": "Pociąg do miasta odjeżdża jutro rano o siódmej z dworca centralnego.",
+    "ru": "Поезд в город отправляется завтра утром в семь часов с центрального вокзала.",
+    "fi": "Juna kaupunkiin lähtee huomenna aamulla kello seitsemän päärautatieasemalta.",
+    "tr": "Şehre giden tren yarın sabah saat yedide merkez istasyonundan kalkıyor.",
+}
+LANGUAGE_VOICES = ("m1", "m3", "f2", "f3")
+IPA_VOWELS = set("aeiouyɑɐɒæɔəɘɛɜɞɤɨɪʉʊʌʏøœɶɯɵɚɝ")
+
+
+def ipa_syllables(text: str, language: str) -> int:
+    """Syllables of espeak-ng's own phoneme transcription: vowel groups of its IPA output (a diphthong is one)."""
+    import subprocess
+
+    from eureka_fast.dataflux.espeak import command
+
+    ipa = subprocess.run((command() or ["espeak-ng"]) + ["-q", "--ipa", "-v", language, text], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    count, prev = 0, False
+    for ch in ipa:
+        vowel = ch in IPA_VOWELS
+        if vowel and not prev:
+            count += 1
+        if ch not in "ːˑ\u0303\u0361\u032f":  # length, nasal and tie marks do not split a vowel group
+            prev = vowel
+    return count
+
+
+def language_check():
+    """Gender and rate facts on espeak-ng voices in nine languages, no recogniser (rate from syllable nuclei)."""
+    from eureka_fast.dataflux.acoustics import rate_class
+    from eureka_fast.dataflux.captioner import analyse
+    from eureka_fast.dataflux.synthetic import SPEED_SETTINGS, WORD_GAP, speech_span, synthesize
+
+    rows = []
+    for lang, text in LANGUAGE_TEXTS.items():
+        syl = ipa_syllables(text, lang)
+        for voice in LANGUAGE_VOICES:
+            for speed in SPEED_SETTINGS:
+                audio = synthesize(text, voice, 50, speed, language=lang, word_gap=WORD_GAP.get(speed, 0))
+                audio = np.concatenate([np.zeros(6400, np.float32), audio, np.zeros(9600, np.float32)])
+                audio *= 0.5 / max(1e-9, float(np.max(np.abs(audio))))
+                lo, hi = speech_span(audio)
+                ref_sps = syl / ((hi - lo) / 16000)
+                f = analyse(audio, "", transcript_reliable=False)
+                rows.append({"language": lang, "voice": voice, "speed": speed, "sex": "male" if voice[0] == "m"
+                             else "female", "gender": f["gender"], "confidence": f["gender_confidence"],
+                             "f0": f["f0_median_hz"], "dispersion": f["formant_dispersion_hz"],
+                             "ref_syllables": syl, "ref_sps": round(ref_sps, 2), "sps": f["syllables_per_second"],
+                             "ref_rate": rate_class(ref_sps), "rate": f["speaking_rate"]})
+    return {"rows": rows}
+
+
+def language_markdown(r):
+    per = defaultdict(list)
+    for x in r["rows"]:
+        per[x["language"]].append(x)
+    lines = ["| language | clips | gender answered | right where answered | dispersion m1 / m3 / f2 / f3 (Hz) | "
+             "rate class = reference | syllables/s measured / reference (median ratio) |", "|---|---|---|---|---|---|---|"]
+    for lang, xs in per.items():
+        ans = [x for x in xs if x["gender"] in ("male", "female")]
+        right = sum(x["gender"] == x["sex"] for x in ans)
+        disp = " / ".join(f"{np.median([x['dispersion'] for x in xs if x['voice'] == v and x['dispersion']]):.0f}"
+                          for v in LANGUAGE_VOICES)
+        rate_ok = sum(x["rate"] == x["ref_rate"] for x in xs)
+        ratio = np.median([x["sps"] / x["ref_sps"] for x in xs if x["ref_sps"]])
+        lines.append(f"| {lang} | {len(xs)} | {len(ans)} | {right}/{len(ans)} | {disp} | {rate_ok}/{len(xs)} | "
+                     f"{ratio:.2f} |")
+    return "\n".join(lines)
 
 
 def answerer_gender(clips):
@@ -230,6 +341,20 @@ def markdown(r):
     if "pitch_level_by_basis" in r:
         lines.append("Pitch level = label, by the basis it was judged on: " + ", ".join(
             f"{k} {n}/{m}" for k, (n, m) in r["pitch_level_by_basis"].items()))
+    if "answered_split" in r:
+        lines += ["", "Answer rate and accuracy where answered (the labels are relative to the voice's sex; with the "
+                      "sex unknown the level is on the absolute bands, checked against the reference F0's absolute "
+                      "class):", "",
+                  "| condition | clips | sex named | sex right where named | pitch = label where the sex is named | "
+                  "pitch on the absolute bands where unknown |", "|---|---|---|---|---|---|"]
+
+        def pct(a, b):
+            return f"{a}/{b} ({100 * a / b:.1f}%)" if b else "-"
+
+        for k, (n, named, right, pitch, unknown, pitch_abs) in r["answered_split"].items():
+            lines.append(f"| {k} | {n} | {pct(named, n)} | {pct(right, named)} | {pct(pitch, named)} | "
+                         f"{pct(pitch_abs, unknown)} |")
+        lines.append("")
     if "gender_reliability" in r:
         from dataflux_real import reliability_markdown
 
