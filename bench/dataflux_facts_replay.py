@@ -6,7 +6,12 @@ recomputes the cues and the decision from them. The ceiling a variant uses is th
 measured band, so the replay of the shipped rule differs from the captioner's own by a few clips: compare rows with
 each other. Nothing here sets a threshold of the captioner.
 
-    PYTHONPATH=. python bench/dataflux_facts_replay.py [--cache measurements.pkl] [--limit N]
+    PYTHONPATH=. python bench/dataflux_facts_replay.py [--cache measurements.pkl] [--limit N] [--grid-detail]
+
+--grid-detail also prints, for the espeak-ng grid under the kept rule, where the captioner abstains: per espeak
+pitch setting and sex, the clips answered, the median F0 and formant dispersion with their LLRs, and the
+dispersion of each voice relative to its own -p 15 clips beside the formant scaling espeak-ng applies for the pitch
+setting (ESPEAK_FORMANT_SCALE).
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ import numpy as np
 SETTINGS = {5500.0: (5.0, 5.5), 5000.0: (4.5, 5.0), 4500.0: (4.0, 4.5), 3900.0: (3.5, 4.0), 3400.0: (3.0, 3.5),
             3000.0: (3.0, 3.0)}
 MAX_FRAMES = 200
+# espeak-ng raises every formant of a voice when the pitch setting is above 50 (wavegen.c, SetPitchFormants:
+# factor = 256 + 25 * (p - 50) / 50 in 1/256 units, integer arithmetic), to suit the higher voice: +8.2% at -p 92.
+ESPEAK_FORMANT_SCALE = {p: (256 + (25 * (p - 50)) // 50) / 256 if p > 50 else 1.0 for p in (15, 55, 60, 92)}
+KEPT = {"band": "level", "frames": "all", "max_bw": 700.0}
 NFFT = 512
 
 
@@ -44,7 +53,7 @@ def build_clips(limit=None):
                         sex=c.source.sex, audio=c.audio))
     for c in labelled_grid():
         out.append(dict(set="grid", id=c.clip_id, cond="clean" if c.snr_db is None else f"{int(c.snr_db)} dB",
-                        sex=c.labels["gender"], audio=c.audio, labels=c.labels))
+                        sex=c.labels["gender"], audio=c.audio, labels=c.labels, reference=c.reference))
     return out[:limit] if limit else out
 
 
@@ -151,6 +160,15 @@ def cues(r, v):
     return f0m, d, float(np.median(F[0, sel])), dropped
 
 
+def _llr(cue, value, v):
+    """The cue's uncapped LLR from the captioner's reference values, or the variant's (v["refs"][cue])."""
+    from eureka_fast.dataflux import acoustics as ac
+
+    ref = {**ac.SEX_CUES[cue], **v.get("refs", {}).get(cue, {})}
+    mu_m, mu_f = math.log(ref["male_hz"]), math.log(ref["female_hz"])
+    return (mu_f - mu_m) / ref["log_sd"] ** 2 * (math.log(value) - 0.5 * (mu_m + mu_f))
+
+
 def decide(r, v):
     """(likelier sex, posterior) under variant v; None without a speech span."""
     from eureka_fast.dataflux import acoustics as ac
@@ -160,13 +178,15 @@ def decide(r, v):
     f0m, d, f1, dropped = cues(r, v)
     total = 0.0
     if "f0" not in dropped and ac.cue_llr("f0", f0m) is not None:
-        total += float(np.clip(ac.cue_llr("f0", f0m), -v.get("f0_cap", 2.0), v.get("f0_cap", 2.0)))
+        cap = v.get("f0_cap", ac.SEX_CUES["f0"]["llr_cap"])
+        total += float(np.clip(_llr("f0", f0m, v), -cap, cap))
     if "dispersion" not in dropped and ac.cue_llr("dispersion", d) is not None:
         w = 1.0
         if v.get("trust") and math.isfinite(f1) and f0m > 0:
             lo, hi = v["trust"]
             w = float(np.clip((f1 / f0m - lo) / (hi - lo), 0.0, 1.0))
-        total += w * ac.cue_llr("dispersion", d)
+        cap = v.get("dispersion_cap", ac.SEX_CUES["dispersion"]["llr_cap"])
+        total += w * float(np.clip(_llr("dispersion", d, v), -cap, cap))
     p = 1 / (1 + math.exp(-total))
     return ("female" if p > 0.5 else "male"), max(p, 1 - p)
 
@@ -217,13 +237,67 @@ VARIANTS = {
     "kept + F0 cap 1.5 instead of 2.0": {"band": "level", "frames": "all", "max_bw": 700.0, "f0_cap": 1.5},
     "all voiced frames, one formant slot per 1.0 kHz (not 1.1)": {"band": "level", "frames": "all",
                                                                   "slots": "1.0 kHz"},
+    "kept, no caps (the joint likelihood of two independent lognormal cues)": {**KEPT, "f0_cap": math.inf,
+                                                                               "dispersion_cap": math.inf},
+    "kept, F0 references at the citation-form means (135 / 225 Hz)": {**KEPT, "refs": {
+        "f0": {"male_hz": 135.0, "female_hz": 225.0}}},
+    "kept, F0 references 110 / 200 Hz (lower running-speech means)": {**KEPT, "refs": {
+        "f0": {"male_hz": 110.0, "female_hz": 200.0}}},
+    "kept, dispersion spread 0.06 (anatomy only) instead of 0.08": {**KEPT, "refs": {
+        "dispersion": {"log_sd": 0.06}}},
 }
+
+
+def grid_detail(rows):
+    """Where the grid abstains under the kept rule, per sex and espeak pitch setting (see the module docstring)."""
+    from eureka_fast.dataflux import acoustics as ac
+
+    grid = [r for r in rows if r["set"] == "grid" and r.get("span") is not None and "f0" in r]
+    per = defaultdict(list)
+    for r in grid:
+        voice, pitch = r["id"].split("-")[1], int(r["id"].split("-")[2][1:])
+        f0, d, _, dropped = cues(r, KEPT)
+        sex, conf = decide(r, KEPT)
+        per[r["sex"], pitch].append(dict(voice=voice, f0=f0, d=d if "dispersion" not in dropped else float("nan"),
+                                         named=conf >= ac.GENDER_MIN_CONFIDENCE, right=sex == r["sex"],
+                                         cond=r["cond"], label=r["labels"]["pitch_level"]))
+    base = defaultdict(list)
+    for (sex, pitch), xs in per.items():
+        if pitch == 15:
+            for x in xs:
+                base[x["voice"]].append(x["d"])
+    base = {v: float(np.nanmedian(ds)) for v, ds in base.items()}
+    print("\n| sex | espeak -p | clips | answered | right where answered | median F0 (LLR) | median dispersion (LLR) "
+          "| dispersion / the voice's -p 15 | espeak formant scale | pitch labels |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (sex, pitch), xs in sorted(per.items()):
+        named = [x for x in xs if x["named"]]
+        f0 = float(np.median([x["f0"] for x in xs]))
+        d = float(np.nanmedian([x["d"] for x in xs]))
+        rel = float(np.nanmedian([x["d"] / base[x["voice"]] for x in xs]))
+        labels = ", ".join(f"{k} {sum(x['label'] == k for x in xs)}" for k in ("low", "medium", "high")
+                           if any(x["label"] == k for x in xs))
+        print(f"| {sex} | {pitch} | {len(xs)} | {len(named)} | {sum(x['right'] for x in named)} | "
+              f"{f0:.0f} Hz ({ac.cue_llr('f0', f0):+.2f}) | {d:.0f} Hz ({ac.cue_llr('dispersion', d):+.2f}) | "
+              f"{rel:.3f} | {ESPEAK_FORMANT_SCALE[pitch]:.3f} | {labels} |")
+    print("\nAnswered per voice and pitch setting (answered / clips):")
+    for (sex, pitch), xs in sorted(per.items()):
+        voices = defaultdict(list)
+        for x in xs:
+            voices[x["voice"]].append(x["named"])
+        print(f"- {sex} -p {pitch}: " + ", ".join(f"{v} {sum(n)}/{len(n)}" for v, n in sorted(voices.items())))
+    conds = defaultdict(list)
+    for xs in per.values():
+        for x in xs:
+            conds[x["cond"]].append(x["named"])
+    print("- by noise: " + ", ".join(f"{k} {sum(n)}/{len(n)}" for k, n in sorted(conds.items())))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", help="pickle of the per-clip measurements: read if it exists, else written")
     ap.add_argument("--limit", type=int, help="only the first N clips (a smoke run)")
+    ap.add_argument("--grid-detail", action="store_true", help="where the grid abstains (see above)")
     args = ap.parse_args(argv)
     if args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as fh:
@@ -248,6 +322,8 @@ def main(argv=None):
         gcells = (f"{100 * g[2] / g[0]:.0f}% | {100 * g[1] / g[0]:.0f} / {100 * g[2] / max(1, g[1]):.0f} | "
                   f"{100 * g[4] / max(1, g[3]):.0f}%") if g[0] else "- | - | -"
         print(f"| {name} | " + " | ".join(cell(real[c]) for c in conds) + f" | {gcells} |")
+    if args.grid_detail:
+        grid_detail(rows)
     return 0
 
 
