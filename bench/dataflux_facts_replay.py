@@ -243,7 +243,7 @@ VARIANTS = {
         "f0": {"male_hz": 135.0, "female_hz": 225.0}}},
     "kept, F0 references 110 / 200 Hz (lower running-speech means)": {**KEPT, "refs": {
         "f0": {"male_hz": 110.0, "female_hz": 200.0}}},
-    "kept, dispersion spread 0.06 (anatomy only) instead of 0.08": {**KEPT, "refs": {
+    "kept, dispersion spread 0.06 instead of 0.08 (a steeper formant cue)": {**KEPT, "refs": {
         "dispersion": {"log_sd": 0.06}}},
 }
 
