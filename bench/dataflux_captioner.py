@@ -228,7 +228,8 @@ def language_markdown(r):
     for x in r["rows"]:
         per[x["language"]].append(x)
     lines = ["| language | clips | gender answered | right where answered | dispersion m1 / m3 / f2 / f3 (Hz) | "
-             "rate class = reference | syllables/s measured / reference (median ratio) |", "|---|---|---|---|---|---|---|"]
+             "rate class = reference | syllables/s measured / reference (median ratio) |",
+             "|---|---|---|---|---|---|---|"]
     for lang, xs in per.items():
         ans = [x for x in xs if x["gender"] in ("male", "female")]
         right = sum(x["gender"] == x["sex"] for x in ans)
