@@ -409,7 +409,8 @@ def progress(run: dict):
     """One line per finished run on stderr, so a long benchmark shows its numbers as they come."""
     stages = ", ".join(f"{k} {v / run['clips']:.2f}" for k, v in sorted(run["stages"].items()) if v)
     print(f"[{time.strftime('%H:%M:%S')}] {run['label']}: {run['clips']} clips in {run['seconds']:.1f} s, "
-          f"{run['clips_per_second']:.3f} clips/s, {run.get('cpu_seconds_per_clip', 0):.2f} CPU s per clip, load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}; "
+          f"{run['clips_per_second']:.3f} clips/s, {run.get('cpu_seconds_per_clip', 0):.2f} CPU s per clip, "
+          f"load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}; "
           f"s per clip: {stages}", file=sys.stderr, flush=True)
 
 
