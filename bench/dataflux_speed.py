@@ -1,7 +1,14 @@
 """DataFlux throughput: the whole offline loop over espeak-ng clips of 3-6 s, one clip at a time against batched.
 
     python bench/dataflux_speed.py [--clips 16] [--modes loop,batched] [--batch-size 8] [--workers 2]
-                                   [--rounds 1] [--baseline-pythonpath DIR] [--json FILE]
+                                   [--rounds 1] [--baseline-pythonpath DIR] [--asr-window full|trimmed]
+                                   [--json FILE]
+    python bench/dataflux_speed.py --window-check 40
+
+--window-check N: no loop; N clips of the nano recipe's corpus plan (its sentence generator, voices, pitch, speed
+and noise settings; the first N training clips) transcribed by the captioner's recognisers over both windows,
+reporting each one's WER against the known text, its seconds per clip, and how often the second recogniser
+confirms the first (the clips that keep their word questions).
 
 Each mode runs `run_dataflux` with the default offline config (built-in roles: the Whisper tiny.en captioner with
 its second recogniser, the template generator, the two measuring answerers, the rule judge) over the same clips
@@ -35,7 +42,7 @@ MODES = ("loop", "batched")
 STAGES = (
     ("read", "read + decode the clip"),
     ("asr_primary", "ASR (Whisper tiny.en, ours)"),
-    ("asr_second", "second recogniser (faster-whisper beam 5)"),
+    ("asr_second", "second recogniser (faster-whisper beam 5 / ours int8 beam 5)"),
     ("caption_analysis", "captioner signal analysis"),
     ("generate", "question generation"),
     ("measure_a", "answerer a measurements"),
@@ -89,14 +96,16 @@ class StageClock:
         with self._lock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
-    def wrap(self, owner, attr, stage):
+    def wrap(self, owner, attr, stage, stage_of=None):
         original = getattr(owner, attr, None)
         if original is None:  # not in this version of the package
             return
         raw = inspect.getattr_static(owner, attr)
         clock = self
+        fixed_stage = stage
 
         def timed(*args, **kwargs):
+            stage = stage_of(args[0]) if stage_of is not None else fixed_stage
             depth = getattr(clock._local, stage, 0)
             setattr(clock._local, stage, depth + 1)
             t = time.perf_counter()
@@ -117,8 +126,14 @@ class StageClock:
         from eureka_fast.dataflux import asr, audio_io, builtin_roles, captioner, store
 
         self.wrap(audio_io, "read_clip_or_reject", "read")
-        self.wrap(asr.EurekaWhisperASR, "transcribe", "asr_primary")
-        self.wrap(asr.EurekaWhisperASR, "transcribe_batch", "asr_primary")
+        def which(recogniser):  # this tree's second recogniser is our own Whisper, decoded another way
+            second = getattr(asr, "SECOND_DECODING", None)
+            options = getattr(recogniser, "_options", {})
+            is_second = second is not None and all(options.get(k) == v for k, v in second.items())
+            return "asr_second" if is_second else "asr_primary"
+
+        self.wrap(asr.EurekaWhisperASR, "transcribe", None, which)
+        self.wrap(asr.EurekaWhisperASR, "transcribe_batch", None, which)
         self.wrap(asr.FasterWhisperASR, "transcribe", "asr_second")
         self.wrap(captioner, "analyse", "caption_analysis")
         self.wrap(builtin_roles.TemplateQueryGenerator, "generate", "generate")
@@ -169,17 +184,36 @@ def run_mode(mode: str, audio_dir: str, out_dir: str, args) -> dict:
     timings: dict = {}
     if "timings" in inspect.signature(run_dataflux).parameters:
         kwargs["timings"] = timings
+    if args.asr_window:
+        config["roles"] = {"captioner": {"asr_window": args.asr_window}}
     clock = StageClock()
     load_before = os.getloadavg()
+    cpu_before = process_tree_cpu()
     with clock.installed():
         t = time.perf_counter()
         stats = run_dataflux(audio_dir, out_dir, config, progress=False, log=lambda m: None, **kwargs)
         wall = time.perf_counter() - t
+    cpu = process_tree_cpu(wait_for_children=True) - cpu_before
     clips = stats["clips"]["total"]
     return {"mode": mode, "clips": clips, "seconds": wall, "clips_per_second": clips / wall,
+            "cpu_seconds_per_clip": cpu / clips, "asr_window": args.asr_window or "full",
             "stages": stage_seconds(clock.seconds, timings), "load_before": load_before,
             "load_after": os.getloadavg(), "kept": stats["questions"]["kept"], "failed": stats["clips"]["failed"],
             "batch_size": overrides.get("batch_size", 1), "workers": args.workers}
+
+
+def process_tree_cpu(wait_for_children: bool = False) -> float:
+    """User + system CPU seconds of this process and its finished child processes (the analysis workers; with
+    `wait_for_children`, up to 30 s for the workers of a finished run to exit, so that their time is counted)."""
+    import multiprocessing
+    import resource
+
+    if wait_for_children:
+        deadline = time.monotonic() + 30
+        while multiprocessing.active_children() and time.monotonic() < deadline:  # reaps the finished ones
+            time.sleep(0.05)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def warm_up(audio_dir: str, scratch: str, args):
@@ -196,8 +230,10 @@ def warm_up(audio_dir: str, scratch: str, args):
     for n, size in enumerate((1, 2) if "batch_size" in DEFAULT_CONFIG["pipeline"] else (None,)):
         if size is not None:
             overrides["batch_size"] = size
-        run_dataflux(one, os.path.join(scratch, f"warm_out{n}"), load_config(None, overrides), progress=False,
-                     log=lambda m: None)
+        config = load_config(None, overrides)
+        if args.asr_window:
+            config["roles"] = {"captioner": {"asr_window": args.asr_window}}
+        run_dataflux(one, os.path.join(scratch, f"warm_out{n}"), config, progress=False, log=lambda m: None)
 
 
 def records(out_dir: str) -> dict:
@@ -229,12 +265,72 @@ def markdown(result: dict) -> str:
         lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
     lines.append("| **wall, s per clip** | " + " | ".join(f"**{r['seconds'] / r['clips']:.3f}**" for r in runs) + " |")
     lines.append("| **clips/s** | " + " | ".join(f"**{r['clips_per_second']:.2f}**" for r in runs) + " |")
+    lines.append("| CPU s per clip (process tree, user + sys) | " + " | ".join(
+        f"{r['cpu_seconds_per_clip']:.2f}" if r.get("cpu_seconds_per_clip") else "-" for r in runs) + " |")
+    lines.append("| ASR window | " + " | ".join(r.get("asr_window", "full") for r in runs) + " |")
     lines.append("| kept records | " + " | ".join(str(r["kept"]) for r in runs) + " |")
     lines.append("| load average before / after (1 min) | " + " | ".join(
         f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}" for r in runs) + " |")
     lines.append("")
     for note in result["notes"]:
         lines.append(note)
+    return "\n".join(lines)
+
+
+def window_check(count: int) -> str:
+    """WER of each recogniser (both windows) on `count` recipe-like clips; a markdown table."""
+    import numpy as np
+    import torch
+
+    from eureka_fast.audio import load_audio
+    from eureka_fast.dataflux.asr import (SECOND_DECODING, check_transcript, get_asr, transcribe_many,
+                                          word_error_rate)
+    from eureka_fast.recipe.corpus import plan_corpus, synthesize_clip
+
+    plans = [p for p in plan_corpus(quick=False, seed=0) if p["split"] == "train"][:count]
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [synthesize_clip(p, scratch) for p in plans]
+        audios = [load_audio(os.path.join(scratch, r["audio"])) for r in rows]
+    durations = [a.size / 16000 for a in audios]
+    recognisers = [("full", get_asr("eureka")), ("trimmed", get_asr("eureka", window="trimmed")),
+                   ("full", get_asr("eureka", **SECOND_DECODING)),
+                   ("trimmed", get_asr("eureka", window="trimmed", **SECOND_DECODING))]
+    try:
+        recognisers.append(("full (30 s)", get_asr("faster-whisper", beam_size=5)))
+    except ImportError:
+        pass
+    torch.set_num_threads(1)
+    texts = {}
+    lines = [f"{len(audios)} clips of the recipe's training plan, {min(durations):.1f}-{max(durations):.1f} s "
+             f"({sum(durations):.0f} s of audio); one torch thread; 1-minute load average "
+             f"{os.getloadavg()[0]:.1f} at the start.", "",
+             "| recogniser | window | WER | s per clip (batch 8) | CPU s per clip |", "|---|---|---|---|---|"]
+    for window, asr in recognisers:
+        transcribe_many(asr, audios[:2], batch_size=8)  # warm
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = transcribe_many(asr, audios, batch_size=8)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        texts[asr.name] = [o[0] if not isinstance(o, BaseException) else "" for o in out]
+        errors = words = 0
+        for row, text in zip(rows, texts[asr.name]):
+            e, n = word_error_rate(row["text"], text)
+            errors, words = errors + e, words + n
+        lines.append(f"| {asr.name} | {window} | {errors / words:.3f} | {wall / len(audios):.3f} | "
+                     f"{cpu / len(audios):.3f} |")
+    lines.append("")
+    for first, second in (("eureka-whisper-tiny.en", "eureka-whisper-tiny.en-int8-beam5"),
+                          ("eureka-whisper-tiny.en-trimmed", "eureka-whisper-tiny.en-trimmed-int8-beam5"),
+                          ("eureka-whisper-tiny.en", "faster-whisper-tiny.en-beam5")):
+        if first not in texts or second not in texts:
+            continue
+        checks = [check_transcript(a, b, second) for a, b in zip(texts[first], texts[second])]
+        confirmed = [c for c in checks if c["verified"]]
+        wrong_kept = sum(1 for c, row, a in zip(checks, rows, texts[first])
+                         if c["verified"] and word_error_rate(row["text"], a)[0] > 0)
+        wrong = sum(1 for row, a in zip(rows, texts[first]) if word_error_rate(row["text"], a)[0] > 0)
+        lines.append(f"- {first} checked by {second}: {len(confirmed)}/{len(checks)} clips confirmed (mean "
+                     f"agreement {np.mean([c['agreement'] for c in checks]):.3f}); of the {wrong} clips the first "
+                     f"got wrong, {wrong_kept} were confirmed anyway.")
     return "\n".join(lines)
 
 
@@ -249,7 +345,13 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-pythonpath", help="also run the loop mode with the package found in this directory")
     ap.add_argument("--audio-dir", help="use these clips instead of making new ones (internal: baseline runs)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--asr-window", choices=("full", "trimmed"), default=None,
+                    help="roles.captioner.asr_window of this tree's runs (default: DataFlux's default, full)")
+    ap.add_argument("--window-check", type=int, metavar="N", help="only the recognisers' WER check on N clips")
     args = ap.parse_args(argv)
+    if args.window_check:
+        print(window_check(args.window_check))
+        return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes) or args.clips < 1 or args.rounds < 1:
         ap.error(f"--modes takes {', '.join(MODES)}; --clips and --rounds must be >= 1")
@@ -307,7 +409,8 @@ def progress(run: dict):
     """One line per finished run on stderr, so a long benchmark shows its numbers as they come."""
     stages = ", ".join(f"{k} {v / run['clips']:.2f}" for k, v in sorted(run["stages"].items()) if v)
     print(f"[{time.strftime('%H:%M:%S')}] {run['label']}: {run['clips']} clips in {run['seconds']:.1f} s, "
-          f"{run['clips_per_second']:.3f} clips/s, load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}; "
+          f"{run['clips_per_second']:.3f} clips/s, {run.get('cpu_seconds_per_clip', 0):.2f} CPU s per clip, "
+          f"load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}; "
           f"s per clip: {stages}", file=sys.stderr, flush=True)
 
 

@@ -14,11 +14,22 @@ Backends:
   used is exposed as `.name` and goes into every record's provenance.
 Models are loaded once per process and shared (loading costs far more than a transcription).
 
-Content checks: `second_recogniser(primary)` is a recogniser that decodes differently from `primary` (the project's
-Whisper with greedy-first decoding vs. faster-whisper's CTranslate2 int8 beam-5 search, either way round), and
-`check_transcript` compares the two. The captioner records the comparison; DataFlux asks no word question about a clip
-whose recognisers disagree, and answerer b reads the second recogniser's transcript, so that a mistranscription is not
-the gold answer of both answerers.
+ASR windows (`window`, the captioner's `asr_window` option): "full" encodes every clip as Whisper's 30 s window, as
+Whisper was trained; "trimmed" encodes only the clip plus 3-4 s of Whisper's silence padding, several times cheaper
+for short clips (`WhisperModel.transcribe`). A recogniser's name says which (`eureka-whisper-tiny.en-trimmed`), so
+transcripts of different windows never share a cache entry or a provenance name.
+
+Content checks: `second_recogniser(primary)` is a recogniser that decodes differently from `primary`, and
+`check_transcript` compares the two. For the project's Whisper (greedy first, float32) it is the same model run a
+second, separate way: int8 weights and activations (other rounding all through the encoder and decoder), its own
+encoder pass, and beam search (beam 5) instead of greedy decoding (`eureka-whisper-tiny.en-int8-beam5`, same window
+as the primary). That is the same kind of second opinion the faster-whisper tiny.en int8 beam-5 check gave (the same
+tiny.en weights, converted to CTranslate2 int8), at a fraction of its cost on short clips: CTranslate2 always encodes
+30 s. It is not a different model family, so it catches uncertain decodes (where greedy and beam search part ways),
+not errors both decodings of one model share; the primary's own confidence (mean token log-probability) is recorded
+with every transcript. For faster-whisper as the primary, the second is the project's Whisper. The captioner records
+the comparison; DataFlux asks no word question about a clip whose recognisers disagree, and answerer b reads the
+second recogniser's transcript, so that a mistranscription is not the gold answer of both answerers.
 """
 from __future__ import annotations
 
@@ -30,6 +41,8 @@ import numpy as np
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 COMPRESSION_RATIO_LIMIT = 2.4  # openai-whisper's threshold for "this decode is a repetition loop"
+ASR_WINDOWS = ("full", "trimmed")
+SECOND_DECODING = {"compute_type": "int8", "first_pass": "beam", "beam_size": 5}  # the check of the project's Whisper
 
 
 def compression_ratio(text: str) -> float:
@@ -70,10 +83,28 @@ class EurekaWhisperASR:
         if fallback not in (None, "none", "faster-whisper", "faster_whisper"):
             raise ValueError(f"unknown ASR fallback {fallback!r} (expected None or 'faster-whisper')")
         self._model = load_whisper_model(model_name)
+        self.name = self.name_for(model_name, decode_options)
         self._last = threading.local()
         self._lock = threading.Lock()  # our torch model is not documented as thread-safe; keep calls serial
         self._fallback_backend = None if fallback in (None, "none") else "faster-whisper"
         self._options = dict(decode_options)
+
+    @staticmethod
+    def name_for(model_name: str, options: dict) -> str:
+        """The recogniser's name: the model, then each option that changes its transcripts away from the default
+        (full window, float32, greedy first), e.g. "eureka-whisper-tiny.en-trimmed-int8-beam5"."""
+        name = f"eureka-whisper-{model_name}"
+        if options.get("window", "full") != "full":
+            name += f"-{options['window']}"
+        if options.get("compute_type", "float32") != "float32":
+            name += f"-{options['compute_type']}"
+        if options.get("first_pass", "greedy") != "greedy":
+            name += f"-{options['first_pass']}{options.get('beam_size', 5)}"
+        return name
+
+    @property
+    def window(self) -> str:
+        return self._options.get("window", "full")
 
     def transcribe(self, audio: np.ndarray) -> str:
         audio = np.asarray(audio, dtype=np.float32)
@@ -185,9 +216,15 @@ def _eureka_available() -> bool:
 
 def get_asr(backend: str = "auto", **kwargs):
     """A shared ASR backend instance. backend: auto | eureka | faster-whisper | none. `kwargs` go to the backend
-    (eureka: model_name, fallback, WhisperModel.transcribe options; faster-whisper: model_path, beam_size, ...)."""
+    (eureka: model_name, fallback, WhisperModel.transcribe options; faster-whisper: model_path, beam_size, ...).
+    `window` (full | trimmed) is for the eureka backend; the others decode what they decode and ignore it."""
+    window = kwargs.pop("window", "full")
+    if window not in ASR_WINDOWS:
+        raise ValueError(f"ASR window must be one of {', '.join(ASR_WINDOWS)}, got {window!r}")
     if backend == "auto":
         backend = "eureka" if _eureka_available() else "faster-whisper"
+    if backend == "eureka" and window != "full":
+        kwargs["window"] = window
     key = (backend, tuple(sorted(kwargs.items())))
     with _CACHE_LOCK:
         if key not in _CACHE:
@@ -222,15 +259,24 @@ def transcribe_many(asr, audios, batch_size: int = 8) -> list:
 
 
 MIN_TRANSCRIPT_AGREEMENT = 0.8  # 1 - WER between the two recognisers below which no content question is asked
+# openai-whisper's threshold for an unreliable decode (mean token log-probability): a transcript still below it after
+# the fallbacks is not confirmed, however well the second recogniser agrees
+MIN_TRANSCRIPT_LOGPROB = -1.0
 
 
 def second_recogniser(primary):
-    """A recogniser that decodes differently from `primary`, or None when none is installed: faster-whisper (beam 5)
-    for the project's Whisper, the project's Whisper for faster-whisper; None for NoASR and unknown backends."""
+    """A recogniser that decodes differently from `primary` (module docstring), or None when none is installed: the
+    project's Whisper in int8 with beam search first, over the primary's window, for the project's Whisper; the
+    project's Whisper for faster-whisper; None for NoASR, unknown backends and a primary that is already the
+    second decoding."""
     name = getattr(primary, "name", "")
+    window = getattr(primary, "window", "full")
     try:
         if name.startswith("eureka-whisper"):
-            return get_asr("faster-whisper", beam_size=5)
+            options = getattr(primary, "_options", {})
+            if all(options.get(k) == v for k, v in SECOND_DECODING.items()):
+                return None
+            return get_asr("eureka", window=window, **SECOND_DECODING)
         if name.startswith("faster-whisper") and _eureka_available():
             return get_asr("eureka")
     except ImportError:
@@ -238,17 +284,23 @@ def second_recogniser(primary):
     return None
 
 
-def check_transcript(transcript: str, second: str, second_name: str) -> dict:
+def check_transcript(transcript: str, second: str, second_name: str, confidence: float | None = None) -> dict:
     """How far two recognisers agree: {recogniser, transcript (the second one), agreement (1 - word error rate of
     the second against the first, over the longer of the two), confirmed_words (words both heard), verified
-    (agreement >= MIN_TRANSCRIPT_AGREEMENT)}."""
+    (agreement >= MIN_TRANSCRIPT_AGREEMENT, and the first transcript's own mean token log-probability `confidence`,
+    when known, >= MIN_TRANSCRIPT_LOGPROB)}; with `reason` when it is not verified."""
     first_words, second_words = normalize_words(transcript), normalize_words(second)
     errors, _ = word_error_rate(transcript, second)
     longest = max(len(first_words), len(second_words))
     agreement = 1.0 - errors / longest if longest else 1.0
-    return {"recogniser": second_name, "transcript": second.strip(), "agreement": round(agreement, 3),
-            "confirmed_words": sorted(set(first_words) & set(second_words)),
-            "verified": agreement >= MIN_TRANSCRIPT_AGREEMENT}
+    out = {"recogniser": second_name, "transcript": second.strip(), "agreement": round(agreement, 3),
+           "confirmed_words": sorted(set(first_words) & set(second_words)), "verified": True}
+    if agreement < MIN_TRANSCRIPT_AGREEMENT:
+        out.update(verified=False, reason=f"the recognisers agree on {agreement:.0%} of the words")
+    elif confidence is not None and confidence < MIN_TRANSCRIPT_LOGPROB:
+        out.update(verified=False, reason=f"the first recogniser is unsure (mean token log-probability "
+                                          f"{confidence:.2f} < {MIN_TRANSCRIPT_LOGPROB})")
+    return out
 
 
 def normalize_words(text: str) -> list[str]:

@@ -14,10 +14,12 @@ unit that produced no questions leaves one rejected unit record (category mismat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 
@@ -242,14 +244,17 @@ async def transcribe_batch(ctxs, roles, *, batch_size: int, timings=None) -> Non
     """Every recogniser's transcript of every clip into the clips' caches, as the roles would make them one clip at
     a time: a recogniser with `transcribe_batch` takes the clips together (`batch_size` Whisper windows per encoder
     call), and the recognisers run at the same time. A clip that cannot be transcribed is left out: its role then
-    transcribes it in the clip's own loop and fails that clip alone, with the reason the one-clip loop gives."""
+    transcribes it in the clip's own loop and fails that clip alone, with the reason the one-clip loop gives.
+    Each recogniser runs its torch work on one thread: the recognisers run side by side, and beside them the
+    previous batch's analysis processes, so more threads per recogniser would only make them wait on each other."""
     from .asr import transcribe_many
     from .roles import logprob_key, transcript_key
 
     def recognise(asr):
         t = time.perf_counter()
         todo = [c for c in ctxs if c.cache.get(transcript_key(asr)) is None]
-        out = transcribe_many(asr, [c.audio for c in todo], batch_size=batch_size) if todo else []
+        with _torch_threads(1):
+            out = transcribe_many(asr, [c.audio for c in todo], batch_size=batch_size) if todo else []
         for ctx, got in zip(todo, out):
             if not isinstance(got, BaseException):
                 ctx.cache[logprob_key(asr)] = got[1]
@@ -275,6 +280,21 @@ async def analyse_batch(ctxs, roles, *, run_jobs, timings=None) -> None:
         value, seconds = result
         ctx.cache[key] = value
         _add_time(timings, f"analysis {fn.__name__}", seconds)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op threads of the calling thread set to `count` inside the block (nothing without torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def timed_call(fn, args):

@@ -98,7 +98,7 @@ def caption_facts(audio, transcript: str, confidence, check_name, check_text) ->
         if confidence is not None:
             extra["transcript_avg_logprob"] = round(float(confidence), 3)
         if check_name is not None:
-            extra["transcript_check"] = check_transcript(transcript, check_text, check_name)
+            extra["transcript_check"] = check_transcript(transcript, check_text, check_name, confidence)
         else:
             extra["transcript_check"] = {"recogniser": None, "verified": False,
                                          "reason": "no second recogniser installed"}
@@ -111,13 +111,14 @@ def caption_facts(audio, transcript: str, confidence, check_name, check_text) ->
 
 
 class BuiltinCaptionerRole:
-    def __init__(self, asr="auto", **unknown):
+    def __init__(self, asr="auto", asr_window="full", **unknown):
         if unknown:
             raise ValueError(f"captioner: unknown builtin option(s) {sorted(unknown)}")
         from .asr import get_asr, second_recogniser
         from .captioner import BuiltinCaptioner
 
-        self.asr = get_asr(asr)
+        check_asr_window("captioner", asr_window)
+        self.asr = get_asr(asr, window=asr_window)
         self.check_asr = second_recogniser(self.asr)  # decodes differently: content facts are cross-checked
         self._impl = BuiltinCaptioner(self.asr)
         self.name = self._impl.name
@@ -162,9 +163,9 @@ class HTTPCaptionerRole:
               "speaker's voice (gender, pitch), pace, emotion and what is said. Reply with strict JSON "
               '{"caption": "<caption>"}.')
 
-    def __init__(self, builtin_facts=True, asr="auto", **client_opts):
+    def __init__(self, builtin_facts=True, asr="auto", asr_window="full", **client_opts):
         self.client = OpenAIChatClient("captioner", json_mode=True, **client_opts)
-        self.builtin = BuiltinCaptionerRole(asr=asr) if builtin_facts else None
+        self.builtin = BuiltinCaptionerRole(asr=asr, asr_window=asr_window) if builtin_facts else None
         self.name = self.client.name + ("+builtin-facts" if builtin_facts else "")
 
     @property
@@ -274,14 +275,15 @@ def answerer_measurements(method: str, audio, transcript: str, clip_id: str, pat
 
 
 class BuiltinAnswererRole:
-    def __init__(self, role, taxonomy, method=None, asr="auto", **unknown):
+    def __init__(self, role, taxonomy, method=None, asr="auto", asr_window="full", **unknown):
         if unknown:
             raise ValueError(f"{role}: unknown builtin option(s) {sorted(unknown)}")
         from .asr import get_asr
         from .builtin_roles import MeasuringAnswerer
 
+        check_asr_window(role, asr_window)
         method = method or ("a" if role == "answerer_a" else "b")
-        self._impl = MeasuringAnswerer(method, get_asr(asr), taxonomy)
+        self._impl = MeasuringAnswerer(method, get_asr(asr, window=asr_window), taxonomy)
         self.name = self._impl.name
 
     measures_signal = True
@@ -415,16 +417,43 @@ class Roles:
                 await client.aclose()
 
 
+ASR_WINDOW_ROLES = ("captioner", "answerer_a", "answerer_b")  # the built-in roles that run speech recognition
+
+
+def check_asr_window(role: str, value) -> None:
+    """A clear error for a roles.<role>.asr_window that is not one of full | trimmed."""
+    from .asr import ASR_WINDOWS
+
+    if not isinstance(value, str) or value not in ASR_WINDOWS:
+        raise ValueError(f"roles.{role}.asr_window must be one of {', '.join(ASR_WINDOWS)}, got {value!r}")
+
+
+def check_role_options(role_config: dict | None) -> None:
+    """The checks of the roles section that need no model: each asr_window given is full or trimmed."""
+    for role, opts in (role_config or {}).items():
+        if isinstance(opts, dict) and "asr_window" in opts:
+            if role not in ASR_WINDOW_ROLES:
+                raise ValueError(f"roles.{role}.asr_window: only {', '.join(ASR_WINDOW_ROLES)} run speech "
+                                 f"recognition")
+            check_asr_window(role, opts["asr_window"])
+
+
 def build_roles(role_config: dict | None, taxonomy) -> Roles:
-    """Roles from the `roles:` section of a config ({} -> all built-in)."""
+    """Roles from the `roles:` section of a config ({} -> all built-in). The built-in answerers transcribe over the
+    captioner's `asr_window` unless they set their own, so that answerer a reads the captioner's transcript and
+    answerer b its second recogniser's, with no recogniser run twice."""
     cfg = dict(role_config or {})
     unknown = set(cfg) - set(ROLE_NAMES)
     if unknown:
         raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {list(ROLE_NAMES)}")
+    check_role_options(cfg)
+    captioner_window = (cfg.get("captioner") or {}).get("asr_window", "full")
     built = {}
     for role in ROLE_NAMES:
         opts = dict(cfg.get(role) or {})
         backend = opts.pop("backend", "builtin")
+        if role.startswith("answerer") and backend == "builtin":
+            opts.setdefault("asr_window", captioner_window)
         if backend not in ("builtin", "openai"):
             raise ValueError(f"{role}: backend must be 'builtin' or 'openai', got {backend!r}")
         http = backend == "openai"

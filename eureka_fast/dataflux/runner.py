@@ -55,6 +55,14 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
         raise ConfigError(f"pipeline.executor must be local or ray, got {cfg['pipeline']['executor']!r}")
     if cfg["pipeline"]["taxonomy"]:
         cfg["pipeline"]["taxonomy"] = os.path.abspath(cfg["pipeline"]["taxonomy"])
+    if not isinstance(cfg["roles"], dict):
+        raise ConfigError(f"roles must be a mapping of role names to options, got {cfg['roles']!r}")
+    from .roles import check_role_options
+
+    try:
+        check_role_options(cfg["roles"])
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from exc
     return cfg
 
 

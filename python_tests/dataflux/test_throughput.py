@@ -94,10 +94,10 @@ def fake_recognisers(monkeypatch, clips, poison=None):
     texts = {c.audio.size: c.text for c in clips}
     assert len(texts) == len(clips)  # the clips are told apart by their lengths
     primary = BatchingTextByLength("eureka-whisper-tiny.en", texts, poison=poison)
-    second = TextByLength("faster-whisper-tiny.en-beam5", texts,
+    second = TextByLength("eureka-whisper-tiny.en-int8-beam5", texts,
                           mishear=(clips[0].audio.size, clips[4].audio.size))
-    monkeypatch.setattr(asr_module, "_CACHE", {("eureka", ()): primary,
-                                               ("faster-whisper", (("beam_size", 5),)): second})
+    second_key = ("eureka", tuple(sorted(asr_module.SECOND_DECODING.items())))
+    monkeypatch.setattr(asr_module, "_CACHE", {("eureka", ()): primary, second_key: second})
     return primary, second
 
 

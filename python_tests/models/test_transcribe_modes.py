@@ -181,8 +181,44 @@ def test_fast_modes_stay_within_a_stated_wer_on_sentences(tiny_model, sentences)
 
 
 @needs_tiny
+@needs_espeak
+def test_beam_first_pass_is_beam_search_on_each_window(tiny_model, sentences):
+    """first_pass="beam": each window's first attempt is beam search on that window alone (batched or not), and a
+    window that fails it goes on to sampling, never to beam search again."""
+    from eureka_fast.models.whisper.decoding import LOGPROB_THRESHOLD
+
+    clips, texts = sentences
+    noise = (np.random.default_rng(1).standard_normal(16000 * 2) * 0.1).astype(np.float32)
+    batch = [clips[4], noise, clips[2]]
+    options = dict(max_new_tokens=24, beam_size=3, temperatures=(0.0, 0.5), best_of=2, window="trimmed",
+                   first_pass="beam")
+    batched = tiny_model.decode_clips(batch, batch_size=3, **options)
+    alone = [tiny_model.decode_windows(clip, **options) for clip in batch]
+    prompt = tiny_model.tokenizer.prompt(tiny_model.dims.is_multilingual, "en", "transcribe")
+    for index, (got, expected, clip) in enumerate(zip(batched, alone, batch)):
+        assert got[0].tokens == expected[0].tokens, index
+        with torch.inference_mode():
+            features, _ = tiny_model._encode_windows([clip], tiny_model.dims.n_mels, "trimmed")
+            beam_try = tiny_model._window_result(*tiny_model.beam_search(features, prompt, 3, 24, repetition=(3, 16)),
+                                                 0.0, 3)
+        tests = {"compression_ratio_threshold": 2.4, "logprob_threshold": LOGPROB_THRESHOLD}
+        if got[0].attempts == 1:  # passed on its first attempt: exactly the beam search
+            assert got[0].tokens == beam_try.tokens and got[0].beam_size == 3, index
+            assert not tiny_model._failed(beam_try, tests), index
+        else:  # the beam search failed the quality tests; the one retry was sampled, not another beam search
+            assert tiny_model._failed(beam_try, tests), index
+            assert got[0].attempts == 2, index
+    assert batched[0][0].attempts == 1 and batched[2][0].attempts == 1
+    # real speech: the beam-first transcripts are as good as the greedy ones
+    greedy = tiny_model.transcribe([clips[4], clips[2]], window="trimmed")
+    beam = [" ".join(w.text for w in windows) for windows in batched[::2]]
+    expected = [texts[4], texts[2]]
+    assert pooled_wer(expected, beam) <= pooled_wer(expected, greedy) + 0.05, beam
+
+
+@needs_tiny
 @pytest.mark.parametrize("option, value", [("window", "half"), ("window", None), ("compute_type", "int16"),
-                                           ("compute_type", "fp32")])
+                                           ("compute_type", "fp32"), ("first_pass", "sampled")])
 def test_bad_mode_is_a_clear_error(tiny_model, option, value):
     clip = np.zeros(16000, np.float32)
     for audio in (clip, [clip]):

@@ -21,10 +21,11 @@ from .encoder import (FusedSelfAttention, LayerNorm, WhisperDims, WhisperEncoder
 
 __all__ = ["WhisperDecoder", "WhisperModel", "WhisperTokenizer", "WindowDecoding", "compression_ratio",
            "repeated_suffix", "trimmed_frames", "COMPRESSION_RATIO_THRESHOLD", "LOGPROB_THRESHOLD",
-           "FALLBACK_TEMPERATURES", "WINDOW_MODES", "COMPUTE_TYPES"]
+           "FALLBACK_TEMPERATURES", "WINDOW_MODES", "COMPUTE_TYPES", "FIRST_PASSES"]
 
 WINDOW_MODES = ("full", "trimmed")
 COMPUTE_TYPES = ("float32", "int8")
+FIRST_PASSES = ("greedy", "beam")
 TRIM_STEP_FRAMES = 100  # a trimmed window is a whole number of seconds of mel frames (100 per second)...
 TRIM_MARGIN_FRAMES = 300  # ...with at least 3 s of Whisper's silence padding (with 1-2 s tiny.en dropped words
 # or said a sentence twice)
@@ -590,18 +591,19 @@ class WhisperModel(nn.Module):
                        compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                        logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
                        repetition_min_tokens: int = 16, seed: int = 0, window: str = "full",
-                       compute_type: str = "float32") -> list[WindowDecoding]:
+                       compute_type: str = "float32", first_pass: str = "greedy") -> list[WindowDecoding]:
         """Per-window decodes of `audio` (see `transcribe` for the options)."""
         _check_choice("window", window, WINDOW_MODES)
         _check_choice("compute_type", compute_type, COMPUTE_TYPES)
+        _check_choice("first_pass", first_pass, FIRST_PASSES)
         with int8_linears(compute_type == "int8"):
             return self._decode_windows(audio, language, task, max_new_tokens, batch_windows, beam_size, temperatures,
                                         best_of, compression_ratio_threshold, logprob_threshold, repetition_limit,
-                                        repetition_min_tokens, seed, window)
+                                        repetition_min_tokens, seed, window, first_pass)
 
     def _decode_windows(self, audio, language, task, max_new_tokens, batch_windows, beam_size, temperatures, best_of,
                         compression_ratio_threshold, logprob_threshold, repetition_limit, repetition_min_tokens, seed,
-                        window) -> list[WindowDecoding]:
+                        window, first_pass="greedy") -> list[WindowDecoding]:
         from ...audio import SAMPLES_PER_WINDOW, load_audio
 
         waveform = load_audio(audio)
@@ -617,17 +619,35 @@ class WhisperModel(nn.Module):
             features, lengths = self._encode_windows([waveform[s:s + SAMPLES_PER_WINDOW]
                                                       for s in starts[first:first + batch_windows]], self.dims.n_mels,
                                                      window)
-            if first_t == 0:
+            if first_t == 0 and self._beam_first(first_pass, options):
+                batch_results = [self._beam_window(self._row_features(features, lengths, w), options)
+                                 for w in range(features.shape[0])]
+            elif first_t == 0:
                 decodes = self.sample_decode(features, prompt, max_new_tokens, 0.0, None, repetition, lengths)
                 batch_results = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in decodes]
             else:
                 batch_results = [self._sampled(self._row_features(features, lengths, w), first_t, best_of, generator,
                                                options)
                                  for w in range(features.shape[0])]
+            settle = self._after_first_pass(first_pass, options)
             for w, result in enumerate(batch_results):
                 results.append(self._settle_window(self._row_features(features, lengths, w), result, generator,
-                                                   options))
+                                                   settle))
         return results
+
+    @staticmethod
+    def _beam_first(first_pass: str, options: dict) -> bool:
+        return first_pass == "beam" and options["beam_size"] > 1
+
+    @staticmethod
+    def _after_first_pass(first_pass: str, options: dict) -> dict:
+        """The fallback options once the first pass ran: a beam-search first pass is not retried with beam search."""
+        return {**options, "beam_size": 1} if first_pass == "beam" else options
+
+    def _beam_window(self, window: Tensor, options: dict) -> WindowDecoding:
+        ids, lp, stop = self.beam_search(window, options["prompt"], options["beam_size"], options["max_new_tokens"],
+                                         repetition=options["repetition"])
+        return self._window_result(ids, lp, stop, 0.0, options["beam_size"])
 
     @torch.inference_mode()
     def decode_clips(self, clips: list, *, batch_size: int = 8, language: str = "en", task: str = "transcribe",
@@ -636,7 +656,7 @@ class WhisperModel(nn.Module):
                      compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                      logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
                      repetition_min_tokens: int = 16, seed: int = 0, batch_windows: int = 4, window: str = "full",
-                     compute_type: str = "float32") -> list[list[WindowDecoding]]:
+                     compute_type: str = "float32", first_pass: str = "greedy") -> list[list[WindowDecoding]]:
         """Per-window decodes of each clip in `clips`, `batch_size` windows (of any clips) per encoder call and
         per greedy decode, longest windows first (with window="trimmed", windows of similar length share a batch).
         Equal to `decode_windows` on each clip alone: every clip's windows are cut as there, and the windows that
@@ -647,6 +667,7 @@ class WhisperModel(nn.Module):
             raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
         _check_choice("window", window, WINDOW_MODES)
         _check_choice("compute_type", compute_type, COMPUTE_TYPES)
+        _check_choice("first_pass", first_pass, FIRST_PASSES)
         waveforms = [_load_clip(clip, index) for index, clip in enumerate(clips)]
         options = self._decode_options(language, task, max_new_tokens, beam_size, temperatures, best_of,
                                        compression_ratio_threshold, logprob_threshold, repetition_limit,
@@ -657,12 +678,12 @@ class WhisperModel(nn.Module):
                 # clip; keeping that order means decoding clip by clip.
                 return [self._decode_windows(w, language, task, max_new_tokens, batch_windows, beam_size,
                                              temperatures, best_of, compression_ratio_threshold, logprob_threshold,
-                                             repetition_limit, repetition_min_tokens, seed, window)
+                                             repetition_limit, repetition_min_tokens, seed, window, first_pass)
                         for w in waveforms]
-            return self._decode_clips_greedy_first(waveforms, batch_size, options, seed, window)
+            return self._decode_clips_greedy_first(waveforms, batch_size, options, seed, window, first_pass)
 
     def _decode_clips_greedy_first(self, waveforms: list, batch_size: int, options: dict, seed: int,
-                                   window: str) -> list[list[WindowDecoding]]:
+                                   window: str, first_pass: str = "greedy") -> list[list[WindowDecoding]]:
         from ...audio import SAMPLES_PER_WINDOW
 
         device = self.encoder.conv1.weight.device
@@ -676,13 +697,19 @@ class WhisperModel(nn.Module):
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
             features, lengths = self._encode_windows([pieces[i] for i in chunk], self.dims.n_mels, window)
-            decodes = self._greedy_rows(features, options["prompt"], options["max_new_tokens"], options["repetition"],
-                                        lengths)
-            for row, (i, (ids, lp, stop)) in enumerate(zip(chunk, decodes)):
-                first_tries[i] = self._window_result(ids, lp, stop, 0.0, 1)
+            if self._beam_first(first_pass, options):  # beam search takes one window at a time
+                tries = [self._beam_window(self._row_features(features, lengths, row), options)
+                         for row in range(len(chunk))]
+            else:
+                tries = [self._window_result(ids, lp, stop, 0.0, 1) for ids, lp, stop in
+                         self._greedy_rows(features, options["prompt"], options["max_new_tokens"],
+                                           options["repetition"], lengths)]
+            for row, (i, first_try) in enumerate(zip(chunk, tries)):
+                first_tries[i] = first_try
                 if self._failed(first_tries[i], options):  # kept for its fallbacks, cut to its own frames
                     retry_features[i] = self._row_features(features, lengths, row).clone()
         generators: dict[int, torch.Generator] = {}
+        options = self._after_first_pass(first_pass, options)
         results: list[list[WindowDecoding]] = [[] for _ in waveforms]
         for i, (clip, _) in enumerate(windows):
             if clip not in generators:
@@ -736,7 +763,7 @@ class WhisperModel(nn.Module):
                    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
                    logprob_threshold: float | None = LOGPROB_THRESHOLD, repetition_limit: int | None = 3,
                    repetition_min_tokens: int = 16, seed: int = 0, batch_size: int = 8, window: str = "full",
-                   compute_type: str = "float32") -> str | list[str]:
+                   compute_type: str = "float32", first_pass: str = "greedy") -> str | list[str]:
         """Transcript of `audio` (16 kHz waveform or anything `load_audio` accepts), without timestamps; for a list
         of clips, the list of their transcripts.
 
@@ -756,10 +783,14 @@ class WhisperModel(nn.Module):
         - `compute_type="int8"` runs the encoder layers' and decoder's projections (and the decoder's output
           projection over the vocabulary) as dynamic int8 GEMMs: int8 weights per output channel, activations
           quantised per call, like faster-whisper's compute_type="int8"; "float32" (default) is exact.
+        - `first_pass="beam"` decodes each window with beam search (`beam_size`) first instead of greedy (as
+          openai-whisper does when given a beam size); its fallbacks are then the sampled temperatures only. Beam
+          search takes one window at a time, so it costs several greedy passes.
 
         Audio longer than 30 s is cut into consecutive 30 s windows whose transcripts are joined with spaces;
         `batch_windows` windows go through the first (greedy) pass together. Each window, as in openai-whisper:
-        - first pass at `temperatures[0]` (0.0: greedy, identical to faster-whisper / CTranslate2 greedy);
+        - first pass at `temperatures[0]` (0.0: greedy, identical to faster-whisper / CTranslate2 greedy; or beam
+          search, `first_pass="beam"`);
         - it fails when its text's gzip compression ratio > `compression_ratio_threshold` (2.4), its average token
           log-probability < `logprob_threshold` (-1.0), or the n-gram guard cut a loop (None disables a test);
         - a failed window is re-decoded with beam search (`beam_size`, 5; 1 skips it), then by sampling at each
@@ -773,7 +804,8 @@ class WhisperModel(nn.Module):
             language=language, task=task, max_new_tokens=max_new_tokens, beam_size=beam_size,
             temperatures=temperatures, best_of=best_of, compression_ratio_threshold=compression_ratio_threshold,
             logprob_threshold=logprob_threshold, repetition_limit=repetition_limit,
-            repetition_min_tokens=repetition_min_tokens, seed=seed, window=window, compute_type=compute_type)
+            repetition_min_tokens=repetition_min_tokens, seed=seed, window=window, compute_type=compute_type,
+            first_pass=first_pass)
         if isinstance(audio, list):
             return [" ".join(w.text for w in windows if w.text)
                     for windows in self.decode_clips(audio, batch_size=batch_size, batch_windows=batch_windows,
