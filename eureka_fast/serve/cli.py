@@ -62,7 +62,8 @@ def _check_args(args) -> str | None:
         return f"--model {args.model!r} is not a directory"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
-    for name in ("max_num_seqs", "max_prefill_windows", "max_prefill_tokens", "max_audio_seconds", "max_body_mb", "queue_timeout", "remote_audio_timeout"):
+    for name in ("max_num_seqs", "max_prefill_windows", "max_prefill_tokens", "max_audio_seconds", "max_body_mb",
+                 "queue_timeout", "remote_audio_timeout"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
     if args.max_queue < 0:
