@@ -413,7 +413,8 @@ def main() -> int:
                   f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
                   f"{'yes' if r['text_mismatches_vs_generate'] == 0 else 'NO (%d)' % r['text_mismatches_vs_generate']} | "
                   f"{r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f} |")
-        print("\n| c | queue wait mean (s) | prefills | windows | prefill mean (s) | decode steps | decode step mean (s) |")
+        print("\n| c | queue wait mean (s) | prefills | windows | prefill mean (s) | decode steps | "
+              "decode step mean (s) |")
         print("|---|---|---|---|---|---|---|")
         for r in s["rows"]:
             e = r["engine"]
