@@ -170,17 +170,18 @@ async def one_request(client, url, model, messages, tokens, *, stream=True, disc
             if obj.get("usage"):
                 usage = obj["usage"]["completion_tokens"]
             for choice in obj.get("choices", []):
+                if ttft is None:  # the server sends a stream's first chunk at its first token
+                    ttft = time.perf_counter() - start
                 piece = choice["delta"].get("content")
                 if piece:
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
                     text.append(piece)
                     if disconnect:
                         return 200, None, ttft, time.perf_counter() - start, 0
     return 200, "".join(text), ttft, time.perf_counter() - start, usage
 
 
-async def closed_loop(url, model, jobs, concurrency):
+async def closed_loop(url, model, jobs, concurrency, sent_at=None):
+    """Run jobs with `concurrency` in flight; sent_at (a list) gets each job's start, seconds into the run."""
     import httpx
 
     results = [None] * len(jobs)
@@ -191,6 +192,8 @@ async def closed_loop(url, model, jobs, concurrency):
         while next_job < len(jobs):
             index = next_job
             next_job += 1
+            if sent_at is not None:
+                sent_at.append((index, time.perf_counter() - start))
             results[index] = await jobs[index](client)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -269,7 +272,8 @@ def sweep(config: str, args) -> dict:
                 for i in range(n)]
         load_before = os.getloadavg()[0]
         counters = engine_counters(child.url)
-        results, wall = asyncio.run(closed_loop(child.url, config, jobs, c))
+        sent_at = []
+        results, wall = asyncio.run(closed_loop(child.url, config, jobs, c, sent_at))
         spent = profile(counters, engine_counters(child.url))
         load_after = os.getloadavg()[0]
         assert all(r[0] == 200 for r in results), [r[0] for r in results]
@@ -287,7 +291,9 @@ def sweep(config: str, args) -> dict:
                "latency_p50": pct(latency, 50), "latency_p99": pct(latency, 99),
                "text_mismatches_vs_generate": mismatches, "sequential_gen_tok_s": seq_tps,
                "vs_sequential": tokens / wall / seq_tps, "load_1min": [load_before, load_after],
-               "ttft_p99_over_p50": pct(ttft, 99) / pct(ttft, 50), "engine": spent}
+               "ttft_p99_over_p50": pct(ttft, 99) / pct(ttft, 50), "engine": spent,
+               # per request: (index, sent at s into the level, time to first token s)
+               "ttft_by_request": [(i, round(at, 2), round(results[i][2], 2)) for i, at in sorted(sent_at)]}
         print(json.dumps(row), flush=True)
         return row
 

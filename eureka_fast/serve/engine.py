@@ -537,6 +537,10 @@ class Engine:
         if len(text) > len(request.sent) and text.startswith(request.sent):
             request.sink(Event("delta", text=text[len(request.sent):]))
             request.sent = text
+        elif len(request.generated) == 1 and reason is None:
+            # a first token with no text yet (a partial character, a token that decodes to nothing): an empty
+            # delta still tells the HTTP layer that generation started, so a stream's first chunk marks it
+            request.sink(Event("delta", text=""))
         return reason
 
     def _finish(self, request: Request, reason: str | None) -> None:

@@ -317,3 +317,21 @@ def test_long_audio_does_not_hold_back_the_first_token_of_a_short_request(model_
         assert short < long and eng.metrics.prefill.n == 2
     else:
         assert short == long and eng.metrics.prefill.n == 1
+
+
+def test_a_first_token_without_text_is_still_announced(model_and_processor):
+    """A first token that decodes to no text gets an empty delta (a stream starts at the first token); later
+    tokens without text send nothing."""
+    from eureka_fast.serve.engine import Request
+
+    model, processor = model_and_processor
+    eng = Engine(model, processor)
+    events = []
+    request = Request(prompt=eng.prepare([{"role": "user", "content": "Hi."}]), params=SamplingParams(**GREEDY),
+                      sink=events.append)
+    request.generated = [eng.eos_ids[0]]  # an end-of-turn id with ignore_eos: no text
+    assert eng._emit(request, None) is None
+    assert [(e.kind, e.text) for e in events] == [("delta", "")]
+    request.generated.append(eng.eos_ids[0])
+    eng._emit(request, None)
+    assert len(events) == 1
