@@ -93,7 +93,8 @@ def worker(args) -> int:
     from eureka_fast.serve import Engine, ServeOptions, create_app
 
     model, processor = build(args.worker)
-    engine = Engine(model, processor, max_num_seqs=args.max_num_seqs, max_queue=1024)
+    engine = Engine(model, processor, max_num_seqs=args.max_num_seqs, max_queue=1024,
+                    max_prefill_windows=args.max_prefill_windows)
     app = create_app(engine, ServeOptions(served_model_name=args.worker, max_body_mb=64))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     original = server.startup
@@ -108,11 +109,12 @@ def worker(args) -> int:
 
 
 class Child:
-    def __init__(self, config: str, max_num_seqs: int):
+    def __init__(self, config: str, max_num_seqs: int, max_prefill_windows: int = 1):
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", config,
-                                      "--max-num-seqs", str(max_num_seqs)], stdout=subprocess.PIPE, text=True,
-                                     env=env)
+                                      "--max-num-seqs", str(max_num_seqs),
+                                      "--max-prefill-windows", str(max_prefill_windows)],
+                                     stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 600
         self.url = None
         while time.monotonic() < deadline:
@@ -168,17 +170,18 @@ async def one_request(client, url, model, messages, tokens, *, stream=True, disc
             if obj.get("usage"):
                 usage = obj["usage"]["completion_tokens"]
             for choice in obj.get("choices", []):
+                if ttft is None:  # the server sends a stream's first chunk at its first token
+                    ttft = time.perf_counter() - start
                 piece = choice["delta"].get("content")
                 if piece:
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
                     text.append(piece)
                     if disconnect:
                         return 200, None, ttft, time.perf_counter() - start, 0
     return 200, "".join(text), ttft, time.perf_counter() - start, usage
 
 
-async def closed_loop(url, model, jobs, concurrency):
+async def closed_loop(url, model, jobs, concurrency, sent_at=None):
+    """Run jobs with `concurrency` in flight; sent_at (a list) gets each job's start, seconds into the run."""
     import httpx
 
     results = [None] * len(jobs)
@@ -189,6 +192,8 @@ async def closed_loop(url, model, jobs, concurrency):
         while next_job < len(jobs):
             index = next_job
             next_job += 1
+            if sent_at is not None:
+                sent_at.append((index, time.perf_counter() - start))
             results[index] = await jobs[index](client)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -197,6 +202,32 @@ async def closed_loop(url, model, jobs, concurrency):
         await asyncio.gather(*(run_worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return results, wall
+
+
+def engine_counters(url) -> dict:
+    """The engine's time counters from /metrics: queue waits, prefills (per admission), decode steps."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=60).text
+
+    def value(name):
+        return float(re.search(rf"^eureka_serve_{name} (\S+)$", text, re.M).group(1))
+
+    return {key: value(name) for key, name in (
+        ("queue_wait_s", "queue_wait_seconds_sum"), ("admitted", "queue_wait_seconds_count"),
+        ("prefill_s", "prefill_seconds_sum"), ("prefills", "prefill_seconds_count"),
+        ("windows", "prefill_audio_windows_total"), ("decode_steps", "decode_steps_total"),
+        ("decode_s", "decode_seconds_total"))}
+
+
+def profile(before: dict, after: dict) -> dict:
+    """Where a level's time went: mean queue wait per request, mean prefill per admission, mean decode step."""
+    d = {k: after[k] - before[k] for k in after}
+    return {"admitted": int(d["admitted"]), "queue_wait_mean_s": d["queue_wait_s"] / max(d["admitted"], 1),
+            "prefills": int(d["prefills"]), "windows": int(d["windows"]),
+            "prefill_mean_s": d["prefill_s"] / max(d["prefills"], 1), "prefill_total_s": d["prefill_s"],
+            "decode_steps": int(d["decode_steps"]), "decode_step_mean_s": d["decode_s"] / max(d["decode_steps"], 1),
+            "decode_total_s": d["decode_s"]}
 
 
 def pct(values, q):
@@ -240,7 +271,10 @@ def sweep(config: str, args) -> dict:
         jobs = [(lambda client, m=work[i][0], t=tokens_for(i): one_request(client, child.url, config, m, t))
                 for i in range(n)]
         load_before = os.getloadavg()[0]
-        results, wall = asyncio.run(closed_loop(child.url, config, jobs, c))
+        counters = engine_counters(child.url)
+        sent_at = []
+        results, wall = asyncio.run(closed_loop(child.url, config, jobs, c, sent_at))
+        spent = profile(counters, engine_counters(child.url))
         load_after = os.getloadavg()[0]
         assert all(r[0] == 200 for r in results), [r[0] for r in results]
         mismatches = sum(1 for i, r in enumerate(results) if i < len(expected) and r[1] != expected[i])
@@ -256,12 +290,15 @@ def sweep(config: str, args) -> dict:
                "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
                "latency_p50": pct(latency, 50), "latency_p99": pct(latency, 99),
                "text_mismatches_vs_generate": mismatches, "sequential_gen_tok_s": seq_tps,
-               "vs_sequential": tokens / wall / seq_tps, "load_1min": [load_before, load_after]}
+               "vs_sequential": tokens / wall / seq_tps, "load_1min": [load_before, load_after],
+               "ttft_p99_over_p50": pct(ttft, 99) / pct(ttft, 50), "engine": spent,
+               # per request: (index, sent at s into the level, time to first token s)
+               "ttft_by_request": [(i, round(at, 2), round(results[i][2], 2)) for i, at in sorted(sent_at)]}
         print(json.dumps(row), flush=True)
         return row
 
     rows = []
-    child = Child(config, args.max_num_seqs)  # idle (no CPU) while the baseline runs
+    child = Child(config, args.max_num_seqs, args.max_prefill_windows)  # idle (no CPU) while the baseline runs
     try:
         warm = [(lambda client, m=work[i][0]: one_request(client, child.url, config, m, 4)) for i in range(2)]
         asyncio.run(closed_loop(child.url, config, warm, 2))
@@ -304,7 +341,7 @@ def soak(args) -> dict:
                   json.dumps({"model": config, "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).encode(),
                   json.dumps({"model": config, "messages": [{"role": "user", "content": [{"type": "input_audio",
                               "input_audio": {"data": base64.b64encode(b"junk" * 100).decode()}}]}]}).encode()]
-    child = Child(config, 32)
+    child = Child(config, 32, args.max_prefill_windows)
     rss = []
     try:
         def job(i, kind):
@@ -350,7 +387,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=float, default=2.0, help="requests per level = rounds x concurrency (at "
                                                                   "least --sequential)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-prefill-windows", type=int, default=1, help="the server's audio windows per "
+                                                                             "admission (default 1, as serve's)")
     parser.add_argument("--soak", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the soak run")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,7 +398,7 @@ def main() -> int:
         return worker(args)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    results = {"sweeps": [sweep(c, args) for c in args.configs]}
+    results = {"sweeps": [] if args.skip_sweep else [sweep(c, args) for c in args.configs]}
     if args.soak:
         results["soak"] = soak(args)
     if args.json:
@@ -369,15 +409,23 @@ def main() -> int:
         print(f"\n{s['config']}: sequential EurekaAudio.generate {seq['req_s']:.3f} req/s, "
               f"{seq['gen_tok_s']:.2f} gen tok/s over {len(seq['wall_s'])} runs ({s['tokens']} tokens per request "
               f"on average)")
-        print("| c | req/s | gen tok/s | sequential gen tok/s | vs sequential | TTFT p50 / p99 (s) | "
+        print("| c | req/s | gen tok/s | sequential gen tok/s | vs sequential | TTFT p50 / p99 (s) | p99 / p50 | "
               "latency p50 / p99 (s) | text = generate | load (1 min) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in s["rows"]:
             print(f"| {r['concurrency']} | {r['req_s']:.3f} | {r['gen_tok_s']:.2f} | {r['sequential_gen_tok_s']:.2f} | "
                   f"{r['vs_sequential']:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+                  f"{r['ttft_p99_over_p50']:.2f}x | "
                   f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
                   f"{'yes' if r['text_mismatches_vs_generate'] == 0 else 'NO (%d)' % r['text_mismatches_vs_generate']} | "
                   f"{r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f} |")
+        print("\n| c | queue wait mean (s) | prefills | windows | prefill mean (s) | decode steps | "
+              "decode step mean (s) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in s["rows"]:
+            e = r["engine"]
+            print(f"| {r['concurrency']} | {e['queue_wait_mean_s']:.2f} | {e['prefills']} | {e['windows']} | "
+                  f"{e['prefill_mean_s']:.2f} | {e['decode_steps']} | {e['decode_step_mean_s']:.2f} |")
     return 0
 
 

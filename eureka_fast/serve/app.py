@@ -288,6 +288,8 @@ class Server:
                 while remaining:
                     index, event = pending.pop() if pending else await q.get()
                     if event.kind == "delta":
+                        if not event.text:  # the first token without text: the role chunk above announced it
+                            continue
                         yield chunk([{"index": index, "delta": {"content": event.text}, "logprobs": None,
                                       "finish_reason": None}])
                     elif event.kind == "done":

@@ -20,6 +20,11 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the API key clients must send as 'Authorization: Bearer'")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-prefill-windows", type=int, default=1, metavar="W",
+                   help="audio windows (30 s each) encoded per admission; more batch the encoder, fewer bound how "
+                        "long a new request waits behind others' audio (default 1)")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, metavar="T",
+                   help="prompt tokens prefilled per admission (default 8192); a longer prompt is admitted alone")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, default=600.0,
@@ -57,7 +62,8 @@ def _check_args(args) -> str | None:
         return f"--model {args.model!r} is not a directory"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
-    for name in ("max_num_seqs", "max_audio_seconds", "max_body_mb", "queue_timeout", "remote_audio_timeout"):
+    for name in ("max_num_seqs", "max_prefill_windows", "max_prefill_tokens", "max_audio_seconds", "max_body_mb",
+                 "queue_timeout", "remote_audio_timeout"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
     if args.max_queue < 0:
@@ -85,7 +91,8 @@ def build_engine(args):
     dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     loaded = EurekaAudio(args.model, device=device, dtype=dtype)
     return Engine(loaded.model, loaded.processor, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
-                  queue_timeout_s=args.queue_timeout, max_model_len=args.max_model_len)
+                  queue_timeout_s=args.queue_timeout, max_model_len=args.max_model_len,
+                  max_prefill_windows=args.max_prefill_windows, max_prefill_tokens=args.max_prefill_tokens)
 
 
 def serve_options(args):

@@ -2,7 +2,10 @@
 
 Each loop iteration: drop finished / cancelled rows, admit waiting requests into free slots (their audio encoded and
 their prompts prefilled together, one forward), then one decode step for every running row. Requests therefore join
-and leave the running batch at decode-step boundaries.
+and leave the running batch at decode-step boundaries. An admission takes at most ``max_prefill_windows`` audio
+windows and ``max_prefill_tokens`` prompt tokens (the head of the queue always fits): a request that arrives waits
+behind at most that much encoder work of others before its own, and the running rows get a decode step between
+admissions.
 
 KV cache: ``kv.BatchKV``, one buffer per layer whose rows are the running sequences, right-aligned (left padding);
 a decode step writes its column in place. A new prefill is left-padded to the batch's length (or the batch to its),
@@ -104,6 +107,7 @@ class Request:
     sink: Callable[[Event], None]
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
     first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     text_ids: list[int] = field(default_factory=list)  # generated ids that are text (EOS excluded)
@@ -125,9 +129,12 @@ class Engine:
 
     def __init__(self, model, processor, *, max_num_seqs: int = 16, max_queue: int = 256,
                  queue_timeout_s: float = 600.0, max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 max_prefill_windows: int = 4, metrics: Metrics | None = None):
+                 max_prefill_windows: int = 1, metrics: Metrics | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_prefill_windows < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_windows and max_prefill_tokens must be >= 1, got {max_prefill_windows} "
+                             f"and {max_prefill_tokens}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.model = model.eval()
@@ -139,8 +146,10 @@ class Engine:
         self.max_model_len = int(max_model_len or context or 32768)
         if context and self.max_model_len > context:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context ({context} positions)")
-        # An admission's prefill stalls the running rows for its duration: bounding its prompt tokens and audio
-        # windows (30 s of encoder work each) keeps their inter-token delay bounded and spreads arrivals out.
+        # An admission's prefill stalls the running rows and every request queued behind it for its duration, and
+        # its rows get their first token only when the whole admission is done. Bounding its audio windows (30 s
+        # of encoder work each, the bulk of a prefill on a CPU) and prompt tokens bounds how long an arrival waits
+        # behind others' prefills: with one window, at most one other request's encoder pass.
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.max_prefill_windows = int(max_prefill_windows)
         self.metrics = metrics or Metrics()
@@ -293,6 +302,8 @@ class Engine:
             elif now - request.arrival > self.queue_timeout_s:
                 self._fail(request, f"waited more than {self.queue_timeout_s:g} s for a free slot", code="queue_timeout")
             elif free > 0 and (not admitted or (len(request.prompt) <= budget and request.prompt.windows <= windows)):
+                request.admitted_at = now
+                self.metrics.observe_queue_wait(now - request.arrival)
                 admitted.append(request)
                 free -= 1
                 budget -= len(request.prompt)
@@ -304,6 +315,7 @@ class Engine:
         return admitted
 
     def _prefill(self, requests: list[Request]) -> None:
+        start = time.monotonic()
         try:
             cache, mask, logits = self._forward_prefill(requests)
         except Exception as exc:
@@ -315,6 +327,7 @@ class Engine:
             for request in requests:
                 self._prefill([request])
             return
+        self.metrics.observe_prefill(time.monotonic() - start, sum(r.prompt.windows for r in requests))
         for request in requests:
             request.seen_ids = set(request.prompt.input_ids)
             request.seen = torch.tensor(sorted(request.seen_ids), dtype=torch.long, device=self.device)
@@ -354,6 +367,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         mask = self._kv.step()
+        start = time.monotonic()
         try:
             out = self.model.language_model(input_ids=self._last[:, None], attention_mask=mask,
                                             position_ids=self._positions[:, None], cache=self._kv.cache,
@@ -368,6 +382,7 @@ class Engine:
         self._kv.advance()
         self._positions = self._positions + 1
         tokens = self._sample(out.logits[:, -1, :].float(), self._running)
+        self.metrics.observe_decode_step(time.monotonic() - start)
         self._accept(self._running, tokens, offset=0)
 
     # --- batch cache ----------------------------------------------------------------------------------------------
@@ -522,6 +537,10 @@ class Engine:
         if len(text) > len(request.sent) and text.startswith(request.sent):
             request.sink(Event("delta", text=text[len(request.sent):]))
             request.sent = text
+        elif len(request.generated) == 1 and reason is None:
+            # a first token with no text yet (a partial character, a token that decodes to nothing): an empty
+            # delta still tells the HTTP layer that generation started, so a stream's first chunk marks it
+            request.sink(Event("delta", text=""))
         return reason
 
     def _finish(self, request: Request, reason: str | None) -> None:

@@ -47,6 +47,13 @@ class Metrics:
         self.rejected: dict[str, int] = {}  # HTTP status -> count, requests answered with an error before the engine
         self.ttft = Histogram()
         self.latency = Histogram()
+        # where a first token waits: in the queue (behind others' prefills and a decode step), then in its own
+        # admission's prefill (encoder, adapter and LLM prefill of the whole admission)
+        self.queue_wait = Histogram()
+        self.prefill = Histogram()
+        self.prefill_windows = 0
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
 
     def observe_ttft(self, seconds: float) -> None:
         with self._lock:
@@ -55,6 +62,20 @@ class Metrics:
     def observe_latency(self, seconds: float) -> None:
         with self._lock:
             self.latency.observe(seconds)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.queue_wait.observe(seconds)
+
+    def observe_prefill(self, seconds: float, windows: int) -> None:
+        with self._lock:
+            self.prefill.observe(seconds)
+            self.prefill_windows += windows
+
+    def observe_decode_step(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_seconds += seconds
 
     def count_finished(self, reason: str) -> None:
         with self._lock:
@@ -96,4 +117,15 @@ class Metrics:
                 lines.append(f'{p}_requests_rejected_total{{status="{status}"}} {self.rejected[status]}')
             lines += self.ttft.lines(f"{p}_time_to_first_token_seconds", "Time from arrival to the first token.")
             lines += self.latency.lines(f"{p}_e2e_request_latency_seconds", "Time from arrival to the last token.")
+            lines += self.queue_wait.lines(f"{p}_queue_wait_seconds", "Time from arrival to admission.")
+            lines += self.prefill.lines(f"{p}_prefill_seconds", "Duration of one admission's prefill forward.")
+            lines += [f"# HELP {p}_prefill_audio_windows_total Audio windows (30 s each) encoded at admission.",
+                      f"# TYPE {p}_prefill_audio_windows_total counter",
+                      f"{p}_prefill_audio_windows_total {self.prefill_windows}",
+                      f"# HELP {p}_decode_steps_total Decode steps of the running batch.",
+                      f"# TYPE {p}_decode_steps_total counter",
+                      f"{p}_decode_steps_total {self.decode_steps}",
+                      f"# HELP {p}_decode_seconds_total Time spent in decode steps.",
+                      f"# TYPE {p}_decode_seconds_total counter",
+                      f"{p}_decode_seconds_total {self.decode_seconds:.6f}"]
         return "\n".join(lines) + "\n"

@@ -11,8 +11,8 @@ import threading
 def _replica_settings(args) -> dict:
     """What a replica needs to build its engine and app (plain values: they travel to the replica processes)."""
     keys = ("model", "device", "dtype", "max_num_seqs", "max_queue", "queue_timeout", "max_model_len",
-            "served_model_name", "api_key_env", "max_audio_seconds", "max_body_mb", "allow_local_audio",
-            "allow_remote_audio", "remote_audio_timeout", "ray_replicas")
+            "max_prefill_windows", "max_prefill_tokens", "served_model_name", "api_key_env", "max_audio_seconds",
+            "max_body_mb", "allow_local_audio", "allow_remote_audio", "remote_audio_timeout", "ray_replicas")
     settings = {k: getattr(args, k) for k in keys}
     settings["model"] = os.path.abspath(settings["model"])
     if settings["allow_local_audio"]:

@@ -249,3 +249,89 @@ def test_prompt_longer_than_the_context_is_refused(model_and_processor):
             eng.submit(prompt, SamplingParams(), Collector())
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("max_windows, expected_groups", [
+    # one window per admission: the 3-window request goes alone (the queue's head always fits), and the
+    # text-only requests ride along with the first audio one (no encoder work)
+    (1, [["a1", "t1", "t2"], ["long"], ["a2"]]),
+    # four windows: a1 and long fill the budget, a2 waits for the next admission
+    (4, [["a1", "long", "t1", "t2"], ["a2"]]),
+])
+def test_admission_encodes_at_most_its_window_budget(model_and_processor, reference, max_windows, expected_groups):
+    model, processor = model_and_processor
+    eng = Engine(model, processor, max_num_seqs=16, max_prefill_windows=max_windows).start()
+    groups = []
+    forward = eng._forward_prefill
+
+    def recording_forward(requests):
+        groups.append([r.request_id for r in requests])
+        return forward(requests)
+
+    eng._forward_prefill = recording_forward
+    audio = lambda seconds, seed: [{"role": "user", "content": [  # noqa: E731
+        {"type": "audio", "audio": noise(seconds, seed=seed)}, {"type": "text", "text": "What is this?"}]}]
+    convs = {"a1": audio(1.5, 1), "long": audio(75.0, 2), "t1": [{"role": "user", "content": "Say a word."}],
+             "a2": audio(2.5, 3), "t2": [{"role": "user", "content": "Count with me."}]}
+    prompts = {name: eng.prepare(conv) for name, conv in convs.items()}
+    assert {name: p.windows for name, p in prompts.items()} == {"a1": 1, "long": 3, "t1": 0, "a2": 1, "t2": 0}
+    sinks = {name: Collector() for name in convs}
+    try:
+        # queued while the scheduler cannot take the lock, so that it sees all five at once (the lock is
+        # re-entrant: submit takes it again)
+        with eng._cond:
+            for name in convs:
+                eng.submit(prompts[name], SamplingParams(max_tokens=6, **GREEDY), sinks[name], request_id=name)
+        done = {name: sink.wait_done() for name, sink in sinks.items()}
+    finally:
+        eng.stop()
+    assert groups == expected_groups
+    assert all(d.kind == "done" for d in done.values())
+    # the admission order does not change any answer
+    assert {name: "".join(s.text) for name, s in sinks.items()} == {
+        name: reference.generate(conv, greedy=True, max_new_tokens=6) for name, conv in convs.items()}
+    assert eng.metrics.prefill.n == len(expected_groups) and eng.metrics.prefill_windows == 5
+    assert eng.metrics.queue_wait.n == 5
+
+
+@pytest.mark.parametrize("max_windows", [1, 4])
+def test_long_audio_does_not_hold_back_the_first_token_of_a_short_request(model_and_processor, max_windows):
+    """Queued together, a 1 s request and a 55 s one: with a one-window budget the short one's first token comes
+    from its own prefill, before the long audio is encoded; with four windows both come from one admission."""
+    model, processor = model_and_processor
+    eng = Engine(model, processor, max_num_seqs=16, max_prefill_windows=max_windows).start()
+    prompts = {"short": eng.prepare(conversations(1)[0]),
+               "long": eng.prepare([{"role": "user", "content": [{"type": "audio", "audio": noise(55.0, seed=5)},
+                                                                 {"type": "text", "text": "What is this?"}]}])}
+    assert prompts["short"].windows == 1 and prompts["long"].windows == 2
+    sinks = {name: Collector() for name in prompts}
+    try:
+        with eng._cond:  # both queued before the scheduler looks
+            requests = {name: eng.submit(prompts[name], SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY),
+                                         sinks[name]) for name in prompts}
+        assert all(s.wait_done().kind == "done" for s in sinks.values())
+    finally:
+        eng.stop()
+    short, long = requests["short"].first_token_at, requests["long"].first_token_at
+    if max_windows == 1:
+        assert short < long and eng.metrics.prefill.n == 2
+    else:
+        assert short == long and eng.metrics.prefill.n == 1
+
+
+def test_a_first_token_without_text_is_still_announced(model_and_processor):
+    """A first token that decodes to no text gets an empty delta (a stream starts at the first token); later
+    tokens without text send nothing."""
+    from eureka_fast.serve.engine import Request
+
+    model, processor = model_and_processor
+    eng = Engine(model, processor)
+    events = []
+    request = Request(prompt=eng.prepare([{"role": "user", "content": "Hi."}]), params=SamplingParams(**GREEDY),
+                      sink=events.append)
+    request.generated = [eng.eos_ids[0]]  # an end-of-turn id with ignore_eos: no text
+    assert eng._emit(request, None) is None
+    assert [(e.kind, e.text) for e in events] == [("delta", "")]
+    request.generated.append(eng.eos_ids[0])
+    eng._emit(request, None)
+    assert len(events) == 1

@@ -101,6 +101,8 @@ def test_argument_errors(tmp_path, serve_model_dir, capsys, monkeypatch):
     assert "EUREKA_TEST_KEY" in capsys.readouterr().err
     assert main(["serve", "--model", serve_model_dir, "--max-num-seqs", "0"]) == 2
     assert "--max-num-seqs must be > 0" in capsys.readouterr().err
+    assert main(["serve", "--model", serve_model_dir, "--max-prefill-windows", "0"]) == 2
+    assert "--max-prefill-windows must be > 0" in capsys.readouterr().err
     assert main(["serve", "--model", serve_model_dir, "--allow-remote-audio", "--remote-audio-timeout", "0"]) == 2
     assert "--remote-audio-timeout must be > 0" in capsys.readouterr().err
     assert main(["serve", "--model", serve_model_dir, "--allow-local-audio", str(tmp_path / "nope")]) == 2

@@ -153,6 +153,15 @@ def test_models_health_metrics(client, served):
     assert 'eureka_serve_time_to_first_token_seconds_bucket{le="+Inf"}' in text
     assert "eureka_serve_e2e_request_latency_seconds_count" in text
 
+    def value(name):
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    # the parts of a first token's wait: every admitted request's queue wait, every admission's prefill
+    assert value("eureka_serve_queue_wait_seconds_count") >= 1
+    assert 1 <= value("eureka_serve_prefill_seconds_count") <= value("eureka_serve_queue_wait_seconds_count")
+    assert value("eureka_serve_prefill_seconds_sum") > 0
+    assert value("eureka_serve_decode_steps_total") >= 1 and value("eureka_serve_decode_seconds_total") > 0
+
 
 @pytest.mark.parametrize("fmt", ["json", "text", "verbose_json", "srt", "vtt"])
 def test_transcriptions_formats(client, served, reference, fmt):
