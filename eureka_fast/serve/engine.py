@@ -107,7 +107,6 @@ class Request:
     sink: Callable[[Event], None]
     request_id: str = ""
     arrival: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
     first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     text_ids: list[int] = field(default_factory=list)  # generated ids that are text (EOS excluded)
@@ -302,7 +301,6 @@ class Engine:
             elif now - request.arrival > self.queue_timeout_s:
                 self._fail(request, f"waited more than {self.queue_timeout_s:g} s for a free slot", code="queue_timeout")
             elif free > 0 and (not admitted or (len(request.prompt) <= budget and request.prompt.windows <= windows)):
-                request.admitted_at = now
                 self.metrics.observe_queue_wait(now - request.arrival)
                 admitted.append(request)
                 free -= 1

@@ -89,25 +89,18 @@ class Metrics:
     def render(self) -> str:
         p = PREFIX
         with self._lock:
-            lines = [
-                f"# HELP {p}_num_requests_waiting Requests queued for a slot.",
-                f"# TYPE {p}_num_requests_waiting gauge",
-                f"{p}_num_requests_waiting {self.waiting}",
-                f"# HELP {p}_num_requests_running Sequences in the running batch.",
-                f"# TYPE {p}_num_requests_running gauge",
-                f"{p}_num_requests_running {self.running}",
-                f"# HELP {p}_prompt_tokens_total Prompt tokens (audio pads included) of finished requests.",
-                f"# TYPE {p}_prompt_tokens_total counter",
-                f"{p}_prompt_tokens_total {self.prompt_tokens}",
-                f"# HELP {p}_generation_tokens_total Generated tokens.",
-                f"# TYPE {p}_generation_tokens_total counter",
-                f"{p}_generation_tokens_total {self.generation_tokens}",
-                f"# HELP {p}_requests_cancelled_total Requests cancelled (client gone) before they finished.",
-                f"# TYPE {p}_requests_cancelled_total counter",
-                f"{p}_requests_cancelled_total {self.requests_cancelled}",
-                f"# HELP {p}_requests_finished_total Requests the engine finished, by reason.",
-                f"# TYPE {p}_requests_finished_total counter",
-            ]
+            lines = []
+            for name, kind, text, value in (
+                    ("num_requests_waiting", "gauge", "Requests queued for a slot.", self.waiting),
+                    ("num_requests_running", "gauge", "Sequences in the running batch.", self.running),
+                    ("prompt_tokens_total", "counter", "Prompt tokens (audio pads included) of finished requests.",
+                     self.prompt_tokens),
+                    ("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens),
+                    ("requests_cancelled_total", "counter", "Requests cancelled (client gone) before they finished.",
+                     self.requests_cancelled)):
+                lines += _scalar(f"{p}_{name}", kind, text, value)
+            lines += [f"# HELP {p}_requests_finished_total Requests the engine finished, by reason.",
+                      f"# TYPE {p}_requests_finished_total counter"]
             for reason in sorted(set(self.finished) | {"stop", "length"}):
                 lines.append(f'{p}_requests_finished_total{{finished_reason="{reason}"}} '
                              f'{self.finished.get(reason, 0)}')
@@ -119,13 +112,15 @@ class Metrics:
             lines += self.latency.lines(f"{p}_e2e_request_latency_seconds", "Time from arrival to the last token.")
             lines += self.queue_wait.lines(f"{p}_queue_wait_seconds", "Time from arrival to admission.")
             lines += self.prefill.lines(f"{p}_prefill_seconds", "Duration of one admission's prefill forward.")
-            lines += [f"# HELP {p}_prefill_audio_windows_total Audio windows (30 s each) encoded at admission.",
-                      f"# TYPE {p}_prefill_audio_windows_total counter",
-                      f"{p}_prefill_audio_windows_total {self.prefill_windows}",
-                      f"# HELP {p}_decode_steps_total Decode steps of the running batch.",
-                      f"# TYPE {p}_decode_steps_total counter",
-                      f"{p}_decode_steps_total {self.decode_steps}",
-                      f"# HELP {p}_decode_seconds_total Time spent in decode steps.",
-                      f"# TYPE {p}_decode_seconds_total counter",
-                      f"{p}_decode_seconds_total {self.decode_seconds:.6f}"]
+            lines += _scalar(f"{p}_prefill_audio_windows_total", "counter",
+                             "Audio windows (30 s each) encoded at admission.", self.prefill_windows)
+            lines += _scalar(f"{p}_decode_steps_total", "counter", "Decode steps of the running batch.",
+                             self.decode_steps)
+            lines += _scalar(f"{p}_decode_seconds_total", "counter", "Time spent in decode steps.",
+                             f"{self.decode_seconds:.6f}")
         return "\n".join(lines) + "\n"
+
+
+def _scalar(name: str, kind: str, text: str, value) -> list[str]:
+    """One unlabelled gauge or counter in the Prometheus text format: its HELP, TYPE and sample lines."""
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
